@@ -1,0 +1,269 @@
+"""The classifier explainer: predictions and explanations for a batch from one forward pass.
+
+``Explainer.explain(images, specs)`` takes a batch ``(N, 3, H, W)`` already on the model's device
+and one :class:`ExplainSpec` (or ``None`` for a plain prediction) per image. It
+
+1. validates everything it can before touching the model (input, methods, layers, targets, options);
+2. runs **one** forward inside a :class:`ForwardCapture` over the union of requested layers, with
+   LRP rules hooked only when some request needs relevance, and only above the shallowest layer
+   that needs it;
+3. per target round (top-1 needs one round; top-k needs k), runs at most one ordinary backward and
+   one relevance backward over that same graph, each seeded per row;
+4. lets each method compute its maps, grouped by (method, layer, options), vectorised over rows;
+5. normalises each map to [0, 1] at layer resolution and upsamples it on the device.
+
+The logits of that forward are returned with the maps, so the prediction and its explanation
+always come from the same pass. The explainer holds no per-request state: it is safe to call from
+several threads on one model.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from .capture import ForwardCapture
+from .errors import InvalidInputError, InvalidTargetError
+from .layers import LayerCatalog
+from .methods import Captured, get_method
+from .relevance.composites import Composite, epsilon_plus
+from .relevance.rules import stabilize
+from .render import prepare_maps
+from .targets import TargetSpec, contrastive_seed, one_hot_seed, resolve_targets, validate_target
+
+
+@dataclass
+class ExplainSpec:
+    """What one request asks for: a method, a layer (``None`` = the explainer's default), a
+    target (``None``/``"top1"``, a class index, ``"topK"`` or a list) and method options."""
+
+    method: str
+    layer: Optional[str] = None
+    target: TargetSpec = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Explanation:
+    """The maps of one image: ``maps`` ``(k, H, W)`` in [0, 1] for the ``k`` explained targets."""
+
+    method: str
+    layer: str
+    targets: List[int]
+    maps: torch.Tensor
+    layer_shape: Tuple[int, int]
+    options: Dict[str, Any]
+    seconds: float
+    passes: Dict[str, int]
+
+
+@dataclass
+class ExplainResult:
+    """Logits ``(N, classes)`` of the single forward and, per image, its :class:`Explanation` or ``None``."""
+
+    logits: torch.Tensor
+    explanations: List[Optional[Explanation]]
+    forward_seconds: float = 0.0
+
+
+@dataclass
+class _Row:
+    index: int
+    method: Any
+    layer: str
+    spec_target: TargetSpec
+    options: Dict[str, Any]
+    targets: List[int] = field(default_factory=list)
+
+    @property
+    def group(self) -> Tuple:
+        return (self.method.name, self.layer, tuple(sorted(self.options.items())))
+
+
+def check_images(images: torch.Tensor, channels: int = 3) -> None:
+    """A finite float batch ``(N, channels, H, W)`` with ``N ≥ 1``; else :class:`InvalidInputError`."""
+    if not isinstance(images, torch.Tensor):
+        raise InvalidInputError(f"images must be a tensor, got {type(images).__name__}")
+    if images.dim() != 4:
+        raise InvalidInputError(f"images must be 4-D (N, C, H, W), got shape {tuple(images.shape)}")
+    if images.shape[0] == 0 or images.shape[1] != channels:
+        raise InvalidInputError(f"images must have N ≥ 1 and {channels} channels, got shape {tuple(images.shape)}")
+    if not images.is_floating_point():
+        raise InvalidInputError(f"images must be floating point, got {images.dtype}")
+    if not torch.isfinite(images).all():
+        raise InvalidInputError("images contain NaN or infinite values")
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (CPU for a parameter-free model)."""
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+class Explainer:
+    """Explanations for an image classifier, batched, in the forward that predicts.
+
+    ``default_layer`` is used when a spec names none (for the bundled EfficientNet-Lite0 it is
+    ``_blocks.2`` for Shallow-CAM's purpose); ``composite`` chooses the LRP rules.
+    """
+
+    def __init__(self, model: nn.Module, input_size: Tuple[int, int] = (224, 224),
+                 default_layer: Optional[str] = None, composite: Optional[Composite] = None,
+                 max_topk: int = 5):
+        self.model = model.eval()
+        self.input_size = tuple(input_size)
+        self._disable_inplace()
+        self.catalog = LayerCatalog.trace(model, self.input_size)
+        maps = self.catalog.feature_map_layers()
+        if not maps:
+            raise ValueError("the model has no layer with a (C, H, W) feature map output")
+        self.default_layer = default_layer or maps[-1]
+        self.catalog.feature_map(self.default_layer)
+        self.composite = composite or epsilon_plus()
+        self._rules = self.composite.assign(model.named_modules())
+        self.max_topk = max_topk
+        with torch.no_grad():
+            probe = model(torch.zeros(1, 3, *self.input_size, device=model_device(model)))
+        self.num_classes = int(probe.shape[-1])
+
+    def _disable_inplace(self) -> None:
+        """In-place activations would overwrite captured tensors; switch them off (same values)."""
+        for module in self.model.modules():
+            if getattr(module, "inplace", False) is True:
+                module.inplace = False
+
+    @property
+    def device(self) -> torch.device:
+        return model_device(self.model)
+
+    # -- public API ---------------------------------------------------------------------------
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        """Plain inference: logits under ``torch.inference_mode``."""
+        check_images(images)
+        with torch.inference_mode():
+            return self.model(images)
+
+    def explain(self, images: torch.Tensor, specs: Sequence[Optional[ExplainSpec]],
+                output_size: Optional[Tuple[int, int]] = None, layer_resolution: bool = False,
+                dtype: torch.dtype = torch.float32) -> ExplainResult:
+        """Logits and maps for a batch; ``specs[i] is None`` means prediction only for image ``i``.
+
+        Maps are normalised to [0, 1] per map and upsampled to ``output_size`` (default: the
+        input's size) unless ``layer_resolution``; they stay on the model's device.
+        """
+        check_images(images)
+        if len(specs) != images.shape[0]:
+            raise InvalidTargetError(f"got {len(specs)} explanation specs for a batch of {images.shape[0]} images")
+        rows = [self._plan(i, spec) for i, spec in enumerate(specs) if spec is not None]
+        if not rows:
+            start = time.perf_counter()
+            logits = self.predict(images)
+            return ExplainResult(logits, [None] * len(specs), time.perf_counter() - start)
+
+        layers = [name for row in rows for name in row.method.layers(row.layer, self.catalog, row.options)]
+        relevance_rows = [r for r in rows if r.method.needs_relevance_for(r.options)]
+        rules = self._rules_above([r for row in relevance_rows
+                                   for r in row.method.layers(row.layer, self.catalog, row.options)])
+        start = time.perf_counter()
+        with ForwardCapture(self.model, layers, rules) as capture, torch.enable_grad():
+            logits = self.model(images)
+            forward_seconds = time.perf_counter() - start
+            for row in rows:
+                row.targets = resolve_targets(row.spec_target, logits[row.index].detach())
+            maps, passes = self._backward_rounds(capture, logits, rows)
+        seconds = time.perf_counter() - start
+        size = None if layer_resolution else (output_size or tuple(images.shape[-2:]))
+        explanations: List[Optional[Explanation]] = [None] * len(specs)
+        for row in rows:
+            stacked = torch.stack(maps[row.index])
+            layer_shape = tuple(stacked.shape[-2:])
+            explanations[row.index] = Explanation(
+                row.method.name, row.layer, row.targets, prepare_maps(stacked, size, dtype), layer_shape,
+                row.options, seconds, passes[row.index])
+        return ExplainResult(logits.detach(), explanations, forward_seconds)
+
+    # -- planning -----------------------------------------------------------------------------
+    def _plan(self, index: int, spec: ExplainSpec) -> _Row:
+        method = get_method(spec.method)
+        options = method.options(spec.options)
+        layer = spec.layer or self.default_layer
+        self.catalog.feature_map(layer)
+        method.validate(layer, self.catalog, self.model)
+        method.layers(layer, self.catalog, options)  # validates l+1 where needed
+        target = validate_target(spec.target, self.num_classes, self.max_topk)
+        return _Row(index, method, layer, target, options)
+
+    def _rules_above(self, layers: Sequence[str]):
+        """LRP rules for the modules that run after the shallowest relevance layer is left."""
+        if not layers:
+            return {}
+        floor = min(self.catalog.get(name).exited for name in layers)
+        return {name: rule for name, rule in self._rules.items()
+                if name in self.catalog.layers and self.catalog.layers[name].entered > floor}
+
+    # -- passes -------------------------------------------------------------------------------
+    def _backward_rounds(self, capture: ForwardCapture, logits: torch.Tensor, rows: List[_Row]):
+        """Per round ``r`` (the r-th target of each row): one gradient and/or one relevance backward."""
+        maps: Dict[int, List[torch.Tensor]] = defaultdict(list)
+        passes: Dict[int, Dict[str, int]] = {r.index: {"forward": 1, "backward": 0, "relevance": 0} for r in rows}
+        rounds = max(len(r.targets) for r in rows)
+        for round_index in range(rounds):
+            active = [r for r in rows if len(r.targets) > round_index]
+            targets = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+            for r in active:
+                targets[r.index] = r.targets[round_index]
+            last = round_index == rounds - 1
+            gradients = self._pass(capture, logits, targets, active, "gradient", passes, retain=not last)
+            relevance = self._pass(capture, logits, targets, active, "relevance", passes, retain=not last)
+            groups: Dict[Tuple, List[_Row]] = defaultdict(list)
+            for r in active:
+                groups[r.group].append(r)
+            for group_rows in groups.values():
+                first = group_rows[0]
+                idx = torch.tensor([r.index for r in group_rows], device=logits.device)
+                names = first.method.layers(first.layer, self.catalog, first.options)
+                captured = Captured(
+                    activations={n: capture.activations[n].detach()[idx] for n in names},
+                    gradients={n: gradients[n][idx] for n in names if n in gradients},
+                    relevance_gradients={n: relevance[n][idx] for n in names if n in relevance},
+                    targets=targets[idx], logits=logits.detach()[idx], model=self.model)
+                with torch.no_grad():
+                    cams = first.method.compute(first.layer, captured, first.options)
+                for r, cam in zip(group_rows, cams):
+                    maps[r.index].append(cam)
+        return maps, passes
+
+    def _pass(self, capture, logits, targets, active, mode, passes, retain) -> Dict[str, torch.Tensor]:
+        """One backward in ``mode`` for the rows that need it; returns ``{layer: ∂/∂A^l}``."""
+        if mode == "gradient":
+            needing = [r for r in active if r.method.needs_gradient_for(r.options)]
+        else:
+            needing = [r for r in active if r.method.needs_relevance_for(r.options)]
+        if not needing:
+            return {}
+        names = list(dict.fromkeys(n for r in needing for n in r.method.layers(r.layer, self.catalog, r.options)))
+        mask = torch.zeros(logits.shape[0], 1, device=logits.device, dtype=logits.dtype)
+        mask[[r.index for r in needing]] = 1.0
+        with torch.no_grad():
+            if mode == "gradient":
+                seed = one_hot_seed(logits, targets) * mask
+            else:
+                contrastive = torch.zeros_like(mask)
+                contrastive[[r.index for r in needing if r.options.get("contrastive", True)]] = 1.0
+                seed = contrastive_seed(logits, targets, contrastive) * mask
+                seed = seed / stabilize(logits.detach(), 1e-12)  # so that R_logits = logits ⊙ g = seed
+        capture.mode = mode
+        try:
+            grads = torch.autograd.grad(logits, [capture.activations[n] for n in names], seed,
+                                        retain_graph=retain or mode == "gradient", allow_unused=True)
+        finally:
+            capture.mode = "gradient"
+        for r in needing:
+            passes[r.index]["backward" if mode == "gradient" else "relevance"] += 1
+        return {n: (g if g is not None else torch.zeros_like(capture.activations[n])) for n, g in zip(names, grads)}
+

@@ -1,0 +1,17 @@
+"""LayerCAM (Jiang et al., IEEE TIP 2021, "LayerCAM: Exploring Hierarchical Class Activation Maps
+for Localization")."""
+
+import torch
+
+from .base import CamMethod, Captured
+
+
+class LayerCAM(CamMethod):
+    """Element-wise weights ``w_kij = ReLU(∂y_c/∂A_kij)``; ``map = ReLU(Σ_k w_k ⊙ A_k)``."""
+
+    name = "layercam"
+    needs_gradient = True
+
+    def weights(self, layer: str, captured: Captured, options) -> torch.Tensor:
+        """Positive part of the gradient, kept spatial."""
+        return torch.relu(captured.gradients[layer])

@@ -1,0 +1,89 @@
+"""Composites: which LRP rule each layer of a model gets (zennit's ``LayerMapComposite`` idea).
+
+A composite is an ordered list of ``(module types, rule)`` pairs; the first pair whose types
+match a leaf module decides its rule. Layers that match nothing keep their plain gradient, which
+is already exact LRP for linear bias-free maps (sums, padding, average pooling, flatten, dropout
+in eval) — see :mod:`camserve.engine.relevance.rules`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Type
+
+from torch import nn
+
+from ..errors import InvalidOptionError
+from .rules import (AlphaBetaRule, EpsilonRule, GradientRule, PassRule, ProportionalPoolRule, Rule,
+                    ZPlusRule)
+
+CONVOLUTIONS: Tuple[Type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d)
+BATCH_NORMS: Tuple[Type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+ACTIVATIONS: Tuple[Type[nn.Module], ...] = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU,
+                                            nn.Hardswish, nn.Tanh, nn.Sigmoid, nn.Softplus)
+MAX_POOLS: Tuple[Type[nn.Module], ...] = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
+
+
+@dataclass(frozen=True)
+class Composite:
+    """Ordered ``(types, rule)`` pairs; :meth:`rule_for` gives a module's rule or ``None``."""
+
+    name: str
+    layer_map: Tuple[Tuple[Tuple[Type[nn.Module], ...], Rule], ...]
+
+    def rule_for(self, module: nn.Module) -> Optional[Rule]:
+        """The first rule whose types match ``module``; ``None`` for containers and unmatched leaves."""
+        if next(module.children(), None) is not None and not isinstance(module, CONVOLUTIONS):
+            return None  # containers get no rule; their leaves do
+        for types, rule in self.layer_map:
+            if isinstance(module, types):
+                return None if isinstance(rule, GradientRule) else rule
+        return None
+
+    def assign(self, modules: Iterable[Tuple[str, nn.Module]]) -> Dict[str, Rule]:
+        """Map each named module that needs a rule to it."""
+        rules = {}
+        for name, module in modules:
+            rule = self.rule_for(module)
+            if rule is not None:
+                rules[name] = rule
+        return rules
+
+
+def _base(stabilizer: float, max_pool: Rule) -> List[Tuple[Tuple[Type[nn.Module], ...], Rule]]:
+    return [(ACTIVATIONS, PassRule(stabilizer)), (BATCH_NORMS, PassRule(stabilizer)), (MAX_POOLS, max_pool)]
+
+
+def epsilon_plus(epsilon: float = 1e-6, stabilizer: float = 1e-6, proportional_pool: bool = False) -> Composite:
+    """z⁺ for convolutions, ε for linear layers, pass for activations and BatchNorm (zennit's
+    ``EpsilonPlus``), winner-take-all (or proportional) max pooling."""
+    pool = ProportionalPoolRule(stabilizer) if proportional_pool else GradientRule()
+    return Composite("epsilon_plus", tuple(_base(stabilizer, pool) + [
+        (CONVOLUTIONS, ZPlusRule(stabilizer)), ((nn.Linear,), EpsilonRule(epsilon))]))
+
+
+def epsilon_alpha2_beta1(epsilon: float = 1e-6, stabilizer: float = 1e-6) -> Composite:
+    """αβ (α=2, β=1) for convolutions, ε for linear layers (zennit's ``EpsilonAlpha2Beta1``)."""
+    return Composite("epsilon_alpha2_beta1", tuple(_base(stabilizer, GradientRule()) + [
+        (CONVOLUTIONS, AlphaBetaRule(2.0, 1.0, stabilizer)), ((nn.Linear,), EpsilonRule(epsilon))]))
+
+
+def epsilon_only(epsilon: float = 1e-6, stabilizer: float = 1e-6) -> Composite:
+    """ε for convolutions and linear layers: the cheapest rule set (no extra forward)."""
+    return Composite("epsilon", tuple(_base(stabilizer, GradientRule()) + [
+        (CONVOLUTIONS, EpsilonRule(epsilon)), ((nn.Linear,), EpsilonRule(epsilon))]))
+
+
+COMPOSITES = {
+    "epsilon_plus": epsilon_plus,
+    "epsilon_alpha2_beta1": epsilon_alpha2_beta1,
+    "epsilon": epsilon_only,
+}
+
+
+def get_composite(name: str) -> Composite:
+    """Build the named composite with default parameters."""
+    try:
+        return COMPOSITES[name]()
+    except KeyError:
+        raise InvalidOptionError(f"unknown LRP composite {name!r}; choose one of {sorted(COMPOSITES)}") from None

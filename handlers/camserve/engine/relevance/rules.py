@@ -1,0 +1,170 @@
+"""LRP rules, one per layer type, written as *modified gradients*.
+
+Convention (Montavon et al., "Layer-wise relevance propagation: an overview", 2019, sec. 10.2.2):
+the relevance of any tensor ``t`` of the forward pass is ``R_t = t ⊙ g_t``, where ``g_t`` is the
+gradient that flows back to ``t`` when every hooked layer replaces its output ``y = f(x)`` by a
+*modified* tensor of the same value whose derivative implements the rule. Each rule below returns
+that modified tensor; :mod:`camserve.engine.capture` swaps it in during relevance backward passes.
+
+Why this convention: a residual addition ``out = a + b`` needs no canonizer. Its ordinary gradient
+sends ``g`` to both branches, so ``R_a = a ⊙ g = a / (a + b) · R_out`` — exactly the proportional
+split of the sum (LRP-0 on the sum) — and relevance arriving at a tensor from several consumers adds
+up. A module called several times in one forward (EfficientNet-Lite's shared ``ReLU6``) is hooked
+per call, so each call gets its own rule. Depthwise convolutions are ordinary convolutions with
+``groups``; the rules use the module's own forward, so padding modules and ``groups`` are honoured.
+
+Every rule is stateless; its numerical parameters live on the instance and never change.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.func import functional_call
+import torch.nn.functional as F
+
+ModuleCall = Callable[[nn.Module, dict, torch.Tensor], torch.Tensor]
+
+
+def stabilize(z: torch.Tensor, eps: float) -> torch.Tensor:
+    """``z + eps · sign(z)`` with ``sign(0) = +1`` (zennit's convention), safe to divide by."""
+    return z + eps * ((z >= 0).to(z.dtype) * 2 - 1)
+
+
+class Rule:
+    """A relevance rule for one layer type.
+
+    ``modified(module, x, y, call)`` returns a tensor equal in value to ``y = module(x)`` whose
+    gradient with respect to ``x`` realises the rule. ``call(module, params, x)`` evaluates the
+    module with some parameters replaced (and without re-entering the explainer's hooks).
+    """
+
+    name = "rule"
+
+    def modified(self, module: nn.Module, x: torch.Tensor, y: torch.Tensor, call: ModuleCall) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class GradientRule(Rule):
+    """Plain gradient: ``R_x = x ⊙ ∂y/∂xᵀ g_y``. Exact LRP-0 for linear maps without bias (sums,
+    average pooling, padding) and winner-take-all for max pooling."""
+
+    name = "gradient"
+
+    def modified(self, module, x, y, call):
+        return y
+
+
+class PassRule(Rule):
+    """Pass-through for element-wise layers (activations, BatchNorm): ``R_x = R_y``.
+
+    Realised as ``g_x = g_y ⊙ y / x``, i.e. ``x ⊙ (y / x)`` with the ratio detached.
+    """
+
+    name = "pass"
+
+    def __init__(self, stabilizer: float = 1e-6):
+        self.stabilizer = stabilizer
+
+    def modified(self, module, x, y, call):
+        return x * (y / stabilize(x, self.stabilizer)).detach()
+
+
+class EpsilonRule(Rule):
+    """LRP-ε: ``R_x = x ⊙ Wᵀ (R_y / (z + ε·sign z))`` with ``z = Wx + b = y``.
+
+    Realised as ``y ⊙ (y / stab(y))`` with the ratio detached: ``g_x = Wᵀ (g_y ⊙ y / stab(y))``.
+    Costs nothing beyond the gradient: the forward output is the denominator.
+    """
+
+    name = "epsilon"
+
+    def __init__(self, epsilon: float = 1e-6):
+        self.epsilon = epsilon
+
+    def modified(self, module, x, y, call):
+        return y * (y / stabilize(y, self.epsilon)).detach()
+
+    def __repr__(self) -> str:
+        return f"EpsilonRule(epsilon={self.epsilon})"
+
+
+def _signed_z(module: nn.Module, x: torch.Tensor, call: ModuleCall, positive: bool) -> torch.Tensor:
+    """``z⁺ = W⁺x⁺ + W⁻x⁻ + b⁺`` (``positive``) or ``z⁻ = W⁻x⁺ + W⁺x⁻ + b⁻``: the module evaluated
+    with its weights and bias split by sign, so each product ``x_i w_ij`` keeps one sign."""
+    weight = module.weight.detach()
+    bias = getattr(module, "bias", None)
+    w_first, w_second = (weight.clamp(min=0), weight.clamp(max=0)) if positive else \
+        (weight.clamp(max=0), weight.clamp(min=0))
+    first, second = {"weight": w_first}, {"weight": w_second}
+    if bias is not None:
+        bias = bias.detach()
+        first["bias"] = bias.clamp(min=0) if positive else bias.clamp(max=0)
+        second["bias"] = torch.zeros_like(bias)
+    return call(module, first, x.clamp(min=0)) + call(module, second, x.clamp(max=0))
+
+
+class AlphaBetaRule(Rule):
+    """LRP-αβ (Bach et al., 2015), ``α − β = 1``:
+    ``R_x = α · x ⊙ ∂z⁺ᵀ(R_y / z⁺) − β · x ⊙ ∂z⁻ᵀ(R_y / z⁻)``,
+    with ``z⁺ = W⁺x⁺ + W⁻x⁻ + b⁺`` and ``z⁻ = W⁻x⁺ + W⁺x⁻ + b⁻``.
+    """
+
+    name = "alpha_beta"
+
+    def __init__(self, alpha: float = 2.0, beta: float = 1.0, stabilizer: float = 1e-6):
+        if abs(alpha - beta - 1.0) > 1e-9:
+            raise ValueError("alpha - beta must be 1")
+        self.alpha, self.beta, self.stabilizer = alpha, beta, stabilizer
+
+    def modified(self, module, x, y, call):
+        z_pos = _signed_z(module, x, call, positive=True)
+        out = self.alpha * z_pos * (y / stabilize(z_pos, self.stabilizer)).detach()
+        if self.beta:
+            z_neg = _signed_z(module, x, call, positive=False)
+            out = out - self.beta * z_neg * (y / stabilize(z_neg, self.stabilizer)).detach()
+        return out
+
+    def __repr__(self) -> str:
+        return f"AlphaBetaRule(alpha={self.alpha}, beta={self.beta})"
+
+
+class ZPlusRule(Rule):
+    """LRP-z⁺ (= αβ with α=1, β=0, zennit's ``ZPlus``):
+    ``R_x = x⁺ ⊙ W⁺ᵀ(R_y / z⁺) + x⁻ ⊙ W⁻ᵀ(R_y / z⁺)`` with ``z⁺ = W⁺x⁺ + W⁻x⁻ + b⁺``.
+
+    For non-negative inputs (after ReLU) this is the classic ``x_i w⁺_ij / Σ_i x_i w⁺_ij``.
+    """
+
+    name = "zplus"
+
+    def __init__(self, stabilizer: float = 1e-6):
+        self.stabilizer = stabilizer
+
+    def modified(self, module, x, y, call):
+        z = _signed_z(module, x, call, positive=True)
+        return z * (y / stabilize(z, self.stabilizer)).detach()
+
+
+class ProportionalPoolRule(Rule):
+    """Proportional rule for max pooling: ``R_i = x_i / Σ_window x · R_window`` (instead of the
+    gradient's winner-take-all), realised through an average pool with the same geometry."""
+
+    name = "proportional"
+
+    def __init__(self, stabilizer: float = 1e-6):
+        self.stabilizer = stabilizer
+
+    def modified(self, module, x, y, call):
+        z = F.avg_pool2d(x, module.kernel_size, module.stride, module.padding, module.ceil_mode)
+        return z * (y / stabilize(z, self.stabilizer)).detach()
+
+
+def call_with_params(module: nn.Module, params: dict, x: torch.Tensor) -> torch.Tensor:
+    """Evaluate ``module(x)`` with ``params`` substituted (``torch.func.functional_call``)."""
+    return functional_call(module, params, (x,))

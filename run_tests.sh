@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# The whole test suite: sets up .venv and the archives if needed, then runs pytest.
+set -euo pipefail
+cd "$(dirname "$0")"
+./scripts/setup_env.sh
+exec .venv/bin/python -m pytest -q -rs "$@"

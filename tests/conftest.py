@@ -1,0 +1,55 @@
+"""Shared fixtures: the bundled pretrained model and the real photographs in ../shared/data."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+from typing import List
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("CAMSERVE_SHARED", REPO.parent / "shared"))
+SAMPLES = SHARED / "data" / "imagenet-samples"
+
+
+def sample_rows() -> List[dict]:
+    """LABELS.tsv rows: class_index, wnid, name, file."""
+    with open(SAMPLES / "LABELS.tsv") as f:
+        return list(csv.DictReader(f, delimiter="\t"))
+
+
+def load_uint8(path) -> torch.Tensor:
+    """A photograph as a ``uint8`` ``(3, H, W)`` tensor."""
+    return torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1).contiguous()
+
+
+@pytest.fixture(scope="session")
+def samples() -> List[dict]:
+    if not SAMPLES.exists():
+        pytest.fail(f"shared photographs not found at {SAMPLES}")
+    return sample_rows()
+
+
+@pytest.fixture(scope="session")
+def effnet():
+    """The pretrained EfficientNet-Lite0 (eval, CPU)."""
+    from camserve.engine.models import load_effnet_lite0
+
+    return load_effnet_lite0()
+
+
+@pytest.fixture(scope="session")
+def effnet_batch(samples):
+    """First 8 sample photographs preprocessed for EfficientNet-Lite0: (normalised batch, labels)."""
+    from camserve.engine.models import EFFNET_LITE0 as p
+    from camserve.engine.preprocess import to_model_input
+
+    rows = samples[:8]
+    images = [load_uint8(SAMPLES / r["file"]) for r in rows]
+    batch, _ = to_model_input(images, p.resize, p.crop, p.mean, p.std, torch.device("cpu"))
+    return batch, [int(r["class_index"]) for r in rows]
