@@ -1,0 +1,1 @@
+"""The ``camserve`` command-line tools over the engine."""
