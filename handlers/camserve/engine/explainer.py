@@ -156,6 +156,11 @@ class Explainer:
         Maps are normalised to [0, 1] per map and upsampled to ``output_size`` (default: the
         input's size) unless ``layer_resolution``; they stay on the model's device.
         """
+        # -- Captum rows (captum.*) are answered by the Captum adapter, which calls back here -----
+        from . import captum_adapter
+        if captum_adapter.wants_captum(specs):
+            return captum_adapter.explain_with_captum(self, images, specs, output_size, layer_resolution, dtype)
+        # -- end Captum dispatch --------------------------------------------------------------------
         check_images(images)
         if len(specs) != images.shape[0]:
             raise InvalidTargetError(f"got {len(specs)} explanation specs for a batch of {images.shape[0]} images")
