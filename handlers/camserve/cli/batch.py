@@ -64,7 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="longest side of overlay PNGs; larger originals are scaled down (default: 512)")
     parser.add_argument("--scores", action="store_true",
                         help="also compute deletion/insertion scores of each map (costly: many extra forwards)")
-    parser.add_argument("--score-steps", type=int, default=16, help="steps of the deletion/insertion curves")
+    parser.add_argument("--score-steps", type=int, default=16,
+                        help="steps of the deletion/insertion curves (2·(steps−1)+3 forwards per image)")
     parser.add_argument("--device", default="auto", help="'auto' (cuda when available), 'cpu', 'cuda', 'cuda:1' …")
     parser.add_argument("--server", default=None, help="TorchServe inference URL, e.g. http://127.0.0.1:8080")
     parser.add_argument("--token-file", type=Path, default=None,
@@ -201,6 +202,7 @@ class Result:
     layer: str
     seconds: Dict[str, float]
     model_input: Any = None        # normalised (3, h, w) model input, for --scores (local only)
+    scores: Optional[Dict[str, float]] = None
 
 
 class LocalBackend:
@@ -444,29 +446,31 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 # -- scores -----------------------------------------------------------------------------------
 def score_function():
-    """``deletion_insertion(model, input, map, target, steps) -> dict`` from the engine's metrics,
-    or ``None`` if :mod:`camserve.engine.metrics` is not available."""
+    """:mod:`camserve.engine.metrics` (RISE deletion/insertion), or ``None`` if not installed."""
     try:
         from ..engine import metrics
     except ImportError:
         return None
-    return metrics
+    return metrics if hasattr(metrics, "deletion_insertion") else None
 
 
-def compute_scores(metrics, model, result: Result, steps: int) -> Dict[str, float]:
-    """Deletion and insertion AUC of the first target's map (see :mod:`camserve.engine.metrics`)."""
+def compute_scores(metrics, model, results: Sequence[Result], steps: int) -> List[Dict[str, float]]:
+    """Deletion and insertion AUC (and ``insertion − deletion``) of each result's first map, for the
+    class it explains, scored on the model input in one batched call (see :mod:`camserve.engine.metrics`)."""
     import torch
 
     from ..engine.render import upsample
 
-    heat = result.maps[0]
-    size = tuple(result.model_input.shape[-2:])
-    if tuple(heat.shape[-2:]) != size:
-        heat = upsample(heat[None], size)[0]
-    with torch.no_grad():
-        scores = metrics.deletion_insertion(model, result.model_input[None], heat[None],
-                                            torch.tensor([result.targets[0]], device=heat.device), steps=steps)
-    return {k: float(v if not hasattr(v, "item") else v.reshape(-1)[0].item()) for k, v in scores.items()}
+    images = torch.stack([r.model_input for r in results])
+    size = tuple(images.shape[-2:])
+    maps = torch.stack([r.maps[0] if tuple(r.maps.shape[-2:]) == size else upsample(r.maps[:1], size)[0]
+                        for r in results])
+    classes = torch.tensor([r.targets[0] for r in results], device=images.device)
+    curves = metrics.deletion_insertion(metrics.classifier_score(model, classes), images, maps, steps=steps,
+                                        batch_size=max(16, len(results) * 4))
+    deletion, insertion = curves.deletion_auc.tolist(), curves.insertion_auc.tolist()
+    return [{"deletion_auc": round(d, 6), "insertion_auc": round(i, 6), "overall": round(i - d, 6), "steps": steps}
+            for d, i in zip(deletion, insertion)]
 
 
 # -- the run ----------------------------------------------------------------------------------
@@ -511,7 +515,7 @@ def run(args: argparse.Namespace) -> int:
         if args.server:
             raise SystemExit("camserve batch: --scores needs the model in this process; not available with --server")
         metrics = score_function()
-        if metrics is None or not hasattr(metrics, "deletion_insertion"):
+        if metrics is None:
             raise SystemExit("camserve batch: --scores is not implemented yet: camserve.engine.metrics "
                              "(deletion/insertion) is not available in this installation")
     out: Path = args.out
@@ -573,6 +577,13 @@ def run(args: argparse.Namespace) -> int:
                     results = backend.run(good, settings)
                 except ExplanationInputError as error:
                     raise SystemExit(f"camserve batch: {error}") from None
+            explained = [r for r in results if not isinstance(r, str)]
+            if metrics is not None and explained:
+                t = time.perf_counter()
+                for result, scores in zip(explained, compute_scores(metrics, backend.model, explained,
+                                                                    settings.score_steps)):
+                    result.scores = scores
+                    result.seconds["scores_batch"] = time.perf_counter() - t
             for item, result in zip(good, results):
                 if isinstance(result, str):
                     item.error = result
@@ -646,10 +657,9 @@ def finish_item(item: Item, result: Result, settings: Settings, sid: str, backen
                   image_size=[item.hw[1], item.hw[0]], crop_box=result.crop_box, heatmaps=heatmaps,
                   overlays=overlays, thumbnail=thumb_name,
                   seconds={k: round(v, 6) if isinstance(v, float) else v for k, v in seconds.items()})
-    if metrics is not None:
-        t = time.perf_counter()
-        record["scores"] = compute_scores(metrics, backend.model, result, settings.score_steps)
-        record["seconds"]["scores"] = round(time.perf_counter() - t, 6)
+    if result.scores is not None:
+        record["scores"] = result.scores
+        record["seconds"]["scores_batch"] = round(result.seconds.get("scores_batch", 0.0), 6)
     return record
 
 

@@ -40,6 +40,7 @@ ol.preds li{display:flex;gap:6px;align-items:center}
 ol.preds .bar{height:8px;background:#3b7dd8;border-radius:2px}
 ol.preds .label{flex:1;white-space:nowrap;overflow:hidden;text-overflow:ellipsis}
 ol.preds li:first-child{font-weight:600}
+.scores{font-size:11px;color:#555;margin-top:4px}
 section.failed{padding:0 20px 20px}
 section.failed td{padding:2px 10px 2px 0;font-size:12px;vertical-align:top}
 """
@@ -64,7 +65,13 @@ _SCRIPT = """
       c.classList.toggle('hidden',!ok); if(ok)n++;
     });
     shown.textContent=n+' of '+cards.length+' shown';
+    document.body.setAttribute('data-shown',n);
   }
+  // presets from the address: report.html#cls=tench&q=shark&minconf=50 (shareable filtered views)
+  var preset=new URLSearchParams(location.hash.slice(1));
+  if(preset.has('cls'))select.value=preset.get('cls');
+  if(preset.has('q'))search.value=preset.get('q');
+  if(preset.has('minconf'))slider.value=preset.get('minconf');
   select.addEventListener('change',apply); search.addEventListener('input',apply);
   slider.addEventListener('input',apply); apply();
   window.addEventListener('load',function(){
@@ -100,7 +107,15 @@ def _card(record: Mapping[str, Any]) -> str:
         f'<figure><img src="{_e(overlay)}" alt="overlay" onload="camserveImg(this)" onerror="camserveImg(this)">'
         f'<figcaption>{_e(record.get("method"))} @ {_e(record.get("layer"))} → {_e(", ".join(map(str, targets)))}'
         f'</figcaption></figure></div>'
-        f'<div class="file" title="{_e(record["input"])}">{_e(name)}</div><ol class="preds">{preds}</ol></div>')
+        f'<div class="file" title="{_e(record["input"])}">{_e(name)}</div><ol class="preds">{preds}</ol>'
+        f'{_scores(record.get("scores"))}</div>')
+
+
+def _scores(scores: Any) -> str:
+    if not scores:
+        return ""
+    return (f'<div class="scores">deletion AUC {scores["deletion_auc"]:.3f} · insertion AUC '
+            f'{scores["insertion_auc"]:.3f}</div>')
 
 
 def render_report(records: Sequence[Mapping[str, Any]], settings: Mapping[str, Any]) -> str:
