@@ -334,3 +334,28 @@ def test_compare_shallowcam_and_integrated_gradients_on_a_photograph(effnet_expl
     assert rho[2][3] > 0.99  # Captum's LayerGradCam and camserve's Grad-CAM are one formula
     print(f"\nclass {comparison.target} (label {label}); seconds "
           f"{[round(s, 3) for s in comparison.seconds]}; spearman {[[round(v, 3) for v in r] for r in rho]}")
+
+
+def test_compare_request_parsing_and_option_split():
+    from camserve.engine.compare import parse_methods, split_options
+
+    methods = parse_methods("shallowcam, captum.integrated_gradients,captum.noise_tunnel")
+    assert methods == ["shallowcam", "captum.integrated_gradients", "captum.noise_tunnel"]
+    split = split_options(methods, {"spatial": "relevance", "steps": "8", "base": "captum.saliency", "nt_samples": 4})
+    assert split == [{"spatial": "relevance"}, {"steps": "8"}, {"base": "captum.saliency", "nt_samples": 4}]
+    with pytest.raises(InvalidOptionError, match="none of the compared"):
+        split_options(methods[:2], {"nt_samples": 4})
+    with pytest.raises(UnknownMethodError):
+        parse_methods("shallowcam,captum.deeplift")
+    with pytest.raises(InvalidOptionError, match="2 to 4"):
+        parse_methods("shallowcam")
+    with pytest.raises(InvalidOptionError, match="twice"):
+        parse_methods("gradcam,gradcam")
+
+
+def test_planning_validates_captum_rows(effnet_explainer):
+    """``Explainer._plan`` (what a handler calls to validate a request early) knows Captum rows."""
+    row = effnet_explainer._plan(0, ExplainSpec("captum.layer_gradcam", target="top2"))
+    assert row.layer == "_conv_head" and row.options["relu_attributions"] is True
+    with pytest.raises(InvalidOptionError, match="max_steps"):
+        effnet_explainer._plan(0, ExplainSpec("captum.integrated_gradients", options={"steps": 10000}))

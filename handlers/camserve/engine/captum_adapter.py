@@ -290,6 +290,21 @@ class _CaptumRow:
         return (self.method.name, self.layer, tuple(sorted(self.options.items())))
 
 
+def plan_row(explainer: "Explainer", index: int, spec: "ExplainSpec") -> _CaptumRow:
+    """Validate one Captum spec against the explainer's model before any forward: method and options
+    (within ``explainer.captum_limits`` if the server set it, else :data:`DEFAULT_LIMITS`), layer
+    (layer methods; default: the explainer's), LayerLRP support, target."""
+    method, options = resolve(spec.method, spec.options, getattr(explainer, "captum_limits", DEFAULT_LIMITS))
+    layer = None
+    if method.uses_layer:
+        layer = spec.layer or explainer.default_layer
+        explainer.catalog.feature_map(layer)
+    if method.name == "layer_lrp":
+        check_lrp_support(explainer.model)
+    target = validate_target(spec.target, explainer.num_classes, explainer.max_topk)
+    return _CaptumRow(index, method, options, layer, target, [])
+
+
 def explain_with_captum(explainer: "Explainer", images: torch.Tensor, specs: Sequence[Optional["ExplainSpec"]],
                         output_size=None, layer_resolution: bool = False, dtype: torch.dtype = torch.float32
                         ) -> "ExplainResult":
@@ -305,20 +320,8 @@ def explain_with_captum(explainer: "Explainer", images: torch.Tensor, specs: Seq
     check_images(images)
     if len(specs) != images.shape[0]:
         raise InvalidTargetError(f"got {len(specs)} explanation specs for a batch of {images.shape[0]} images")
-    limits = getattr(explainer, "captum_limits", DEFAULT_LIMITS)
-    rows: List[_CaptumRow] = []
-    for index, spec in enumerate(specs):
-        if spec is None or not is_captum(spec.method):
-            continue
-        method, options = resolve(spec.method, spec.options, limits)
-        layer = None
-        if method.uses_layer:
-            layer = spec.layer or explainer.default_layer
-            explainer.catalog.feature_map(layer)
-        if method.name == "layer_lrp":
-            check_lrp_support(explainer.model)
-        target = validate_target(spec.target, explainer.num_classes, explainer.max_topk)
-        rows.append(_CaptumRow(index, method, options, layer, target, []))
+    rows = [plan_row(explainer, index, spec) for index, spec in enumerate(specs)
+            if spec is not None and is_captum(spec.method)]
     others = [None if (spec is not None and is_captum(spec.method)) else spec for spec in specs]
     result = explainer.explain(images, others, output_size, layer_resolution, dtype)
     for row in rows:

@@ -156,6 +156,13 @@ def get_captum_method(name: str) -> CaptumMethod:
     return METHODS[key]
 
 
+def check_name(name: str) -> str:
+    """The canonical request name of a Captum method (``captum.noise_tunnel`` included), or
+    :class:`UnknownMethodError`."""
+    key = _key(name)
+    return PREFIX + key if key == "noise_tunnel" else get_captum_method(name).request_name
+
+
 def resolve(name: str, given: Optional[Mapping[str, Any]], limits: CaptumLimits = DEFAULT_LIMITS
             ) -> Tuple[CaptumMethod, Dict[str, Any]]:
     """Validate a request: ``(method, options)`` with every option canonical and within ``limits``.
@@ -198,6 +205,25 @@ def resolve(name: str, given: Optional[Mapping[str, Any]], limits: CaptumLimits 
         raise InvalidOptionError(f"{method.request_name} would evaluate the model {evaluations} times per image "
                                  f"(steps × nt_samples); this server's cap is max_evaluations={limits.max_evaluations}")
     return method, options
+
+
+def accepted_options(name: str, given: Optional[Mapping[str, Any]] = None) -> set:
+    """The option names (aliases included) a request for ``name`` may carry, given its other options
+    (``smooth``/``noise_tunnel`` add the noise options) — for splitting one request's options
+    between several methods (``compare``)."""
+    given = {OPTION_ALIASES.get(str(k).strip().lower(), str(k).strip().lower()): v for k, v in dict(given or {}).items()}
+    key = _key(name)
+    tunnel = key == "noise_tunnel"
+    method = get_captum_method(given.get("base", "")) if tunnel and given.get("base") else (
+        None if tunnel else get_captum_method(name))
+    names = {"smooth"} | ({"base"} if tunnel else set())
+    if method is not None:
+        names |= {option for option, _ in method.own_options}
+        if method.default_reduction is not None:
+            names.add("reduction")
+    if tunnel or ("smooth" in given and parse_bool("smooth", given["smooth"])):
+        names |= {option for option, _ in NOISE_OPTIONS}
+    return names | {alias for alias, target in OPTION_ALIASES.items() if target in names}
 
 
 def _check(option: str, value: Any, limits: CaptumLimits) -> Any:

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, replace
-from typing import List, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 
-from .errors import InvalidInputError, InvalidTargetError
+from .errors import InvalidInputError, InvalidOptionError, InvalidTargetError
 from .render import upsample
 
 
@@ -60,6 +60,37 @@ def spearman_matrix(maps: Sequence[torch.Tensor]) -> List[List[Optional[float]]]
             if m.min() == m.max():
                 matrix[i][i] = None
     return matrix
+
+
+def parse_methods(value, max_methods: int = 4) -> List[str]:
+    """``"shallowcam,captum.integrated_gradients"`` (or a list) → the method names, each known,
+    no duplicates, 2 to ``max_methods`` of them."""
+    from .captum_methods import check_name, is_captum
+    from .methods import get_method
+
+    names = [n.strip().lower() for n in (value.split(",") if isinstance(value, str) else list(value or []))
+             if isinstance(n, str) and n.strip()]
+    if not 2 <= len(names) <= max_methods:
+        raise InvalidOptionError(f"compare needs 2 to {max_methods} comma-separated methods, got {value!r}")
+    if len(set(names)) != len(names):
+        raise InvalidOptionError(f"compare lists a method twice: {value!r}")
+    for name in names:
+        check_name(name) if is_captum(name) else get_method(name)
+    return names
+
+
+def split_options(methods: Sequence[str], options: Mapping[str, Any]) -> List[Dict[str, Any]]:
+    """Give each method of a comparison the options it accepts (an option several accept goes to
+    each); an option no method accepts is an :class:`InvalidOptionError`."""
+    from .captum_methods import accepted_options, is_captum
+    from .methods import get_method
+
+    options = dict(options or {})
+    accepted = [accepted_options(m, options) if is_captum(m) else set(get_method(m).option_choices) for m in methods]
+    stray = sorted(k for k in options if not any(str(k).lower() in a for a in accepted))
+    if stray:
+        raise InvalidOptionError(f"option(s) {stray} are taken by none of the compared methods {list(methods)}")
+    return [{k: v for k, v in options.items() if str(k).lower() in a} for a in accepted]
 
 
 @dataclass
@@ -107,3 +138,11 @@ def compare(explainer, image: torch.Tensor, specs: Sequence, target=None, output
         raise InvalidTargetError(f"compare needs the same target for every method, got {sorted(targets)}")
     matrix = spearman_matrix([e.maps[0] for e in explanations])
     return Comparison(logits, targets.pop(), [e.method for e in explanations], explanations, seconds, matrix)
+
+
+def comparison_json(comparison: Comparison, digits: int = 4) -> Dict[str, Any]:
+    """The response field ``comparison``: methods, target, per-method seconds, Spearman matrix (``null``
+    where undefined)."""
+    return {"methods": list(comparison.methods), "target": comparison.target,
+            "seconds": [round(s, digits) for s in comparison.seconds],
+            "spearman": [[None if v is None else round(v, digits) for v in row] for row in comparison.spearman]}

@@ -194,6 +194,9 @@ class Explainer:
 
     # -- planning -----------------------------------------------------------------------------
     def _plan(self, index: int, spec: ExplainSpec) -> _Row:
+        from . import captum_adapter  # Captum rows (captum.*) are validated by the Captum adapter
+        if captum_adapter.is_captum(spec.method):
+            return captum_adapter.plan_row(self, index, spec)
         method = get_method(spec.method)
         options = method.options(spec.options)
         layer = spec.layer or self.default_layer
