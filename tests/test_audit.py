@@ -5,11 +5,17 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import threading
 
 import pytest
 
+import yaml
+
 from camserve.serving.audit import AuditLog
+from camserve.serving.settings import HandlerSettings
+
+from conftest import REPO
 
 THREADS, PER_THREAD = 8, 250
 
@@ -47,7 +53,7 @@ def test_concurrent_writers_with_rotation_lose_nothing(tmp_path):
     r = next(r for r in records if r["request_id"] == "3-7")
     assert r["input_sha256"] == hashlib.sha256(b"image 3 7").hexdigest()
     assert r["heatmap_sha256"] == [hashlib.sha256(payload).hexdigest()] and r["heatmap_stored"] is False
-    assert "heatmaps_png_base64" not in r and r["options"]["explain"] == "gradcam" and r["time"].endswith("+00:00")
+    assert "heatmaps_base64" not in r and r["options"]["explain"] == "gradcam" and r["time"].endswith("+00:00")
 
 
 def test_heatmap_stored_when_configured_and_backups_bounded(tmp_path):
@@ -65,7 +71,7 @@ def test_heatmap_stored_when_configured_and_backups_bounded(tmp_path):
     records = read_all(log)
     newest = max(int(r["request_id"]) for r in records)
     assert newest == 39 and all(0 <= int(r["request_id"]) < 40 for r in records)
-    assert base64.b64decode(records[0]["heatmaps_png_base64"][0]) == png and records[0]["extra_field"] >= 0
+    assert base64.b64decode(records[0]["heatmaps_base64"][0]) == png and records[0]["extra_field"] >= 0
 
 
 def test_off_by_default_and_closed_log_refuses(tmp_path):
@@ -75,3 +81,19 @@ def test_off_by_default_and_closed_log_refuses(tmp_path):
     log.close()  # idempotent
     with pytest.raises(RuntimeError, match="closed"):
         log.record(model="m")
+
+
+def test_opt_in_from_model_config_yaml(tmp_path):
+    """The handler's settings keep unknown ``handler:`` keys in ``extra``; the audit reads them there."""
+    config = yaml.safe_load((REPO / "configs" / "effnet_lite0.yaml").read_text())
+    settings = HandlerSettings.from_model_config(config)
+    assert AuditLog.from_config(settings.extra, environ={}) is None  # shipped config: audit off
+    config["handler"].update(audit_log=str(tmp_path / "audit-{pid}.jsonl"), audit_store_heatmap=True,
+                             audit_max_bytes=2048, audit_backups=1)
+    log = AuditLog.from_config(HandlerSettings.from_model_config(config).extra, environ={})
+    assert log.store_heatmap and log.max_bytes == 2048 and log.backups == 1
+    assert log.path.name == f"audit-{os.getpid()}.jsonl"
+    log.close()
+    env_log = AuditLog.from_config({}, environ={"CAMSERVE_AUDIT_LOG": str(tmp_path / "env.jsonl")})
+    assert env_log.path == tmp_path / "env.jsonl"
+    env_log.close()

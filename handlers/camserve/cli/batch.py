@@ -287,7 +287,8 @@ class ServerBackend:
         return list(self.pool.map(lambda it: self._one(it, settings), items))
 
     def _one(self, item: Item, settings: Settings):
-        params = {"explain": settings.method, "layer": settings.layer, "target": settings.target}
+        params = {"explain": settings.method, "layer": settings.layer, "target": settings.target,
+                  "topk": str(settings.topk)}
         params.update({k: str(v) for k, v in settings.options.items()})
         start = time.perf_counter()
         try:

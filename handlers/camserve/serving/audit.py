@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence
 
 _STOP = object()
+ENV_AUDIT_LOG = "CAMSERVE_AUDIT_LOG"
 
 
 class AuditLog:
@@ -62,11 +63,15 @@ class AuditLog:
         atexit.register(self.close)
 
     @classmethod
-    def from_config(cls, config: Optional[Mapping[str, Any]]) -> Optional["AuditLog"]:
+    def from_config(cls, config: Optional[Mapping[str, Any]],
+                    environ: Optional[Mapping[str, str]] = None) -> Optional["AuditLog"]:
         """An :class:`AuditLog` from the handler section of ``model-config.yaml``; ``None`` when
-        ``audit_log`` is not set (the default: no audit)."""
+        ``audit_log`` is not set (the default: no audit). An operator may also switch it on without
+        rebuilding the archive: ``CAMSERVE_AUDIT_LOG=path`` in TorchServe's environment (used when
+        the YAML names no path; the other ``audit_*`` keys still come from the YAML)."""
         config = config or {}
-        path = config.get("audit_log")
+        environ = os.environ if environ is None else environ
+        path = config.get("audit_log") or environ.get(ENV_AUDIT_LOG)
         if not path:
             return None
         return cls(str(path), store_heatmap=_as_bool(config.get("audit_store_heatmap", False)),
@@ -81,9 +86,10 @@ class AuditLog:
                **extra: Any) -> None:
         """Queue one audit record (cheap: no hashing, encoding or I/O on the caller's thread).
 
-        ``input_bytes`` is hashed by the writer (or pass ``input_sha256``); ``heatmaps`` are the PNG
-        bytes of the maps: their SHA-256 is always recorded, the PNGs themselves only when
-        ``store_heatmap``. ``extra`` keys go into the record as they are (JSON-serialisable).
+        ``input_bytes`` (bytes, or :class:`Base64` text) is hashed by the writer (or pass
+        ``input_sha256``); ``heatmaps`` are the encoded maps (PNG bytes, :class:`Base64` PNG text, or
+        any JSON value such as a ``format=array`` map): their SHA-256 is always recorded, the maps
+        themselves (base64) only when ``store_heatmap``. ``extra`` keys go into the record as they are.
         """
         item = {
             "time": time.time(), "request_id": request_id or str(uuid.uuid4()), "model": model,
@@ -150,12 +156,13 @@ class AuditLog:
         data = item.pop("input_bytes")
         extra = item.pop("extra")
         if item["input_sha256"] is None and data is not None:
-            item["input_sha256"] = hashlib.sha256(data).hexdigest()
+            item["input_sha256"] = hashlib.sha256(_as_bytes(data)).hexdigest()
         item["time"] = datetime.fromtimestamp(item["time"], timezone.utc).isoformat(timespec="microseconds")
+        heatmaps = [_as_bytes(h) for h in heatmaps]
         item["heatmap_sha256"] = [hashlib.sha256(h).hexdigest() for h in heatmaps]
         item["heatmap_stored"] = self.store_heatmap
         if self.store_heatmap:
-            item["heatmaps_png_base64"] = [base64.b64encode(h).decode("ascii") for h in heatmaps]
+            item["heatmaps_base64"] = [base64.b64encode(h).decode("ascii") for h in heatmaps]
         item.update(extra)
         return json.dumps(item, ensure_ascii=False, default=str) + "\n"
 
@@ -187,6 +194,67 @@ class AuditLog:
         """The current file and its backups, newest first."""
         names = [self.path] + [self.path.with_name(f"{self.path.name}.{i}") for i in range(1, self.backups + 1)]
         return [p for p in names if p.exists()]
+
+
+class Base64(str):
+    """Base64 text to be decoded by the writer thread (not on the request thread)."""
+
+
+def _as_bytes(value: Any) -> bytes:
+    if isinstance(value, Base64):
+        return base64.b64decode(value)
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    return json.dumps(value, separators=(",", ":")).encode("utf-8")
+
+
+def record_answers(audit: AuditLog, handler: Any, answered: Sequence[Any], context: Any = None) -> int:
+    """Queue one audit record per *explained* image of a handled TorchServe batch; returns the count.
+
+    ``answered`` is what :meth:`CamserveHandler.after_batch` receives: ``(index, ParsedRequest,
+    results | error)``; a result is the per-image answer dict (``predictions``, ``explanation``).
+    Plain predictions and failed requests are not audited. Cheap on the calling thread: references
+    only (hashes, base64 decoding and JSON happen on the writer thread).
+    """
+    manifest = getattr(handler, "manifest", None) or {}
+    model_version = (manifest.get("model") or {}).get("modelVersion")
+    model_name = getattr(handler, "model_name", None) or (manifest.get("model") or {}).get("modelName")
+    count = 0
+    for index, request, outcome in answered:
+        if request is None or not isinstance(outcome, list):
+            continue
+        ts_request_id = None
+        if context is not None:
+            try:
+                ts_request_id = context.get_request_id(index)
+            except Exception:  # noqa: BLE001 - direct calls without a request processor
+                ts_request_id = None
+        for position, result in enumerate(outcome):
+            explanation = result.get("explanation") if isinstance(result, dict) else None
+            if not explanation:
+                continue
+            item = request.items[position] if position < len(request.items) else None
+            payload = (item.payloads.get("image") if item is not None else None)
+            if isinstance(payload, str):
+                payload = Base64(payload)
+            heatmaps = explanation.get("heatmaps") or ([explanation["heatmap"]] if "heatmap" in explanation else None)
+            if heatmaps is not None:
+                heatmaps = [Base64(h) if isinstance(h, str) else h for h in heatmaps]
+            else:
+                arrays = explanation.get("arrays") or ([explanation["array"]] if "array" in explanation else [])
+                heatmaps = arrays
+            options = {k: explanation.get(k) for k in ("method", "layer", "targets", "options", "format")
+                       if k in explanation}
+            audit.record(model=model_name, model_version=model_version,
+                         request_id=ts_request_id or request.request_id, input_bytes=payload,
+                         options=options, topk=result.get("predictions"),
+                         explanation_seconds=explanation.get("seconds"), heatmaps=heatmaps,
+                         client_request_id=request.request_id, position=position,
+                         envelope=getattr(request, "envelope", None), batch_size=result.get("batch_size"))
+            count += 1
+    return count
 
 
 def _as_bool(value: Any) -> bool:
