@@ -155,12 +155,16 @@ def test_jacobian_route_matches_pooled_on_identity_head(fam, gallery, photos):
     airliner = gallery.embeddings[1]
     specs = [FamSpec(reference_embedding=airliner, similarity=s, route=r)
              for s in ("cosine", "dot") for r in ("pooled", "jacobian")]
-    result = fam.explain(photos[[SPANIEL] * 4], specs)
-    for pooled, jacobian in (result.items[0:2], result.items[2:4]):
+    specs += [FamSpec(gallery_topk=2, route="pooled"), FamSpec(gallery_topk=2, route="jacobian")]
+    result = fam.explain(photos[[SPANIEL] * 6], specs)
+    for pooled, jacobian in (result.items[0:2], result.items[2:4], result.items[4:6]):
         assert jacobian.route == "jacobian" and jacobian.method == "fam-jacobian"
-        assert jacobian.passes == {"forward": 1, "backward": 1}
+        assert jacobian.passes == {"forward": 1, "backward": len(jacobian.matches or [None])}
         assert torch.allclose(pooled.contributions, jacobian.contributions, atol=1e-7)
         assert torch.allclose(pooled.query_map, jacobian.query_map, atol=1e-5)
+    for p_match, j_match in zip(result.items[4].matches, result.items[5].matches):  # one backward per rank
+        assert p_match["index"] == j_match["index"]
+        assert torch.allclose(p_match["reference_map"], j_match["reference_map"], atol=1e-5)
 
 
 class _UserEmbeddingNet(nn.Module):
