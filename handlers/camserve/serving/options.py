@@ -1,0 +1,120 @@
+"""Per-request options: what a classifier request asks for, validated before the batch runs.
+
+Options come, in increasing priority, from the query string (``?explain=gradcam&layer=…``), from
+multipart text fields, and from JSON keys (top level, or per KServe instance / v2 ``parameters``).
+Reserved names are the serving options below; any other name is passed to the method as a method
+option (e.g. Shallow-CAM's ``spatial=relevance``), where the engine rejects unknown ones with 400.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, Mapping, Optional
+
+from ..engine.explainer import ExplainSpec
+from ..engine.render import COLORMAPS
+from .errors import InvalidRequestOptionError
+from .settings import HandlerSettings
+
+#: Names that are never method options. Extensions (e.g. ``compare``) add theirs here.
+SERVING_OPTIONS = {"explain", "method", "layer", "target", "format", "colormap", "overlay", "alpha", "topk",
+                   "model_name"}  # model_name: the /invocations route's own query parameter
+FORMATS = ("png", "array")
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
+
+
+def as_text(value: Any) -> Any:
+    """Query and multipart values arrive as bytes; JSON values keep their type."""
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            return bytes(value).decode("utf-8").strip()
+        except UnicodeDecodeError:
+            raise InvalidRequestOptionError("option values must be UTF-8 text") from None
+    return value.strip() if isinstance(value, str) else value
+
+
+def parse_flag(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise InvalidRequestOptionError(f"option {name!r} must be 0/1/true/false, got {value!r}")
+
+
+def parse_int(name: str, value: Any, low: int, high: int) -> int:
+    try:
+        number = int(str(value).strip()) if not isinstance(value, bool) else None
+    except ValueError:
+        number = None
+    if number is None or not low <= number <= high:
+        raise InvalidRequestOptionError(f"option {name!r} must be an integer in [{low}, {high}], got {value!r}")
+    return number
+
+
+@dataclass
+class ExplainOptions:
+    """One image's request: ``method`` None means a plain prediction."""
+
+    method: Optional[str] = None
+    layer: Optional[str] = None
+    target: Any = None
+    format: str = "png"
+    colormap: Optional[str] = None
+    overlay: bool = False
+    alpha: float = 0.5
+    topk: int = 5
+    method_options: Dict[str, Any] = field(default_factory=dict)
+
+    def spec(self) -> Optional[ExplainSpec]:
+        """The engine's :class:`ExplainSpec`, or ``None`` for a plain prediction."""
+        if self.method is None:
+            return None
+        return ExplainSpec(self.method, self.layer, self.target, dict(self.method_options))
+
+
+def parse_options(raw: Mapping[str, Any], settings: HandlerSettings, explain_route: bool) -> ExplainOptions:
+    """Validate the serving options of one image; method options are validated by the engine."""
+    raw = {str(k).lower(): as_text(v) for k, v in raw.items()}
+    method = raw.get("explain", raw.get("method"))
+    if isinstance(method, bool) or (isinstance(method, str) and method.lower() in _TRUE | _FALSE):
+        method = settings.default_method if parse_flag("explain", method) else None
+    elif method is not None:
+        method = str(method).strip().lower() or None
+    if method is None and explain_route:
+        method = settings.default_method
+    options = ExplainOptions(topk=settings.topk, alpha=settings.overlay_alpha)
+    options.method = method
+    if "topk" in raw:
+        options.topk = parse_int("topk", raw["topk"], 1, settings.max_topk)
+    if method is None:
+        stray = sorted(k for k in raw if k in ("layer", "target", "format", "colormap", "overlay"))
+        if stray:
+            raise InvalidRequestOptionError(f"options {stray} need an explanation: add explain=<method>")
+        return options
+    options.layer = settings.layer_for(method, raw.get("layer") or None)
+    target = raw.get("target")
+    options.target = None if target in (None, "") else target
+    fmt = str(raw.get("format", "png")).lower()
+    if fmt not in FORMATS:
+        raise InvalidRequestOptionError(f"option 'format' must be one of {list(FORMATS)}, got {fmt!r}")
+    options.format = fmt
+    colormap = raw.get("colormap")
+    if colormap not in (None, ""):
+        colormap = str(colormap).lower()
+        if colormap not in COLORMAPS:
+            raise InvalidRequestOptionError(f"unknown colormap {colormap!r}; choose one of {list(COLORMAPS)}")
+        options.colormap = colormap
+    if "overlay" in raw:
+        options.overlay = parse_flag("overlay", raw["overlay"])
+    if "alpha" in raw:
+        try:
+            options.alpha = float(raw["alpha"])
+        except (TypeError, ValueError):
+            options.alpha = -1.0
+        if not 0.0 <= options.alpha <= 1.0:
+            raise InvalidRequestOptionError(f"option 'alpha' must be a number in [0, 1], got {raw['alpha']!r}")
+    options.method_options = {k: v for k, v in raw.items() if k not in SERVING_OPTIONS}
+    return options

@@ -1,0 +1,62 @@
+"""Handler defaults from the archive's ``model-config.yaml`` (its ``handler:`` section).
+
+Example::
+
+    handler:
+      default_method: shallowcam      # used by /explanations and by explain=1|true
+      default_layer: _conv_head       # when a request names no layer and its method has no entry below
+      method_layers: {shallowcam: _blocks.4}
+      topk: 5                         # predictions per answer (a request may ask topk=1..max_topk)
+      max_topk: 20
+      max_targets: 5                  # target=topK / lists: at most this many maps per image
+      max_pixels: 40000000            # larger images → 413
+      max_instances: 16               # images in one KServe request
+      colormap: jet                   # for overlay=1 when the request names none
+      overlay_alpha: 0.5
+      array_decimals: 3               # format=array rounding
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, Dict, Mapping, Optional
+
+from .images import DEFAULT_MAX_PIXELS
+
+
+@dataclass
+class HandlerSettings:
+    default_method: str = "shallowcam"
+    default_layer: Optional[str] = None
+    method_layers: Dict[str, str] = field(default_factory=dict)
+    topk: int = 5
+    max_topk: int = 20
+    max_targets: int = 5
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_instances: int = 16
+    colormap: str = "jet"
+    overlay_alpha: float = 0.5
+    array_decimals: int = 3
+    # embedding handler
+    gallery_file: Optional[str] = None
+    gallery_topk: int = 3
+    max_gallery_topk: int = 10
+    similarity: str = "cosine"
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_model_config(cls, model_yaml_config: Optional[Mapping[str, Any]]) -> "HandlerSettings":
+        """Read ``model_yaml_config["handler"]``; unknown keys are kept in ``extra`` for extensions
+        (e.g. an audit log or Captum caps) instead of being rejected."""
+        section = dict((model_yaml_config or {}).get("handler") or {})
+        known = {f.name for f in fields(cls)} - {"extra"}
+        values = {k: v for k, v in section.items() if k in known}
+        settings = cls(**values)
+        settings.extra = {k: v for k, v in section.items() if k not in known}
+        return settings
+
+    def layer_for(self, method: str, requested: Optional[str]) -> Optional[str]:
+        """The layer a request gets: its own, else the method's configured one, else the default."""
+        if requested:
+            return requested
+        return self.method_layers.get(method) or self.default_layer
