@@ -53,3 +53,6 @@ def effnet_batch(samples):
     images = [load_uint8(SAMPLES / r["file"]) for r in rows]
     batch, _ = to_model_input(images, p.resize, p.crop, p.mean, p.std, torch.device("cpu"))
     return batch, [int(r["class_index"]) for r in rows]
+
+
+pytest_plugins = ["serverkit"]  # the session TorchServe fixture (torchserve_server)

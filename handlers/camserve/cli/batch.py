@@ -211,7 +211,6 @@ class LocalBackend:
     def __init__(self, args: argparse.Namespace):
         import torch
 
-        from ..engine import Explainer
         from ..engine.models import load_model, profile_for
 
         if args.device == "auto":
@@ -219,13 +218,27 @@ class LocalBackend:
         else:
             self.device = torch.device(args.device)
         self.profile = profile_for(args.model)
-        self.model = load_model(args.model, device=self.device)
-        self.explainer = Explainer(self.model, (self.profile.crop, self.profile.crop),
-                                   default_layer=self.profile.default_layer)
+        self._load = lambda: load_model(args.model, device=self.device)
+        self._explainer = None
         self.names = class_names()
         self.model_name = args.model
         self.model_version = local_model_version(args.model)
         self.description = f"local:{self.device}"
+
+    @property
+    def explainer(self):
+        """The model and its explainer, loaded on first use (a run with nothing to do loads nothing)."""
+        if self._explainer is None:
+            from ..engine import Explainer
+
+            model = self._load()
+            self._explainer = Explainer(model, (self.profile.crop, self.profile.crop),
+                                        default_layer=self.profile.default_layer)
+        return self._explainer
+
+    @property
+    def model(self):
+        return self.explainer.model
 
     def run(self, items: List[Item], settings: Settings) -> List[Any]:
         """Per item a :class:`Result`, or an error string (an input the engine refused)."""
@@ -559,7 +572,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     restore_sigterm = install_sigterm_as_interrupt()
-    bar = tqdm(total=len(pending), unit="img", disable=args.quiet, desc="camserve batch", file=sys.stderr)
+    bar = tqdm(total=len(pending), unit="img", disable=args.quiet or not pending, desc="camserve batch", file=sys.stderr)
     decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="camserve-decode")
     batches = list(chunks(pending, args.batch_size))
     interrupted = False
