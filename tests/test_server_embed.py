@@ -1,0 +1,92 @@
+"""The embedding model over HTTP: embeddings, FAM pairs against a reference, gallery matches."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from conftest import SAMPLES
+
+pytestmark = pytest.mark.server
+MODEL = "effnet_lite0_embed"
+QUERY, SAME_KIND, OTHER = "n01560419_bulbul.JPEG", "n01582220_magpie.JPEG", "n01955084_chiton.JPEG"
+
+
+def photo(name):
+    return (SAMPLES / name).read_bytes()
+
+
+def b64(name):
+    return base64.b64encode(photo(name)).decode()
+
+
+def post(server, **kwargs):
+    return requests.post(f"{server.url}/predictions/{MODEL}", headers=server.headers(), timeout=300, **kwargs)
+
+
+def png(text):
+    return Image.open(io.BytesIO(base64.b64decode(text)))
+
+
+def test_embedding_only(torchserve_server):
+    response = post(torchserve_server, data=photo(QUERY))
+    assert response.status_code == 200, response.text
+    body = response.json()
+    vector = np.asarray(body["embedding"])
+    assert body["dim"] == 1280 and vector.shape == (1280,)
+    assert abs(np.linalg.norm(vector) - 1.0) < 1e-3  # L2-normalised embeddings
+    assert "similarity" not in body
+
+
+def test_reference_image_gives_similarity_and_fam_pair(torchserve_server):
+    near = post(torchserve_server, files={"image": photo(QUERY), "reference": photo(SAME_KIND)}).json()
+    far = post(torchserve_server, json={"image": b64(QUERY), "reference": b64(OTHER)}).json()
+    assert near["method"] == "fam" and near["reference"] == "image"
+    assert near["similarity"] > far["similarity"]  # two birds are closer than a bird and a chiton
+    for key in ("query_map", "reference_map"):
+        image = png(near[key])
+        assert image.size == (224, 224) and image.mode == "L"
+        assert np.asarray(image).std() > 5
+    assert near["passes"] == {"forward": 1, "backward": 0}  # pooled FAM: no backward at all
+
+
+def test_reference_embedding_matches_reference_image(torchserve_server):
+    reference = post(torchserve_server, data=photo(SAME_KIND)).json()["embedding"]
+    by_embedding = post(torchserve_server, json={"image": b64(QUERY), "reference_embedding": reference}).json()
+    by_image = post(torchserve_server, json={"image": b64(QUERY), "reference": b64(SAME_KIND)}).json()
+    assert by_embedding["reference"] == "embedding"
+    assert by_embedding["similarity"] == pytest.approx(by_image["similarity"], abs=1e-3)
+    assert by_embedding["reference_map"] is None and png(by_embedding["query_map"]).size == (224, 224)
+
+
+def test_gallery_matches(torchserve_server):
+    # archive.sh builds the gallery from every ~41st shared photo, starting with the tench
+    response = post(torchserve_server, files={"image": photo("n01440764_tench.JPEG"), "gallery": "3",
+                                              "embedding": "0"})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert "embedding" not in body
+    matches = body["matches"]
+    assert len(matches) == 3
+    sims = [m["similarity"] for m in matches]
+    assert sims == sorted(sims, reverse=True)
+    assert matches[0]["label"] == "tench" and matches[0]["similarity"] > 0.99  # the query itself is in it
+    assert all(png(m["query_map"]).size == (224, 224) and png(m["reference_map"]).size == (224, 224)
+               for m in matches)
+
+
+def test_embed_errors(torchserve_server):
+    wrong_length = post(torchserve_server, json={"image": b64(QUERY), "reference_embedding": [0.1, 0.2]})
+    assert wrong_length.status_code == 400
+    assert "1280" in wrong_length.json()["error"]["message"] or "dimension" in wrong_length.json()["error"]["message"]
+    too_many = post(torchserve_server, files={"image": photo(QUERY), "gallery": "500"})
+    assert too_many.status_code == 400 and "gallery" in too_many.json()["error"]["message"]
+    both = post(torchserve_server, json={"image": b64(QUERY), "reference": b64(OTHER), "reference_embedding": [1.0]})
+    assert both.status_code == 400
+    assert post(torchserve_server, data=photo(QUERY)).status_code == 200
