@@ -1,0 +1,361 @@
+"""``camserve bench``: what an explanation costs, as a ratio to plain inference in the same run.
+
+For batch sizes 1, 8, 32 every case (camserve's methods, and the peers people would use instead:
+pytorch-grad-cam, Captum LayerGradCam + a separate predict, Captum IG with 15 steps = TorchServe's
+stock ``explain``) is timed in interleaved repetitions (round r runs every case once, in order), and
+the median is divided by the median of plain ``torch.inference_mode`` inference of the same batch.
+Every case returns the prediction too (camserve's come from the explanation's own forward; the
+peers' need their own). FAM: a batch of 8 query/reference pairs versus the plain embedding of the
+same 16 images. Peak memory: one subprocess per case (CPU: ``VmHWM`` minus the RSS before the call;
+GPU: ``torch.cuda.max_memory_allocated``), as a ratio to plain inference's.
+Writes ``cost.json`` and ``cost.md`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+HEAD, SHALLOW = "_conv_head", "_blocks.2"
+#: target ratios at batch 8 (issue 2 and 3)
+TARGETS = {
+    f"camserve gradcam @{HEAD}": 1.3, f"camserve layercam @{HEAD}": 1.3,
+    f"camserve shallowcam[grad] @{SHALLOW}": 3.0, f"camserve shallowcam[rel] @{SHALLOW}": 3.0,
+    f"camserve shallowcam[grad+refine] @{SHALLOW}": 3.0, f"camserve shallowcam[rel+refine] @{SHALLOW}": 3.0,
+    "camserve fam (pooled), 8 pairs": 1.1,
+}
+SHALLOW_VARIANTS = {"grad": {"spatial": "gradient", "refine": False}, "rel": {"spatial": "relevance", "refine": False},
+                    "grad+refine": {"spatial": "gradient", "refine": True},
+                    "rel+refine": {"spatial": "relevance", "refine": True}}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batch-sizes", default="1,8,32", help="comma list (default 1,8,32)")
+    parser.add_argument("--reps", type=int, default=5, help="interleaved repetitions per case (median)")
+    parser.add_argument("--ig-max-batch", type=int, default=1, help="largest batch for the IG cases (slow)")
+    parser.add_argument("--quick", action="store_true", help="a few seconds: batch 1 and 2, few cases, 2 reps")
+    parser.add_argument("--no-memory", action="store_true", help="skip the per-case peak-memory subprocesses")
+    parser.add_argument("--no-fam", action="store_true", help="skip the FAM pair cost")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default="benchmarks/results", help="output folder")
+    parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--memory-batch", type=int, default=8, help="batch of the memory measurement")
+
+
+# -- cases ------------------------------------------------------------------------------------------
+def classifier_cases(model, explainer, quick: bool, ig_max_batch: int = 1) -> Dict[str, Tuple[Callable, int]]:
+    """``name → (fn(batch) → predictions, largest batch size)``; each returns the predicted classes."""
+    from ..engine import ExplainSpec
+
+    def plain(x):
+        return explainer.predict(x).argmax(1)
+
+    def camserve(method, layer, options=None):
+        def fn(x):
+            result = explainer.explain(x, [ExplainSpec(method, layer=layer, options=options or {})] * x.shape[0])
+            return result.logits.argmax(1)
+        return fn
+
+    def pgc(cls_name, layer):
+        import pytorch_grad_cam
+
+        cls = getattr(pytorch_grad_cam, cls_name)
+        module = model.get_submodule(layer)
+
+        def fn(x):
+            with cls(model=model, target_layers=[module]) as cam:
+                cam(input_tensor=x, targets=None)  # argmax targets from its own forward
+                return cam.outputs.argmax(1)
+        return fn
+
+    def captum_layer_gradcam(x):
+        from captum.attr import LayerAttribution, LayerGradCam
+
+        with torch.inference_mode():
+            predicted = model(x).argmax(1)
+        attribution = LayerGradCam(model, model.get_submodule(HEAD)).attribute(x, target=predicted, relu_attributions=True)
+        LayerAttribution.interpolate(attribution, x.shape[-2:], interpolate_mode="bilinear")
+        return predicted
+
+    def captum_ig(x):
+        from captum.attr import IntegratedGradients
+
+        with torch.inference_mode():
+            predicted = model(x).argmax(1)
+        IntegratedGradients(model).attribute(x.clone().requires_grad_(), target=predicted, n_steps=15)
+        return predicted
+
+    big = 1 << 30
+    cases = {"plain inference": (plain, big),
+             f"camserve gradcam @{HEAD}": (camserve("gradcam", HEAD), big),
+             f"camserve shallowcam[grad] @{SHALLOW}": (camserve("shallowcam", SHALLOW, SHALLOW_VARIANTS["grad"]), big),
+             f"pytorch-grad-cam GradCAM @{HEAD}": (pgc("GradCAM", HEAD), big)}
+    if quick:
+        return cases
+    cases.update({
+        f"camserve layercam @{HEAD}": (camserve("layercam", HEAD), big),
+        f"camserve gradcampp @{HEAD}": (camserve("gradcampp", HEAD), big),
+        f"camserve relevancecam @{HEAD}": (camserve("relevancecam", HEAD), big),
+        f"camserve layercam @{SHALLOW}": (camserve("layercam", SHALLOW), big),
+    })
+    for variant in ("rel", "grad+refine", "rel+refine"):
+        cases[f"camserve shallowcam[{variant}] @{SHALLOW}"] = (camserve("shallowcam", SHALLOW, SHALLOW_VARIANTS[variant]), big)
+    cases.update({
+        f"pytorch-grad-cam LayerCAM @{SHALLOW}": (pgc("LayerCAM", SHALLOW), big),
+        f"captum LayerGradCam @{HEAD} + predict": (captum_layer_gradcam, big),
+        "camserve captum.integrated_gradients (15 steps)": (
+            camserve("captum.integrated_gradients", None, {"steps": 15}), ig_max_batch),
+        "captum IG 15 steps + predict (TorchServe stock explain)": (captum_ig, ig_max_batch),
+    })
+    return cases
+
+
+def fam_cases(model, images: torch.Tensor) -> Dict[str, Callable]:
+    """8 query/reference pairs (16 images) — plain embedding vs FAM routes."""
+    from ..engine.embedding import load_effnet_lite0_embedding
+    from ..engine.fam import FamExplainer, FamSpec
+
+    embedding = load_effnet_lite0_embedding(normalize=True, backbone=model)
+    fam = FamExplainer(embedding)
+    queries, references = images[:8], images[8:16]
+
+    def plain(_):
+        return fam.embed(torch.cat([queries, references]))
+
+    def route(method, route_name):
+        def fn(_):
+            return fam.explain(queries, [FamSpec(reference_image=r, method=method, route=route_name) for r in references])
+        return fn
+
+    return {"plain embedding of the 16 images": plain,
+            "camserve fam (pooled), 8 pairs": route("fam", "pooled"),
+            "camserve fam (jacobian route), 8 pairs": route("fam", "jacobian"),
+            "camserve gradcam_similarity, 8 pairs": route("gradcam_similarity", "auto")}
+
+
+# -- timing -----------------------------------------------------------------------------------------
+def timed(fn: Callable, x, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn(x)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def interleaved(cases: Dict[str, Callable], x, reps: int, device) -> Dict[str, List[float]]:
+    """One warm-up call per case, then ``reps`` rounds of every case once; seconds per call."""
+    samples: Dict[str, List[float]] = {name: [] for name in cases}
+    for fn in cases.values():
+        fn(x)
+    for _ in range(reps):
+        for name, fn in cases.items():
+            samples[name].append(timed(fn, x, device))
+    return samples
+
+
+def load_batch(n: int, device) -> torch.Tensor:
+    """``n`` real photographs (cycled if needed), preprocessed for EfficientNet-Lite0."""
+    from ..engine.models import EFFNET_LITE0 as p
+    from .evaluate import default_data_dir, load_images
+
+    images, _ = load_images(default_data_dir(), min(n, 64), 1, p, device)
+    reps = (n + images.shape[0] - 1) // images.shape[0]
+    return images.repeat(reps, 1, 1, 1)[:n].contiguous()
+
+
+# -- memory -----------------------------------------------------------------------------------------
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def memory_child(case: str, batch: int, device_name: str) -> dict:
+    """Run ``case`` once on a fresh process; peak memory above the state before the call (MiB)."""
+    from ..engine import Explainer
+    from ..engine.models import EFFNET_LITE0, load_effnet_lite0
+
+    device = torch.device(device_name)
+    model = load_effnet_lite0(device=device)
+    explainer = Explainer(model, (224, 224), default_layer=EFFNET_LITE0.default_layer)
+    x = load_batch(16 if case.startswith(("camserve fam", "camserve gradcam_sim", "plain embedding")) else batch, device)
+    cases = {k: v[0] for k, v in classifier_cases(model, explainer, quick=False).items()}
+    if case not in cases:
+        cases.update(fam_cases(model, x))
+    fn = cases[case]
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn(x)
+        torch.cuda.synchronize(device)
+        return {"case": case, "peak_mib": (torch.cuda.max_memory_allocated(device) - before) / 2 ** 20, "kind": "cuda allocated"}
+    try:  # reset VmHWM to the current RSS (Linux ≥ 4.0, own process, no privilege needed)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    before = _status_kib("VmRSS")
+    fn(x)
+    return {"case": case, "peak_mib": (_status_kib("VmHWM") - before) / 1024, "kind": "RSS high-water mark delta",
+            "hwm_before_mib": before / 1024}
+
+
+def measure_memory(cases: List[str], batch: int, args) -> Dict[str, dict]:
+    results = {}
+    for case in cases:
+        command = [sys.executable, "-m", "camserve.cli.main", "bench", "--memory-child", case,
+                   "--memory-batch", str(batch), "--device", args.device]
+        if args.threads:
+            command += ["--threads", str(args.threads)]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            results[case] = {"case": case, "error": done.stderr.strip().splitlines()[-1:]}
+            continue
+        results[case] = json.loads(done.stdout.strip().splitlines()[-1])
+    return results
+
+
+# -- main -------------------------------------------------------------------------------------------
+def run(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.memory_child:
+        print(json.dumps(memory_child(args.memory_child, args.memory_batch, args.device)))
+        return 0
+    from ..engine import Explainer
+    from ..engine.models import EFFNET_LITE0, load_effnet_lite0
+
+    device = torch.device(args.device)
+    batch_sizes = [1, 2] if args.quick else [int(b) for b in args.batch_sizes.split(",")]
+    reps = 2 if args.quick else args.reps
+    started = time.time()
+    model = load_effnet_lite0(device=device)
+    explainer = Explainer(model, (224, 224), default_layer=EFFNET_LITE0.default_layer)
+    cases = classifier_cases(model, explainer, args.quick, args.ig_max_batch)
+    rows = []
+    for batch in batch_sizes:
+        x = load_batch(batch, device)
+        active = {name: fn for name, (fn, limit) in cases.items() if batch <= limit}
+        samples = interleaved(active, x, reps, device)
+        base = statistics.median(samples["plain inference"])
+        for name, values in samples.items():
+            median = statistics.median(values)
+            rows.append({"group": "classifier", "case": name, "batch": batch, "median_s": median,
+                         "images_per_s": batch / median, "ratio": median / base, "samples_s": values})
+        print(f"batch {batch}: " + ", ".join(f"{r['case']} {r['ratio']:.2f}×" for r in rows if r["batch"] == batch),
+              flush=True)
+    if not args.no_fam:
+        x16 = load_batch(16, device)
+        fam = fam_cases(model, x16)
+        if args.quick:
+            fam = {k: v for k, v in fam.items() if "jacobian" not in k and "gradcam" not in k}
+        samples = interleaved(fam, x16, reps, device)
+        base = statistics.median(samples["plain embedding of the 16 images"])
+        for name, values in samples.items():
+            median = statistics.median(values)
+            rows.append({"group": "embedding", "case": name, "batch": 8, "median_s": median,
+                         "images_per_s": 16 / median, "ratio": median / base, "samples_s": values})
+    memory = {}
+    if not args.no_memory:
+        memory_batch = 2 if args.quick else 8
+        names = ["plain inference"] + [r["case"] for r in rows if r["batch"] == memory_batch and r["group"] == "classifier"
+                                      and r["case"] != "plain inference" and "integrated" not in r["case"]
+                                      and "IG" not in r["case"]]
+        if not args.no_fam:
+            names += [r["case"] for r in rows if r["group"] == "embedding"]
+        if args.quick:  # one subprocess per case: keep the quick mode quick
+            names = [n for n in names if n == "plain inference" or n.startswith("camserve shallowcam")]
+        memory = measure_memory(list(dict.fromkeys(names)), memory_batch, args)
+        plain_peak = memory.get("plain inference", {}).get("peak_mib")
+        embed_peak = memory.get("plain embedding of the 16 images", {}).get("peak_mib")
+        for name, m in memory.items():
+            base = embed_peak if name.startswith(("camserve fam", "camserve gradcam_sim", "plain embedding")) else plain_peak
+            if "peak_mib" in m and base:
+                m["ratio"] = m["peak_mib"] / base
+    meta = {
+        "command": "camserve bench " + " ".join(a for a in sys.argv[2:] if sys.argv[1:2] == ["bench"]) if sys.argv[1:2] == ["bench"]
+        else "camserve bench " + " ".join(sys.argv[1:]),
+        "device": str(device), "machine": machine_description(device), "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(), "reps": reps, "batch_sizes": batch_sizes,
+        "load_average_at_end": os.getloadavg(), "wall_seconds": round(time.time() - started, 1),
+        "model": "efficientnet-lite0 (pretrained), 224×224, real photographs",
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = "cost_quick" if args.quick else "cost"
+    (out / f"{name}.json").write_text(json.dumps({"meta": meta, "timings": rows, "memory": memory}, indent=1))
+    (out / f"{name}.md").write_text(markdown(meta, rows, memory, batch_sizes))
+    print(markdown(meta, rows, memory, batch_sizes))
+    return 0
+
+
+def machine_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "")
+    except OSError:
+        pass
+    return f"{model or platform.machine()}, {os.cpu_count()} cores"
+
+
+def markdown(meta, rows, memory, batch_sizes) -> str:
+    table = {(r["case"], r["batch"]): r for r in rows}
+    lines = [f"Cost of an explanation on {meta['machine']} ({meta['device']}, torch {meta['torch']}, "
+             f"{meta['torch_threads']} threads), EfficientNet-Lite0 224×224: median of {meta['reps']} interleaved "
+             f"repetitions, ratio to plain `inference_mode` prediction of the same batch in the same run "
+             f"(every case also returns the prediction). Load average at the end: "
+             f"{', '.join(f'{v:.1f}' for v in meta['load_average_at_end'])}.", "",
+             "| case | " + " | ".join(f"batch {b}: ratio (img/s)" for b in batch_sizes) + " | target (batch 8) | peak memory vs plain |",
+             "|---|" + "---:|" * len(batch_sizes) + "---|---:|"]
+    names = list(dict.fromkeys(r["case"] for r in rows if r["group"] == "classifier"))
+    for name in names:
+        cells = []
+        for b in batch_sizes:
+            r = table.get((name, b))
+            cells.append(f"{r['ratio']:.2f}× ({r['images_per_s']:.1f})" if r else "–")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {target_cell(name, table.get((name, 8)))} | {memory_cell(memory.get(name))} |")
+    fam_rows = [r for r in rows if r["group"] == "embedding"]
+    if fam_rows:
+        lines += ["", "FAM: 8 query/reference pairs (one forward over the 16 images) vs plain embedding of the same 16 images:", "",
+                  "| case | ratio | images/s | target | peak memory vs plain |", "|---|---:|---:|---|---:|"]
+        for r in fam_rows:
+            lines.append(f"| {r['case']} | {r['ratio']:.2f}× | {r['images_per_s']:.1f} | {target_cell(r['case'], r)} | "
+                         f"{memory_cell(memory.get(r['case']))} |")
+    lines += ["", f"Command: `{meta['command']}` ({meta['wall_seconds']} s)."]
+    return "\n".join(lines) + "\n"
+
+
+def target_cell(name: str, row: Optional[dict]) -> str:
+    if name not in TARGETS:
+        return ""
+    if row is None:
+        return f"≤ {TARGETS[name]}×"
+    return f"≤ {TARGETS[name]}× {'met' if row['ratio'] <= TARGETS[name] else '**missed**'}"
+
+
+def memory_cell(m: Optional[dict]) -> str:
+    if not m:
+        return ""
+    if "peak_mib" not in m:
+        return "error"
+    ratio = f" ({m['ratio']:.2f}×)" if "ratio" in m else ""
+    return f"{m['peak_mib']:.0f} MiB{ratio}"

@@ -1,0 +1,339 @@
+"""``camserve evaluate``: RISE deletion/insertion faithfulness per layer × method.
+
+For every stage of EfficientNet-Lite0 (shallow to deep) and every method (the four Shallow-CAM
+variants, LayerCAM, Grad-CAM, Grad-CAM++, Relevance-CAM, Captum IG when the Captum adapter is
+installed, and a random map as the floor) the maps of N real photographs are scored with
+:func:`camserve.engine.metrics.deletion_insertion`. Layer-free methods (random, IG) are computed
+once and reported at every layer. Writes ``faithfulness.{csv,json,md}``, ``faithfulness_bars.png``
+and ``faithfulness_curves.png`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import sys
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+#: evaluation name → (engine method, options); a method name expands to all its variants.
+SHALLOWCAM_VARIANTS = OrderedDict([
+    ("shallowcam[grad]", ("shallowcam", {"spatial": "gradient", "refine": False})),
+    ("shallowcam[grad+refine]", ("shallowcam", {"spatial": "gradient", "refine": True})),
+    ("shallowcam[rel]", ("shallowcam", {"spatial": "relevance", "refine": False})),
+    ("shallowcam[rel+refine]", ("shallowcam", {"spatial": "relevance", "refine": True})),
+])
+LAYER_METHODS = OrderedDict(list(SHALLOWCAM_VARIANTS.items()) + [
+    ("layercam", ("layercam", {})),
+    ("gradcam", ("gradcam", {})),
+    ("gradcampp", ("gradcampp", {})),
+    ("relevancecam", ("relevancecam", {})),
+])
+IG_NAME = "captum.integrated_gradients"
+LAYER_FREE = ("random", IG_NAME)
+DEFAULT_METHODS = "shallowcam,layercam,gradcam,gradcampp,relevancecam," + IG_NAME + ",random"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", default=None, help="folder with LABELS.tsv and photos "
+                        "(default ../shared/data/imagenet-samples next to the repository)")
+    parser.add_argument("--limit", type=int, default=100, help="number of photographs (default 100)")
+    parser.add_argument("--stride", type=int, default=5, help="take every k-th photograph (default 5)")
+    parser.add_argument("--steps", type=int, default=25, help="deletion/insertion steps S (default 25)")
+    parser.add_argument("--batch-size", type=int, default=64, help="step images per forward (default 64)")
+    parser.add_argument("--explain-batch", type=int, default=16, help="images per explanation pass")
+    parser.add_argument("--layers", default=None, help="comma list (default: every stage of the model)")
+    parser.add_argument("--methods", default=DEFAULT_METHODS,
+                        help="comma list; 'shallowcam' expands to its 4 variants, e.g. shallowcam[rel+refine]")
+    parser.add_argument("--ig-steps", type=int, default=16, help="Captum IG steps (default 16)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random-map floor")
+    parser.add_argument("--out", default="benchmarks/results", help="output folder")
+    parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+
+
+def expand_methods(text: str) -> List[str]:
+    """``shallowcam`` → its four variants; other names pass through (validated)."""
+    names: List[str] = []
+    for item in [t.strip() for t in text.split(",") if t.strip()]:
+        if item in ("shallowcam", "shallow-cam", "shallow_cam"):
+            names.extend(SHALLOWCAM_VARIANTS)
+        elif item in LAYER_METHODS or item in LAYER_FREE:
+            names.append(item)
+        elif item in ("ig", "integrated_gradients"):
+            names.append(IG_NAME)
+        else:
+            raise SystemExit(f"unknown method {item!r}; choose from shallowcam, {', '.join(list(LAYER_METHODS) + list(LAYER_FREE))}")
+    return list(dict.fromkeys(names))
+
+
+def default_data_dir() -> Path:
+    repo = Path(__file__).resolve().parents[3]
+    return Path(os.environ.get("CAMSERVE_SHARED", repo.parent / "shared")) / "data" / "imagenet-samples"
+
+
+def load_images(data: Path, limit: int, stride: int, profile, device) -> Tuple[torch.Tensor, List[dict]]:
+    """Every ``stride``-th photograph of ``LABELS.tsv``, at most ``limit``, as normalised model input."""
+    import numpy as np
+    from PIL import Image
+
+    from ..engine.preprocess import to_model_input
+
+    with open(data / "LABELS.tsv") as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))[::max(1, stride)][:limit]
+    images = [torch.from_numpy(np.array(Image.open(data / r["file"]).convert("RGB"))).permute(2, 0, 1).contiguous()
+              for r in rows]
+    batch, _ = to_model_input(images, profile.resize, profile.crop, profile.mean, profile.std, device)
+    return batch, rows
+
+
+def ig_options(explainer, images, steps: int) -> Tuple[Optional[str], Dict]:
+    """``(None, options)`` if the explainer serves ``captum.integrated_gradients`` (with ``steps``
+    when the adapter takes it), else ``(why not, {})``."""
+    from ..engine import ExplainSpec
+
+    errors = []
+    for options in ({"steps": steps}, {"n_steps": steps}, {}):
+        try:
+            explainer.explain(images[:1], [ExplainSpec(IG_NAME, options=options)])
+            return None, options
+        except Exception as error:  # the adapter may be absent or name its options otherwise
+            errors.append(f"{type(error).__name__}: {error}")
+    return "; ".join(errors), {}
+
+
+def explain_maps(explainer, images, classes, method: str, layer: Optional[str], options: Dict,
+                 batch: int) -> torch.Tensor:
+    """Maps ``(N, H, W)`` at input resolution for the predicted classes, ``batch`` images per pass."""
+    from ..engine import ExplainSpec
+
+    out = []
+    for start in range(0, images.shape[0], batch):
+        chunk = images[start:start + batch]
+        specs = [ExplainSpec(method, layer=layer, target=int(c), options=dict(options))
+                 for c in classes[start:start + batch]]
+        result = explainer.explain(chunk, specs)
+        out.extend(e.maps[0] for e in result.explanations)
+    return torch.stack(out)
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from ..engine import Explainer
+    from ..engine.metrics import classifier_score, deletion_insertion, endpoint_scores, gaussian_blur, random_maps
+    from ..engine.models import EFFNET_LITE0, load_effnet_lite0
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    profile = EFFNET_LITE0
+    layers = [l.strip() for l in args.layers.split(",")] if args.layers else list(profile.stages)
+    methods = expand_methods(args.methods)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+
+    model = load_effnet_lite0(device=device).to(memory_format=torch.channels_last)  # ~1.5× faster on CPU
+    explainer = Explainer(model, (profile.crop, profile.crop), default_layer=profile.default_layer)
+    for layer in layers:
+        explainer.catalog.feature_map(layer)
+    images, rows = load_images(Path(args.data) if args.data else default_data_dir(), args.limit, args.stride,
+                               profile, device)
+    n = images.shape[0]
+    with torch.inference_mode():
+        logits = torch.cat([model(images[i:i + args.batch_size]) for i in range(0, n, args.batch_size)])
+    classes = logits.argmax(dim=1)
+    labels = torch.tensor([int(r["class_index"]) for r in rows], device=device)
+    notes: List[str] = []
+    if IG_NAME in methods:
+        reason, ig_opts = ig_options(explainer, images, args.ig_steps)
+        if reason:
+            notes.append(f"{IG_NAME} skipped: {reason}")
+            methods.remove(IG_NAME)
+
+    score = classifier_score(model, classes)
+    blurred = gaussian_blur(images)
+    endpoints = endpoint_scores(score, images, blurred, args.batch_size)
+    layer_methods = [m for m in methods if m in LAYER_METHODS]
+    free_methods = [m for m in methods if m in LAYER_FREE]
+    # Shallow-CAM's variants and LayerCAM at every layer first, then the other CAMs: the results are
+    # written after every (layer, method), so a run stopped early still covers the headline comparison.
+    first = [m for m in layer_methods if m in SHALLOWCAM_VARIANTS or m == "layercam"]
+    jobs = [(None, m) for m in free_methods] + [(l, m) for l in layers for m in first] + \
+        [(l, m) for l in layers for m in layer_methods if m not in first]
+    per_map = 2 * n * max(args.steps - 1, 0)
+    bar = tqdm(total=per_map * len(jobs), unit="img", disable=args.no_progress, desc="deletion/insertion")
+
+    results: Dict[Tuple[Optional[str], str], dict] = {}
+    for layer, name in jobs:
+        bar.set_postfix_str(f"{layer or 'input'} {name}")
+        t0 = time.perf_counter()
+        if name == "random":
+            maps = random_maps(n, images.shape[-2:], seed=args.seed, device=device)
+        elif name == IG_NAME:
+            maps = explain_maps(explainer, images, classes, IG_NAME, None, ig_opts, args.explain_batch)
+        else:
+            method, options = LAYER_METHODS[name]
+            maps = explain_maps(explainer, images, classes, method, layer, options, args.explain_batch)
+        explain_seconds = time.perf_counter() - t0
+        curves = deletion_insertion(score, images, maps, steps=args.steps, batch_size=args.batch_size,
+                                    blurred=blurred, endpoints=endpoints, progress=bar.update)
+        results[(layer, name)] = {
+            "layer": layer or "input", "method": name, "n": n,
+            "deletion_auc": curves.deletion_auc.tolist(), "insertion_auc": curves.insertion_auc.tolist(),
+            "overall": curves.overall.tolist(),
+            "mean_deletion_curve": curves.deletion.mean(0).tolist(),
+            "mean_insertion_curve": curves.insertion.mean(0).tolist(),
+            "fractions": curves.fractions.tolist(), "explain_seconds": explain_seconds,
+        }
+        meta = run_meta(args, profile, rows, classes, labels, device, started, notes,
+                        complete=len(results) == len(jobs))
+        write_outputs(out, meta, summarise(results, layers, methods), results, layers, methods,
+                      plots=len(results) == len(jobs))
+    bar.close()
+
+    summary = summarise(results, layers, methods)
+    meta = run_meta(args, profile, rows, classes, labels, device, started, notes, complete=True)
+    write_outputs(out, meta, summary, results, layers, methods, plots=True)
+    print(markdown_table(summary, layers, methods, meta))
+    print(f"wrote {out}/faithfulness.{{csv,json,md}}, faithfulness_bars.png, faithfulness_curves.png")
+    return 0
+
+
+def run_meta(args, profile, rows, classes, labels, device, started, notes, complete: bool) -> dict:
+    argv = sys.argv[2:] if sys.argv[1:2] == ["evaluate"] else sys.argv[1:]
+    return {
+        "command": "camserve evaluate " + " ".join(argv), "complete": complete,
+        "model": profile.name, "images": len(rows), "files": [r["file"] for r in rows], "steps": args.steps,
+        "batch_size": args.batch_size, "device": str(device), "torch_threads": torch.get_num_threads(),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+        "top1_accuracy_on_these_images": float((classes == labels).float().mean()),
+        "deletion_fill": "zeros in normalised space", "insertion_start": "Gaussian blur, kernel 11, sigma 5",
+        "score": "softmax probability of the class predicted on the clean image",
+        "wall_seconds": round(time.time() - started, 1), "notes": list(notes),
+    }
+
+
+def summarise(results, layers, methods) -> List[dict]:
+    """One row per (layer, method): means and standard errors over images."""
+    rows = []
+    for layer in layers:
+        for name in methods:
+            r = results.get((layer, name)) or results.get((None, name))
+            if r is None:
+                continue
+            row = {"layer": layer, "method": name, "n": r["n"]}
+            for key in ("deletion_auc", "insertion_auc", "overall"):
+                values = torch.tensor(r[key], dtype=torch.float64)
+                row[key] = float(values.mean())
+                row[key + "_sem"] = float(values.std(unbiased=True) / len(values) ** 0.5) if len(values) > 1 else 0.0
+            rows.append(row)
+    return rows
+
+
+def markdown_table(summary, layers, methods, meta) -> str:
+    """Overall score per layer (rows) × method (columns); the best per layer in bold."""
+    table = {(r["layer"], r["method"]): r for r in summary}
+    lines = [f"Overall = AUC(insertion) − AUC(deletion), mean over {meta['images']} images, "
+             f"{meta['steps']} steps, {meta['model']} (higher is better; best per layer in bold).", "",
+             "| layer | " + " | ".join(methods) + " | best |",
+             "|---|" + "---:|" * len(methods) + "---|"]
+    for layer in layers:
+        values = {m: table[(layer, m)]["overall"] for m in methods if (layer, m) in table}
+        if not values:
+            continue
+        best = max(values, key=values.get)
+        cells = [(f"**{values[m]:.3f}**" if m == best else f"{values[m]:.3f}") if m in values else "–" for m in methods]
+        lines.append(f"| {layer} | " + " | ".join(cells) + f" | {best} |")
+    lines += ["", "Deletion AUC (lower is better) / insertion AUC (higher is better):", "",
+              "| layer | " + " | ".join(methods) + " |", "|---|" + "---:|" * len(methods)]
+    for layer in layers:
+        cells = [f"{table[(layer, m)]['deletion_auc']:.3f} / {table[(layer, m)]['insertion_auc']:.3f}"
+                 if (layer, m) in table else "–" for m in methods]
+        lines.append(f"| {layer} | " + " | ".join(cells) + " |")
+    variants = [m for m in methods if m in SHALLOWCAM_VARIANTS]
+    if variants and "layercam" in methods:
+        lines += ["", "Shallow-CAM vs LayerCAM (overall, ± standard error of the mean):", "",
+                  "| layer | best Shallow-CAM variant | its overall | LayerCAM | beats LayerCAM? |", "|---|---|---:|---:|---|"]
+        for layer in layers:
+            present = [m for m in variants if (layer, m) in table]
+            if not present or (layer, "layercam") not in table:
+                continue
+            best = max(present, key=lambda m: table[(layer, m)]["overall"])
+            s, l = table[(layer, best)], table[(layer, "layercam")]
+            lines.append(f"| {layer} | {best} | {s['overall']:.3f} ± {s['overall_sem']:.3f} | "
+                         f"{l['overall']:.3f} ± {l['overall_sem']:.3f} | {'yes' if s['overall'] > l['overall'] else 'no'} |")
+        done = [layer for layer in layers if all((layer, m) in table for m in variants)]
+        means = {m: sum(table[(layer, m)]["overall"] for layer in done) / max(len(done), 1) for m in variants}
+        lines += ["", "Mean overall over layers per Shallow-CAM variant: " +
+                  ", ".join(f"{m} {v:.3f}" for m, v in sorted(means.items(), key=lambda kv: -kv[1]))]
+    if not meta.get("complete", True):
+        lines += ["", "**Partial run** (stopped before every (layer, method) was scored)."]
+    if meta.get("notes"):
+        lines += [""] + [f"Note: {note}" for note in meta["notes"]]
+    lines += ["", f"Command: `{meta['command']}` ({meta['wall_seconds']} s on {meta['machine']}, device {meta['device']})"]
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(out: Path, meta, summary, results, layers, methods, plots: bool = True) -> None:
+    with open(out / "faithfulness.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(summary[0].keys()))
+        writer.writeheader()
+        writer.writerows(summary)
+    with open(out / "faithfulness.json", "w") as f:
+        json.dump({"meta": meta, "summary": summary,
+                   "per_map": [dict(r) for r in results.values()]}, f, indent=1)
+    (out / "faithfulness.md").write_text(markdown_table(summary, layers, methods, meta))
+    if plots:
+        plot(out, summary, results, layers, methods)
+
+
+def plot(out: Path, summary, results, layers, methods) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = {(r["layer"], r["method"]): r for r in summary}
+    fig, ax = plt.subplots(figsize=(max(8, 1.3 * len(layers)), 4.5))
+    width = 0.8 / len(methods)
+    for j, m in enumerate(methods):
+        xs = [i + (j - (len(methods) - 1) / 2) * width for i in range(len(layers))]
+        ys = [table[(l, m)]["overall"] if (l, m) in table else 0 for l in layers]
+        errs = [table[(l, m)]["overall_sem"] if (l, m) in table else 0 for l in layers]
+        ax.bar(xs, ys, width, yerr=errs, label=m, capsize=1.5)
+    ax.set_xticks(range(len(layers)))
+    ax.set_xticklabels(layers, rotation=20)
+    ax.set_ylabel("AUC(insertion) − AUC(deletion)")
+    ax.set_title("Faithfulness per layer (higher is better)")
+    ax.axhline(0, color="k", lw=0.5)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out / "faithfulness_bars.png", dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(2, len(layers), figsize=(2.6 * len(layers), 5.2), squeeze=False, sharey=True)
+    for i, layer in enumerate(layers):
+        for m in methods:
+            r = results.get((layer, m)) or results.get((None, m))
+            if r is None:
+                continue
+            axes[0, i].plot(r["fractions"], r["mean_deletion_curve"], label=m, lw=1)
+            axes[1, i].plot(r["fractions"], r["mean_insertion_curve"], label=m, lw=1)
+        axes[0, i].set_title(layer, fontsize=9)
+        axes[1, i].set_xlabel("fraction of pixels")
+    axes[0, 0].set_ylabel("deletion: p(class)")
+    axes[1, 0].set_ylabel("insertion: p(class)")
+    axes[0, -1].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(out / "faithfulness_curves.png", dpi=100)
+    plt.close(fig)
