@@ -182,6 +182,21 @@ def start_server(models: Dict[str, str] = MODELS, workdir: Optional[Path] = None
     return TorchServe(workdir, ports, dict(models)).start(overrides=overrides)
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "server_shutdown: stops the session TorchServe; runs after every other test")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Tests marked ``server_shutdown`` run last, after every test that uses the session server."""
+    items.sort(key=lambda item: item.get_closest_marker("server_shutdown") is not None)
+
+
+def port_open(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(1)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
 @pytest.fixture(scope="session")
 def torchserve_server():
     if shutil.which("java") is None:
