@@ -18,12 +18,12 @@ Every rule is stateless; its numerical parameters live on the instance and never
 
 from __future__ import annotations
 
+import copy
 from typing import Callable
 
 import torch
-from torch import nn
-from torch.func import functional_call
 import torch.nn.functional as F
+from torch import nn
 
 ModuleCall = Callable[[nn.Module, dict, torch.Tensor], torch.Tensor]
 
@@ -166,5 +166,14 @@ class ProportionalPoolRule(Rule):
 
 
 def call_with_params(module: nn.Module, params: dict, x: torch.Tensor) -> torch.Tensor:
-    """Evaluate ``module(x)`` with ``params`` substituted (``torch.func.functional_call``)."""
-    return functional_call(module, params, (x,))
+    """Evaluate ``module.forward(x)`` with ``params`` substituted, without touching ``module``.
+
+    A shallow copy of the module gets its own parameter dictionary with ``params`` merged in, and
+    its ``forward`` is called (so the module's own padding, stride and ``groups`` apply and no hook
+    of the module runs). ``torch.func.functional_call`` is not used on purpose: it swaps the
+    tensors *on the shared module* for the duration of the call, which a concurrent forward in
+    another thread would see (and two overlapping swaps can leave the model with modified weights).
+    """
+    clone = copy.copy(module)
+    clone._parameters = {**module._parameters, **params}
+    return clone.forward(x)

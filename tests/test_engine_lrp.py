@@ -1,0 +1,301 @@
+"""LRP in the engine: parity with zennit, conservation where the rules promise it, and maps on real
+architectures at every stage.
+
+The engine realises each rule as a modified gradient ``g`` with ``R_t = t ⊙ g_t`` (see
+``camserve.engine.relevance.rules``); relevance at a layer is read from a :class:`ForwardCapture`
+as ``A ⊙ g`` and at the input as ``x ⊙ g_x``.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from camserve.engine import Explainer, ExplainSpec
+from camserve.engine.capture import ForwardCapture
+from camserve.engine.models import EFFNET_LITE0, TORCHVISION_PROFILES, load_torchvision
+from camserve.engine.preprocess import to_model_input
+from camserve.engine.relevance.composites import epsilon_alpha2_beta1, epsilon_plus
+from camserve.engine.relevance.folding import batchnorm_pairs, fold_batchnorm
+from camserve.engine.relevance.rules import stabilize
+from camserve.engine.targets import contrastive_seed
+
+from conftest import SAMPLES, load_uint8
+
+zennit = pytest.importorskip("zennit")
+from zennit.attribution import Gradient  # noqa: E402
+from zennit.canonizers import SequentialMergeBatchNorm  # noqa: E402
+from zennit.composites import EpsilonAlpha2Beta1, EpsilonPlus  # noqa: E402
+
+
+# -- helpers ------------------------------------------------------------------------------------
+def engine_relevance(model, x, seed, layers=(), rules=None):
+    """Relevance at the input and at ``layers`` from one forward and one relevance backward."""
+    rules = epsilon_plus().assign(model.named_modules()) if rules is None else rules
+    x = x.clone().requires_grad_(True)
+    with ForwardCapture(model, layers, rules) as capture, torch.enable_grad():
+        logits = model(x)
+        capture.mode = "relevance"
+        tensors = [x] + [capture.activations[name] for name in layers]
+        grads = torch.autograd.grad(logits, tensors, seed / stabilize(logits.detach(), 1e-12))
+    relevance = {"input": (x * grads[0]).detach()}
+    relevance.update({name: (capture.activations[name] * g).detach() for name, g in zip(layers, grads[1:])})
+    assert capture.active_hooks == 0
+    return logits.detach(), relevance
+
+
+def zennit_relevance(model, x, seed, composite, layers=()):
+    """zennit's relevance at the input and at the outputs of ``layers`` (the gradient zennit's
+    hooked backward leaves on those tensors *is* relevance)."""
+    modules = dict(model.named_modules())
+    seen, handles = {}, []
+    with Gradient(model=model, composite=composite) as attributor:
+        for name in layers:  # registered after zennit's hooks: sees the output zennit wrapped
+            def hook(module, args, output, name=name):
+                output.register_hook(lambda grad: seen.__setitem__(name, grad.detach()))
+            handles.append(modules[name].register_forward_hook(hook))
+        try:
+            logits, attribution = attributor(x.clone(), seed)
+        finally:
+            for handle in handles:
+                handle.remove()
+    return logits.detach(), {"input": attribution.detach(), **seen}
+
+
+def no_hooks(model: nn.Module) -> bool:
+    return all(not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks
+               for m in model.modules())
+
+
+def small_vgg(batchnorm: bool = False, bias: bool = True, classes: int = 10, bn_eps: float = 1e-5) -> nn.Sequential:
+    """A VGG-style net: conv/ReLU/max-pool stages, adaptive average pooling and a linear head."""
+    torch.manual_seed(0)
+
+    def stage(cin, cout):
+        layers = [nn.Conv2d(cin, cout, 3, padding=1, bias=bias)]
+        if batchnorm:
+            layers.append(nn.BatchNorm2d(cout, eps=bn_eps))
+        return layers + [nn.ReLU(inplace=True)]
+
+    model = nn.Sequential(
+        *stage(3, 16), nn.MaxPool2d(2),
+        *stage(16, 32), nn.MaxPool2d(2),
+        *stage(32, 32), *stage(32, 32),
+        nn.AdaptiveAvgPool2d(4), nn.Flatten(),
+        nn.Linear(512, 64, bias=bias), nn.ReLU(), nn.Dropout(0.5), nn.Linear(64, classes, bias=bias))
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)) and module.bias is not None:
+            nn.init.uniform_(module.bias, -0.1, 0.1)
+        if isinstance(module, nn.BatchNorm2d):  # "trained" statistics, some negative scales
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+            nn.init.uniform_(module.weight, -0.5, 1.5)
+            nn.init.uniform_(module.bias, -0.3, 0.3)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def photos64():
+    """Two real photographs at 64×64, ImageNet normalisation."""
+    files = sorted(SAMPLES.glob("*.JPEG"))[:2]
+    images = [load_uint8(f) for f in files]
+    batch, _ = to_model_input(images, 72, 64, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), torch.device("cpu"))
+    return batch
+
+
+def _seed(logits, contrastive=True):
+    return contrastive_seed(logits, logits.argmax(1), contrastive)
+
+
+# -- parity with zennit -------------------------------------------------------------------------
+COMPOSITES = {"epsilon_plus": (epsilon_plus, EpsilonPlus), "epsilon_alpha2_beta1": (epsilon_alpha2_beta1, EpsilonAlpha2Beta1)}
+
+
+@pytest.mark.parametrize("name", sorted(COMPOSITES))
+def test_relevance_matches_zennit_on_vgg_style_model(photos64, name):
+    """Engine and zennit, same composite, same contrastive initial relevance, float64: the
+    relevance at the input, after a conv stage (ReLU output) and after a max pool agrees.
+
+    The stabiliser is 1e-12 on both sides (ε stays 1e-6): zennit's average pooling divides by
+    ``stab(y)`` while the engine's gradient realises the exact ``x / Σx`` split, so with the default
+    1e-6 the two differ by up to 5e-4 (relative) wherever a pooled value is tiny."""
+    ours_composite, zennit_composite = COMPOSITES[name]
+    model = small_vgg().double()
+    x = photos64.double()
+    layers = ("1", "5", "6")  # ReLU of stage 1, ReLU of stage 2, max pool
+    logits = model(x).detach()
+    seed = _seed(logits)
+    _, ours = engine_relevance(model, x, seed, layers, ours_composite(stabilizer=1e-12).assign(model.named_modules()))
+    _, theirs = zennit_relevance(model, x, seed, zennit_composite(stabilizer=1e-12), layers)
+    assert no_hooks(model)
+    for key in ("input",) + layers:
+        scale = theirs[key].abs().max()
+        error = ((ours[key] - theirs[key]).abs().max() / scale).item()
+        print(f"zennit {name} {key}: max relative difference {error:.1e}")
+        assert error < 1e-6, f"{name} at {key}: {error:.2e}"
+        assert ours[key].abs().sum() > 0
+
+
+def test_folded_batchnorm_matches_zennit_merge_batchnorm(photos64):
+    """``fold_batchnorm`` (BN folded into the conv for the relevance path only) gives zennit's
+    EpsilonPlus with its ``SequentialMergeBatchNorm`` canonizer — and leaves the model untouched.
+
+    BN eps is tiny here because zennit's canonizer turns a merged BN into ``x / √(1 + eps)``, not
+    the identity (with eps = 1e-5 its relevance is off by ≈1e-5 relative after four BNs)."""
+    model = small_vgg(batchnorm=True, bn_eps=1e-14).double()
+    before = copy.deepcopy(model.state_dict())
+    x = photos64.double()
+    assert batchnorm_pairs(model, (64, 64)) == {"0": "1", "4": "5", "8": "9", "11": "12"}
+    logits = model(x).detach()
+    seed = _seed(logits)
+    rules = fold_batchnorm(model, epsilon_plus(stabilizer=1e-12).assign(model.named_modules()), (64, 64))
+    _, ours = engine_relevance(model, x, seed, ("2",), rules)
+    composite = EpsilonPlus(stabilizer=1e-12, canonizers=[SequentialMergeBatchNorm()])
+    _, theirs = zennit_relevance(model, x, seed, composite, ())
+    error = ((ours["input"] - theirs["input"]).abs().max() / theirs["input"].abs().max()).item()
+    print(f"folded BN vs zennit merge-BN: {error:.1e}")
+    assert error < 1e-6
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert torch.equal(model(x), logits)
+
+
+# -- conservation -------------------------------------------------------------------------------
+def test_zplus_conserves_relevance_layer_by_layer_without_bias(photos64):
+    """Bias-free conv/linear layers: z⁺, ε, pass (ReLU), winner-take-all max pool and
+    proportional average pool each conserve relevance, so Σ R is the initial one-hot's 1 at
+    every layer and at the input — exactly (float64) when ε and the stabiliser are negligible, and
+    within what they absorb (≈3e-4 here, small random logits) with the defaults (1e-6)."""
+    layers = ("0", "1", "2", "4", "5", "7", "9", "10", "11", "13")
+    for composite, dtype, tolerance in ((epsilon_plus(epsilon=1e-12, stabilizer=1e-12), torch.float64, 1e-9),
+                                        (epsilon_plus(), torch.float32, 1e-3)):
+        model = small_vgg(bias=False).to(dtype)
+        x = photos64.to(dtype)
+        logits = model(x).detach()
+        rules = composite.assign(model.named_modules())
+        _, relevance = engine_relevance(model, x, _seed(logits, contrastive=False), layers, rules)
+        for key, r in relevance.items():
+            totals = r.sum(dim=tuple(range(1, r.dim())))
+            assert torch.allclose(totals, torch.ones_like(totals), atol=tolerance), (key, dtype, totals)
+
+
+def test_batchnorm_pass_rule_hands_relevance_through_unchanged(photos64):
+    """Pass rule on BatchNorm: ``R`` at its input equals ``R`` at its output element-wise wherever
+    the input is non-zero (where it is zero the BN's shift created the output; see the
+    EfficientNet test below). float64, stabiliser 1e-12 (with 1e-6 the ratio ``c / (c ± 1e-6)``
+    deviates by up to 1e-3 where ``|c| ≈ 1e-3``)."""
+    model = small_vgg(batchnorm=True).double()
+    x = photos64.double()
+    logits = model(x).detach()
+    rules = epsilon_plus(stabilizer=1e-12).assign(model.named_modules())
+    _, relevance = engine_relevance(model, x, _seed(logits), ("4", "5"), rules)
+    conv_out, bn_out = relevance["4"], relevance["5"]
+    assert (bn_out != 0).float().mean() > 0.05  # max pooling above keeps one in four
+    assert torch.allclose(conv_out, bn_out, rtol=1e-6, atol=1e-12 * bn_out.abs().max().item())
+
+
+def test_resnet18_relevance_is_conserved_across_residual_stages():
+    """ResNet-18 (random weights; residual sums are plain tensor additions): with z⁺ on bias-free
+    convs, pass on BN/ReLU and the proportional split of ``out += identity`` that the gradient
+    realises, Σ R is the same at the outputs of layer1 … layer4."""
+    model = load_torchvision("resnet18")
+    x = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    stages = TORCHVISION_PROFILES["resnet18"].stages
+    logits = model(x).detach()
+    _, relevance = engine_relevance(model, x, _seed(logits, contrastive=False), stages)
+    totals = torch.stack([relevance[s].sum(dim=(1, 2, 3)) for s in stages])
+    print("resnet18 Σ R per stage:", totals.T.tolist())
+    assert torch.isfinite(totals).all() and (totals.abs() > 0.1).all()
+    assert torch.allclose(totals, totals[-1].expand_as(totals), rtol=1e-3)
+
+
+def test_effnet_relevance_loss_is_exactly_the_batchnorm_shift(effnet, effnet_batch):
+    """EfficientNet-Lite0 does not conserve relevance block to block (Σ R: ≈1 at ``_conv_head``,
+    ≈0.3 at ``_blocks.14``, ≈0.1 at ``_blocks.2`` for a one-hot start). The loss is located:
+    across a BatchNorm, the pass rule gives ``R_c = c ⊙ g`` = 0 wherever the conv output ``c`` is
+    exactly 0 (all-zero ReLU6 windows of the depthwise conv), while the BN's shift makes
+    ``y ≠ 0`` and ``R_y ≠ 0`` there. Everything else is handed through."""
+    x = effnet_batch[0][:2]
+    conv, bn = "_blocks.15._depthwise_conv", "_blocks.15._bn1"
+    logits = effnet(x).detach()
+    seed = _seed(logits, contrastive=False)
+    rules = epsilon_plus().assign(effnet.named_modules())
+    with ForwardCapture(effnet, [conv], {}) as capture, torch.no_grad():
+        effnet(x)
+    zero = capture.activations[conv] == 0
+    _, relevance = engine_relevance(effnet, x, seed, (conv, bn, "_conv_head", "_blocks.2"), rules)
+    lost = relevance[bn].sum() - relevance[conv].sum()
+    assert zero.float().mean() > 0.1 and lost > 0.05
+    assert torch.allclose(lost, relevance[bn][zero].sum(), rtol=1e-3)
+    # elsewhere handed through, up to the stabiliser: c / (c ± 1e-6) deviates where |c| ≈ 1e-6
+    deviation = (relevance[conv] - relevance[bn])[~zero].abs().sum() / relevance[bn].abs().sum()
+    print(f"effnet BN pass: lost {lost.item() / 2:.3f} per image, off-zero deviation {deviation.item():.1e}")
+    assert deviation < 1e-3
+    # the blockwise shrinkage the docstring quotes
+    head, shallow = relevance["_conv_head"].sum().item() / 2, relevance["_blocks.2"].sum().item() / 2
+    print(f"effnet Σ R (one-hot, mean of 2 photos): _conv_head {head:.3f}, _blocks.2 {shallow:.3f}")
+    assert 0.9 < head <= 1.01 and 0 < shallow < head
+
+
+def test_folding_does_not_change_effnet_relevance_without_bias_and_shrinks_it_with(effnet, effnet_batch):
+    """Measured reason why BN folding is *not* the default: on EfficientNet-Lite0, folding with
+    the BN shift as bias lets ``b'⁺`` absorb relevance at every layer (Σ R at ``_blocks.2``
+    drops ≈30×), and folding without the bias changes almost nothing (z⁺ is invariant to a
+    positive per-channel scale, and nearly all BN scales are positive)."""
+    x = effnet_batch[0][:1]
+    layer = "_blocks.2"
+    logits = effnet(x).detach()
+    seed = _seed(logits, contrastive=False)
+    plain = epsilon_plus().assign(effnet.named_modules())
+    totals = {}
+    for key, rules in {"plain": plain,
+                       "folded": fold_batchnorm(effnet, plain, (224, 224)),
+                       "folded_no_bias": fold_batchnorm(effnet, plain, (224, 224), keep_bias=False)}.items():
+        _, relevance = engine_relevance(effnet, x, seed, (layer,), rules)
+        totals[key] = relevance[layer].sum().item()
+        assert torch.isfinite(relevance[layer]).all()
+    print("effnet Σ R at _blocks.2:", totals)
+    assert totals["folded"] < totals["plain"] / 5
+    assert abs(totals["folded_no_bias"] - totals["plain"]) < 0.05 * totals["plain"]
+
+
+# -- every stage of real architectures ------------------------------------------------------------
+def _stage_maps(model, stages, image, input_size, options=None):
+    """Shallow-CAM and Relevance-CAM at every stage, in one batch (one forward)."""
+    explainer = Explainer(model, input_size=input_size)
+    specs = [ExplainSpec(method, stage, options=dict(options or {}))
+             for method in ("shallowcam", "relevancecam") for stage in stages]
+    batch = image.expand(len(specs), -1, -1, -1).contiguous()
+    result = explainer.explain(batch, specs, layer_resolution=True)
+    assert no_hooks(model)
+    return specs, result
+
+
+def _assert_maps_usable(specs, result):
+    for spec, explanation in zip(specs, result.explanations):
+        maps = explanation.maps
+        assert torch.isfinite(maps).all(), (spec.method, spec.layer)
+        assert maps.min() >= 0 and maps.max() <= 1
+        assert maps.std() > 1e-3, f"{spec.method} at {spec.layer} is constant"
+        assert explanation.passes["relevance"] == 1
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "vgg16"])
+def test_shallowcam_and_relevancecam_at_every_torchvision_stage(name, photos64):
+    """Random weights, a real photograph at 96×96 (small: CI budget), batch = 2 × stages.
+
+    One-hot initial relevance: with random weights the top-1 logit barely exceeds the others, so
+    the contrastive start (+1 / −1/N) often has negative total relevance (measured −0.08 and
+    −0.009 for two of three ResNet-18 seeds) and the ReLU'd maps are legitimately all zero."""
+    model = load_torchvision(name)
+    image = torch.nn.functional.interpolate(photos64[:1], size=(96, 96), mode="bilinear")
+    specs, result = _stage_maps(model, TORCHVISION_PROFILES[name].stages, image, (96, 96), {"contrastive": False})
+    _assert_maps_usable(specs, result)
+
+
+def test_shallowcam_and_relevancecam_at_every_effnet_stage(effnet, effnet_batch):
+    image = torch.nn.functional.interpolate(effnet_batch[0][:1], size=(128, 128), mode="bilinear", antialias=True)
+    specs, result = _stage_maps(effnet, EFFNET_LITE0.stages, image, (128, 128))
+    _assert_maps_usable(specs, result)
