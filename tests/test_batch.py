@@ -152,7 +152,8 @@ def test_parquet_when_pyarrow_is_installed(tmp_path):
     assert table.num_rows == 2 and set(table.column_names) >= {"key", "status", "topk", "error"}
 
 
-def test_scores_and_bad_layer(photo_folder, tmp_path, capsys):
+def test_scores(photo_folder, tmp_path):
+    pytest.importorskip("camserve.engine.metrics")
     out = tmp_path / "out"
     assert main(["batch", str(photo_folder), "--out", str(out), "--limit", "2", "--scores",
                  "--score-steps", "4", *SETTINGS]) == 0
@@ -160,6 +161,9 @@ def test_scores_and_bad_layer(photo_folder, tmp_path, capsys):
     for r in records:
         s = r["scores"]
         assert 0 <= s["deletion_auc"] <= 1 and 0 <= s["insertion_auc"] <= 1 and s["steps"] == 4
+
+
+def test_bad_layer_stops_the_run_with_the_engines_message(photo_folder, tmp_path):
     with pytest.raises(SystemExit, match="nope"):
         main(["batch", str(photo_folder), "--out", str(tmp_path / "o2"), "--model", "effnet_lite0",
               "--layer", "nope", "--quiet"])

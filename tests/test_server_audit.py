@@ -54,8 +54,9 @@ def test_one_audit_record_per_explained_request(torchserve_server, samples):
     explained, plain = images[:N], images[N:]
 
     def post(args):
-        data, params = args
-        return requests.post(url, params=params, data=data, headers=headers, timeout=300)
+        data, options = args
+        fields = {"data": data, **options}  # multipart: the image and its options per request
+        return requests.post(url, files=fields, headers=headers, timeout=300)
 
     jobs = [(data, {"explain": "gradcam", "layer": "_conv_head"}) for data in explained]
     jobs += [(data, {}) for data in plain]                                       # not explained
@@ -64,8 +65,10 @@ def test_one_audit_record_per_explained_request(torchserve_server, samples):
         responses = list(pool.map(post, jobs))
     for r in responses[:N + 2]:
         assert r.status_code == 200, r.text[:500]
-    assert responses[-1].status_code == 400
+    assert responses[-1].status_code == 400, responses[-1].text[:800]
     answers = {hashlib.sha256(data).hexdigest(): r.json() for (data, _), r in zip(jobs[:N], responses[:N])}
+    assert all("explanation" in a for a in answers.values())
+    assert all("explanation" not in r.json() for r in responses[N:N + 2])
 
     mine = []
     deadline = time.monotonic() + 60
@@ -105,7 +108,8 @@ def test_batch_command_against_the_server(torchserve_server, samples, tmp_path, 
     (folder / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
     key_file = server.workdir / "key_file.json"
     out = tmp_path / "out"
-    args = ["batch", str(folder), "--out", str(out), "--server", server.url, "--token-file", str(key_file),
+    args = ["batch", str(folder), "--out", str(out), "--server", server.url, "--management", server.management_url,
+            "--token-file", str(key_file),
             "--model", "effnet_lite0", "--method", "gradcam", "--layer", "_conv_head", "--quiet"]
     assert main(args) == 0
     assert "done 3, skipped 0" in capsys.readouterr().out

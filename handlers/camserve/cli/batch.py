@@ -68,6 +68,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="steps of the deletion/insertion curves (2·(steps−1)+3 forwards per image)")
     parser.add_argument("--device", default="auto", help="'auto' (cuda when available), 'cpu', 'cuda', 'cuda:1' …")
     parser.add_argument("--server", default=None, help="TorchServe inference URL, e.g. http://127.0.0.1:8080")
+    parser.add_argument("--management", default=None,
+                        help="TorchServe management URL for the model's version (default: the --server port + 1)")
     parser.add_argument("--token-file", type=Path, default=None,
                         help="TorchServe key_file.json; its 'inference' key is sent as a bearer token")
     parser.add_argument("--timeout", type=float, default=120.0, help="per-request timeout with --server (s)")
@@ -270,7 +272,8 @@ class LocalBackend:
 
 
 class ServerBackend:
-    """TorchServe over HTTP: ``POST {server}/predictions/{model}?explain=…`` per image, ``batch_size``
+    """TorchServe over HTTP: ``POST {server}/predictions/{model}`` per image, raw body, options in
+    ``X-Camserve-Explain/-Layer/-Target/-Topk`` headers (method options too), ``batch_size``
     requests in flight (the server's own batching groups them)."""
 
     def __init__(self, args: argparse.Namespace):
@@ -300,12 +303,14 @@ class ServerBackend:
         return list(self.pool.map(lambda it: self._one(it, settings), items))
 
     def _one(self, item: Item, settings: Settings):
-        params = {"explain": settings.method, "layer": settings.layer, "target": settings.target,
-                  "topk": str(settings.topk)}
-        params.update({k: str(v) for k, v in settings.options.items()})
+        # options as X-Camserve-* headers: the body stays the raw image (TorchServe 0.12 does not hand
+        # the query string of a raw-body POST /predictions to the handler)
+        options = {"explain": settings.method, "layer": settings.layer, "target": settings.target,
+                   "topk": str(settings.topk), **{k: str(v) for k, v in settings.options.items()}}
+        headers = {"X-Camserve-" + k.replace("_", "-"): str(v) for k, v in options.items() if v}
         start = time.perf_counter()
         try:
-            response = self.session.post(self.url, params=params, data=item.data, timeout=self.timeout)
+            response = self.session.post(self.url, headers=headers, data=item.data, timeout=self.timeout)
         except Exception as error:  # connection reset, timeout …
             return f"server request failed: {type(error).__name__}: {error}"
         elapsed = time.perf_counter() - start
@@ -371,13 +376,18 @@ def inference_token(key_file: Path) -> str:
 
 
 def server_model_version(args: argparse.Namespace, session) -> str:
-    """The served model's version from the management API (port 8081 beside 8080), else 'unknown'."""
+    """The served model's version from the management API (``--management``, by default the
+    inference port + 1 as in 8080/8081), else ``'unknown'``."""
     from urllib.parse import urlsplit, urlunsplit
 
     parts = urlsplit(args.server)
-    if parts.port is not None:
+    url = None
+    if args.management:
+        url = args.management.rstrip("/") + f"/models/{args.model}"
+    elif parts.port is not None:
         netloc = parts.netloc.rsplit(":", 1)[0] + f":{parts.port + 1}"
         url = urlunsplit((parts.scheme, netloc, f"/models/{args.model}", "", ""))
+    if url is not None:
         headers = {}
         if args.token_file:
             try:
