@@ -29,7 +29,6 @@ import base64
 import hashlib
 import io
 import json
-import math
 import os
 import re
 import sys
