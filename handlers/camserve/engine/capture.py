@@ -26,17 +26,31 @@ from torch import nn
 from .relevance.rules import Rule, call_with_params
 
 
+class _Mode:
+    """The backward mode of one capture, shared with its switches.
+
+    A separate small object on purpose: the autograd nodes keep it alive, and if they kept the
+    capture itself (which holds the activations, which hold the nodes) that cycle would run through
+    C++ autograd objects the garbage collector cannot traverse — every request's graph would leak.
+    """
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = "gradient"
+
+
 class _Switch(torch.autograd.Function):
-    """Value of ``original``; gradient to ``original`` or to ``modified`` by ``capture.mode``."""
+    """Value of ``original``; gradient to ``original`` or to ``modified`` by the capture's mode."""
 
     @staticmethod
-    def forward(ctx, original, modified, capture):
-        ctx.capture = capture
+    def forward(ctx, original, modified, mode):
+        ctx.mode = mode
         return original.detach().clone()
 
     @staticmethod
     def backward(ctx, grad):
-        if ctx.capture.mode == "relevance":
+        if ctx.mode.value == "relevance":
             return None, grad, None
         return grad, None, None
 
@@ -54,7 +68,7 @@ class ForwardCapture:
         self.layers = list(dict.fromkeys(layers))
         self.rules = dict(rules or {})
         self.activations: Dict[str, torch.Tensor] = {}
-        self.mode = "gradient"
+        self._mode = _Mode()
         self._handles: List[torch.utils.hooks.RemovableHandle] = []
         self._thread: Optional[int] = None
         self._suspended = False
@@ -82,6 +96,17 @@ class ForwardCapture:
         self._handles.clear()
 
     @property
+    def mode(self) -> str:
+        """``"gradient"`` or ``"relevance"``: what a backward through the ruled modules computes."""
+        return self._mode.value
+
+    @mode.setter
+    def mode(self, value: str) -> None:
+        if value not in ("gradient", "relevance"):
+            raise ValueError(f"mode must be 'gradient' or 'relevance', not {value!r}")
+        self._mode.value = value
+
+    @property
     def active_hooks(self) -> int:
         """Number of hooks this capture still holds on the model (0 after exit)."""
         return len(self._handles)
@@ -104,7 +129,7 @@ class ForwardCapture:
             modified = rule.modified(module, x, output, self._call_unhooked)
             if modified is output:
                 return None
-            return _Switch.apply(output, modified, self)
+            return _Switch.apply(output, modified, self._mode)
         return hook
 
     def _call_unhooked(self, module: nn.Module, params: dict, x: torch.Tensor) -> torch.Tensor:
