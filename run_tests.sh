@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 ./scripts/setup_env.sh
+./scripts/install_chromium.sh   # headless Chromium renders the batch HTML report in a test
 exec .venv/bin/python -m pytest -q -rs "$@"
