@@ -42,7 +42,10 @@ class LayerInfo:
 
     @property
     def is_feature_map(self) -> bool:
-        return self.output_shape is not None and len(self.output_shape) == 3
+        """A ``(C, H, W)`` output with some spatial extent; a ``(C, 1, 1)`` output (global pooling,
+        a squeeze-excite bottleneck) has no map to show."""
+        return (self.output_shape is not None and len(self.output_shape) == 3
+                and self.output_shape[1] * self.output_shape[2] > 1)
 
 
 @dataclass(frozen=True)
@@ -116,9 +119,13 @@ class LayerCatalog:
         """Like :meth:`get`, but also requires the output to be a (N, C, H, W) feature map."""
         info = self.get(name)
         if not info.is_feature_map:
+            pooled = info.output_shape is not None and len(info.output_shape) == 3
+            what = "a spatially pooled 1×1 output" if pooled else "not a (C, H, W) feature map"
+            near = [n for n in self.feature_map_layers() if self.layers[n].exited < info.entered][-3:]
+            hint = f" (e.g. {', '.join(repr(n) for n in near)})" if near else ""
             raise NotAFeatureMapError(
-                f"layer {name!r} ({info.type_name}) outputs shape {info.output_shape}, "
-                "not a (C, H, W) feature map; name a convolutional stage instead")
+                f"layer {name!r} ({info.type_name}) outputs shape {info.output_shape}, {what}; "
+                f"name a convolutional stage instead{hint}")
         return info
 
     def layer_above(self, name: str) -> str:
