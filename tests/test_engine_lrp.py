@@ -299,3 +299,38 @@ def test_shallowcam_and_relevancecam_at_every_effnet_stage(effnet, effnet_batch)
     image = torch.nn.functional.interpolate(effnet_batch[0][:1], size=(128, 128), mode="bilinear", antialias=True)
     specs, result = _stage_maps(effnet, EFFNET_LITE0.stages, image, (128, 128))
     _assert_maps_usable(specs, result)
+
+
+# -- Shallow-CAM, recomputed from its definition ------------------------------------------------
+def test_shallowcam_follows_its_definition(effnet, effnet_batch):
+    """Shallow-CAM at ``_blocks.2`` equals the formula recomputed by hand from an independent
+    relevance pass (contrastive seed) and a plain autograd gradient of ``y_c``:
+    ``β_k = Σ_ij R_kij / max_k |Σ_ij R_kij|``, ``S = ReLU(∂y_c/∂A)`` (or ``ReLU(R / A)``),
+    ``map = ReLU(Σ_k β_k S_k ⊙ A_k)``, min-max normalised at layer resolution.
+
+    The independent pass hooks every rule; the explainer hooks only those above the layer. This
+    caught a bug: EfficientNet's top-level ``_swish`` (ReLU6) runs after the stem *and* after the
+    head, was judged by its first call and lost its pass rule above ``_blocks.2`` (maps off by 0.14)."""
+    from camserve.engine.render import normalise
+
+    x, layer = effnet_batch[0][:1], "_blocks.2"
+    explainer = Explainer(effnet)
+    logits = effnet(x).detach()
+    target = logits.argmax(1)
+    _, relevance = engine_relevance(effnet, x, contrastive_seed(logits, target, True), (layer,))
+    R = relevance[layer]
+    with ForwardCapture(effnet, [layer]) as capture, torch.enable_grad():
+        y = effnet(x)
+        A = capture.activations[layer]
+        gradient = torch.autograd.grad(y[0, target[0]], A)[0]
+    A = A.detach()
+    beta = R.sum(dim=(2, 3))
+    beta = beta / beta.abs().amax(dim=1, keepdim=True)
+    spatial = {"gradient": torch.relu(gradient), "relevance": torch.relu(R / A.where(A != 0, torch.ones_like(A)))}
+    for name, S in spatial.items():
+        expected = normalise(torch.relu((beta[:, :, None, None] * S * A).sum(1)))
+        got = explainer.explain(x, [ExplainSpec("shallowcam", layer, None, {"spatial": name})],
+                                layer_resolution=True).explanations[0]
+        assert got.targets == [int(target)]
+        error = (got.maps - expected).abs().max().item()
+        assert error < 1e-4, f"shallowcam spatial={name}: {error:.1e}"

@@ -207,12 +207,15 @@ class Explainer:
         return _Row(index, method, layer, target, options)
 
     def _rules_above(self, layers: Sequence[str]):
-        """LRP rules for the modules that run after the shallowest relevance layer is left."""
+        """LRP rules for the modules that run (at least once) after the shallowest relevance layer
+        is left. A module called several times (EfficientNet's shared ``_swish``: after the stem
+        *and* after the head) is judged by its last call, so its calls above the layer keep their
+        rule; its calls below are hooked too, which changes nothing above."""
         if not layers:
             return {}
         floor = min(self.catalog.get(name).exited for name in layers)
         return {name: rule for name, rule in self._rules.items()
-                if name in self.catalog.layers and self.catalog.layers[name].entered > floor}
+                if name in self.catalog.layers and self.catalog.layers[name].exited > floor}
 
     # -- passes -------------------------------------------------------------------------------
     def _backward_rounds(self, capture: ForwardCapture, logits: torch.Tensor, rows: List[_Row]):
