@@ -4,21 +4,26 @@ Options come, in increasing priority, from the query string (``?explain=gradcam&
 multipart text fields, and from JSON keys (top level, or per KServe instance / v2 ``parameters``).
 Reserved names are the serving options below; any other name is passed to the method as a method
 option (e.g. Shallow-CAM's ``spatial=relevance``), where the engine rejects unknown ones with 400.
+
+``compare=<m1>,<m2>[,…]`` (instead of ``explain=``) asks for one explanation per method of the same
+image and target; ``layer`` applies to each (else each method's configured layer), and every method
+option goes to the compared methods that accept it (one no method accepts is a 400).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
+from ..engine.compare import parse_methods, split_options
 from ..engine.explainer import ExplainSpec
 from ..engine.render import COLORMAPS
 from .errors import InvalidRequestOptionError
 from .settings import HandlerSettings
 
-#: Names that are never method options. Extensions (e.g. ``compare``) add theirs here.
-SERVING_OPTIONS = {"explain", "method", "layer", "target", "format", "colormap", "overlay", "alpha", "topk",
-                   "model_name"}  # model_name: the /invocations route's own query parameter
+#: Names that are never method options.
+SERVING_OPTIONS = {"explain", "method", "compare", "layer", "target", "format", "colormap", "overlay", "alpha",
+                   "topk", "model_name"}  # model_name: the /invocations route's own query parameter
 FORMATS = ("png", "array")
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
 
@@ -56,7 +61,8 @@ def parse_int(name: str, value: Any, low: int, high: int) -> int:
 
 @dataclass
 class ExplainOptions:
-    """One image's request: ``method`` None means a plain prediction."""
+    """One image's request: ``method`` None and no ``compare`` means a plain prediction; ``compare``
+    holds one :class:`ExplainSpec` per compared method (then ``method`` is None)."""
 
     method: Optional[str] = None
     layer: Optional[str] = None
@@ -67,6 +73,7 @@ class ExplainOptions:
     alpha: float = 0.5
     topk: int = 5
     method_options: Dict[str, Any] = field(default_factory=dict)
+    compare: List[ExplainSpec] = field(default_factory=list)
 
     def spec(self) -> Optional[ExplainSpec]:
         """The engine's :class:`ExplainSpec`, or ``None`` for a plain prediction."""
@@ -79,22 +86,31 @@ def parse_options(raw: Mapping[str, Any], settings: HandlerSettings, explain_rou
     """Validate the serving options of one image; method options are validated by the engine."""
     raw = {str(k).lower(): as_text(v) for k, v in raw.items()}
     method = raw.get("explain", raw.get("method"))
-    if isinstance(method, bool) or (isinstance(method, str) and method.lower() in _TRUE | _FALSE):
+    compare = raw.get("compare")
+    if compare in (None, ""):
+        compare = None
+    elif method not in (None, ""):
+        raise InvalidRequestOptionError("options 'compare' and 'explain' exclude each other: "
+                                        "compare=<method>,<method> explains the image with each method")
+    if compare is not None:
+        method = None
+    elif isinstance(method, bool) or (isinstance(method, str) and method.lower() in _TRUE | _FALSE):
         method = settings.default_method if parse_flag("explain", method) else None
     elif method is not None:
         method = str(method).strip().lower() or None
-    if method is None and explain_route:
+    if method is None and explain_route and compare is None:
         method = settings.default_method
     options = ExplainOptions(topk=settings.topk, alpha=settings.overlay_alpha)
     options.method = method
     if "topk" in raw:
         options.topk = parse_int("topk", raw["topk"], 1, settings.max_topk)
-    if method is None:
+    if method is None and compare is None:
         stray = sorted(k for k in raw if k in ("layer", "target", "format", "colormap", "overlay"))
         if stray:
             raise InvalidRequestOptionError(f"options {stray} need an explanation: add explain=<method>")
         return options
-    options.layer = settings.layer_for(method, raw.get("layer") or None)
+    requested_layer = raw.get("layer") or None
+    options.layer = settings.layer_for(method, requested_layer) if method is not None else requested_layer
     target = raw.get("target")
     options.target = None if target in (None, "") else target
     fmt = str(raw.get("format", "png")).lower()
@@ -116,5 +132,11 @@ def parse_options(raw: Mapping[str, Any], settings: HandlerSettings, explain_rou
             options.alpha = -1.0
         if not 0.0 <= options.alpha <= 1.0:
             raise InvalidRequestOptionError(f"option 'alpha' must be a number in [0, 1], got {raw['alpha']!r}")
-    options.method_options = {k: v for k, v in raw.items() if k not in SERVING_OPTIONS}
+    method_options = {k: v for k, v in raw.items() if k not in SERVING_OPTIONS}
+    if compare is None:
+        options.method_options = method_options
+        return options
+    names = parse_methods(compare)
+    options.compare = [ExplainSpec(name, settings.layer_for(name, requested_layer), options.target, own)
+                       for name, own in zip(names, split_options(names, method_options))]
     return options
