@@ -17,7 +17,6 @@ from PIL import Image
 
 from conftest import SAMPLES
 
-pytestmark = pytest.mark.server
 MODEL = "effnet_lite0"
 STEPS = 8
 HUMMINGBIRD = "n01833805_hummingbird.JPEG"  # clear photo: the pretrained top-1 is right with p > 0.9
@@ -41,6 +40,33 @@ def post(server, path=f"/predictions/{MODEL}", **kwargs):
     return requests.post(f"{server.url}{path}", headers=headers, timeout=300, **kwargs)
 
 
+def test_compare_options_split_between_methods():
+    """No server: compare= builds one spec per method, each with its own layer and the knobs it takes."""
+    from camserve.serving.errors import InvalidRequestOptionError
+    from camserve.serving.options import parse_options
+    from camserve.serving.settings import HandlerSettings
+
+    settings = HandlerSettings(default_layer="_conv_head", method_layers={"shallowcam": "_blocks.4"})
+    options = parse_options({"compare": b"shallowcam, captum.integrated_gradients", "steps": b"8",
+                             "spatial": b"relevance", "target": b"94"}, settings, explain_route=True)
+    assert options.method is None and options.spec() is None
+    assert [(s.method, s.layer, s.target, dict(s.options)) for s in options.compare] == [
+        ("shallowcam", "_blocks.4", "94", {"spatial": "relevance"}),
+        ("captum.integrated_gradients", "_conv_head", "94", {"steps": "8"})]
+    with pytest.raises(InvalidRequestOptionError, match="exclude each other"):
+        parse_options({"compare": "gradcam,cam", "explain": "gradcam"}, settings, False)
+
+
+def test_captum_caps_from_model_config():
+    from camserve.serving.classifier import captum_limits
+
+    assert captum_limits({"max_steps": 64}).max_steps == 64
+    for bad in ({"max_step": 64}, {"max_steps": 0}):
+        with pytest.raises(ValueError, match="handler.captum"):
+            captum_limits(bad)
+
+
+@pytest.mark.server
 def test_integrated_gradients_over_http(torchserve_server, samples):
     response = post(torchserve_server, files={"data": photo(HUMMINGBIRD), "explain": "captum.integrated_gradients",
                                               "steps": str(STEPS), "internal_batch_size": "4"})
@@ -60,6 +86,7 @@ def test_integrated_gradients_over_http(torchserve_server, samples):
     assert explanation["seconds"] > 0
 
 
+@pytest.mark.server
 def test_compare_shallowcam_with_integrated_gradients(torchserve_server, samples):
     response = post(torchserve_server, files={"data": photo(HUMMINGBIRD),
                                               "compare": "shallowcam,captum.integrated_gradients",
@@ -106,6 +133,7 @@ def concurrent(server, calls):
     return results
 
 
+@pytest.mark.server
 def test_bad_captum_knobs_are_400_and_isolated(torchserve_server, samples):
     good = photo(BULBUL)
     ig = {"data": good, "explain": "captum.integrated_gradients"}
