@@ -14,6 +14,7 @@ from typing import List, Optional
 SUBCOMMANDS = {
     "batch": ("camserve.cli.batch", "explain a folder or file list; heatmaps, records and an HTML report"),
     "evaluate": ("camserve.cli.evaluate", "deletion/insertion faithfulness per layer and method"),
+    "evaluate-embedding": ("camserve.cli.evaluate_embedding", "deletion/insertion faithfulness of similarity maps (FAM)"),
     "bench": ("camserve.cli.bench", "latency, throughput and memory of explanations vs plain inference"),
 }
 

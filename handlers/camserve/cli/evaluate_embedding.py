@@ -1,0 +1,377 @@
+"""``camserve evaluate-embedding``: RISE deletion/insertion on the similarity of an embedding model.
+
+The classifier metric of :mod:`camserve.cli.evaluate`, with the score swapped for the cosine
+similarity of the (modified) query's embedding to the fixed embedding of its reference
+(:func:`camserve.engine.metrics.similarity_score`): pixels of the **query** are ranked by its map;
+deletion sets them to 0 (normalised space), insertion starts from the blurred query and restores
+them; ``overall = AUC(insertion) − AUC(deletion)`` of the similarity curve.
+
+Model: the pretrained EfficientNet-Lite0 embedding (``GAP`` of the 1280-channel head map,
+L2-normalised, D = 1280). Pairs, built from N photographs of ``imagenet-samples``:
+
+* ``flip`` — reference = the query mirrored left-right (same object, same scale);
+* ``zoom`` — reference = a tighter centre crop of the same photograph (shorter side resized to
+  ``--zoom-resize`` instead of 256, then 224 cropped: same object, ×1.25 scale);
+* ``neighbour`` — reference = the most similar *other* photograph of the pool (every photo of
+  ``LABELS.tsv`` unless ``--pool-limit``): a related but different object, usually a related class.
+
+Methods, each explaining the query's similarity to its reference:
+
+* ``fam`` — FAM, pooled route (no backward): ``ReLU(Σ_k w_k A_k)``, ``w ∝ q_k r_k``;
+* ``gradcam_similarity`` — Grad-CAM on the similarity: ``α_k = mean_ij ∂s/∂A_kij``;
+* ``captum.integrated_gradients`` — Captum IG of the cosine similarity
+  (:func:`~camserve.engine.captum_adapter.similarity_forward`), zero baseline in normalised space,
+  ``|attribution|`` summed over channels (the adapter's default reduction);
+* ``random`` — uniform noise, the floor.
+
+Writes ``fam_faithfulness.{csv,json,md}``, ``fam_faithfulness_bars.png`` and
+``fam_faithfulness_curves.png`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+PAIR_KINDS = ("flip", "zoom", "neighbour")
+METHODS = ("fam", "gradcam_similarity", "captum.integrated_gradients", "random")
+OUTPUT_STEM = "fam_faithfulness"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", default=None, help="folder with LABELS.tsv and photos "
+                        "(default ../shared/data/imagenet-samples next to the repository)")
+    parser.add_argument("--limit", type=int, default=16, help="number of query photographs (default 16)")
+    parser.add_argument("--stride", type=int, default=31, help="take every k-th photograph as a query (default 31)")
+    parser.add_argument("--pairs", default=",".join(PAIR_KINDS), help=f"comma list of {', '.join(PAIR_KINDS)}")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")
+    parser.add_argument("--pool-limit", type=int, default=0,
+                        help="neighbour candidates: the first k photographs of LABELS.tsv (0 = all)")
+    parser.add_argument("--zoom-resize", type=int, default=320, help="shorter side before the 224 crop "
+                        "of the zoom reference (default 320: ×1.25)")
+    parser.add_argument("--steps", type=int, default=8, help="deletion/insertion steps S (default 8)")
+    parser.add_argument("--batch-size", type=int, default=56, help="step images per forward (default 56)")
+    parser.add_argument("--explain-batch", type=int, default=8, help="pairs per explanation call")
+    parser.add_argument("--ig-steps", type=int, default=16, help="Captum IG steps (default 16)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random-map floor")
+    parser.add_argument("--out", default="benchmarks/results", help="output folder")
+    parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+
+
+def parse_list(text: str, allowed, what: str) -> List[str]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [n for n in names if n not in allowed]
+    if unknown or not names:
+        raise SystemExit(f"unknown {what} {unknown}; choose from {', '.join(allowed)}")
+    return list(dict.fromkeys(names))
+
+
+class DifferentiableEmbedding(nn.Module):
+    """``e = GAP(A)/‖GAP(A)‖`` of an :class:`~camserve.engine.embedding.EmbeddingModel`, with autograd
+    (its ``forward`` runs under ``no_grad``; Captum needs the gradient w.r.t. the input)."""
+
+    def __init__(self, embedding_model):
+        super().__init__()
+        self.embedding_model = embedding_model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.embedding_model.head(self.embedding_model.features(x))[2]
+
+
+def read_photos(data: Path, rows: List[dict]) -> List[torch.Tensor]:
+    import numpy as np
+    from PIL import Image
+
+    return [torch.from_numpy(np.array(Image.open(data / r["file"]).convert("RGB"))).permute(2, 0, 1).contiguous()
+            for r in rows]
+
+
+def embed_all(model, images: torch.Tensor, batch: int) -> torch.Tensor:
+    with torch.inference_mode():
+        return torch.cat([model(images[i:i + batch]) for i in range(0, images.shape[0], batch)])
+
+
+def build_pairs(args, profile, model, device) -> Tuple[Dict[str, dict], List[dict], List[str]]:
+    """``{kind: {"queries": (n,3,H,W), "references": (n,3,H,W), "reference_files": [...]}}``."""
+    from ..engine.preprocess import to_model_input
+    from .evaluate import default_data_dir
+
+    data = Path(args.data) if args.data else default_data_dir()
+    with open(data / "LABELS.tsv") as f:
+        all_rows = list(csv.DictReader(f, delimiter="\t"))
+    rows = all_rows[::max(1, args.stride)][:args.limit]
+    photos = read_photos(data, rows)
+    norm = (profile.mean, profile.std, device)
+    queries, _ = to_model_input(photos, profile.resize, profile.crop, *norm)
+    kinds = parse_list(args.pairs, PAIR_KINDS, "pair kind")
+    pairs: Dict[str, dict] = {}
+    notes: List[str] = []
+    for kind in kinds:
+        if kind == "flip":
+            pairs[kind] = {"queries": queries, "references": queries.flip(-1),
+                           "reference_files": [r["file"] + " (mirrored)" for r in rows]}
+        elif kind == "zoom":
+            zoomed, _ = to_model_input(photos, args.zoom_resize, profile.crop, *norm)
+            pairs[kind] = {"queries": queries, "references": zoomed,
+                           "reference_files": [r["file"] + f" (resize {args.zoom_resize}, crop {profile.crop})"
+                                               for r in rows]}
+        else:
+            pool_rows = all_rows[:args.pool_limit] if args.pool_limit else all_rows
+            pool_embeddings, chosen = [], []
+            for start in range(0, len(pool_rows), 32):  # read and embed the pool in chunks (bounded memory)
+                chunk, _ = to_model_input(read_photos(data, pool_rows[start:start + 32]), profile.resize, profile.crop, *norm)
+                pool_embeddings.append(embed_all(model, chunk, args.batch_size))
+            pool = torch.cat(pool_embeddings)
+            query_embeddings = embed_all(model, queries, args.batch_size)
+            similarity = query_embeddings @ pool.T
+            for i, row in enumerate(rows):
+                for j in similarity[i].argsort(descending=True).tolist():
+                    if pool_rows[j]["file"] != row["file"]:
+                        chosen.append(pool_rows[j])
+                        break
+            references, _ = to_model_input(read_photos(data, chosen), profile.resize, profile.crop, *norm)
+            pairs[kind] = {"queries": queries, "references": references,
+                           "reference_files": [r["file"] for r in chosen],
+                           "same_class": [c["class_index"] == r["class_index"] for c, r in zip(chosen, rows)]}
+            notes.append(f"neighbour pool: {len(pool_rows)} photographs")
+    return pairs, rows, notes
+
+
+def method_maps(method: str, fam, ig_model, queries, references, ref_embeddings, args, device) -> torch.Tensor:
+    """Query maps ``(n, H, W)`` in [0, 1] at input resolution explaining ``cos(E(query), E(reference))``."""
+    from ..engine.captum_adapter import attribute, similarity_forward
+    from ..engine.fam import FamSpec
+    from ..engine.metrics import random_maps
+
+    n = queries.shape[0]
+    if method == "random":
+        return random_maps(n, queries.shape[-2:], seed=args.seed, device=device)
+    out = []
+    for start in range(0, n, args.explain_batch):
+        sl = slice(start, start + args.explain_batch)
+        if method == "captum.integrated_gradients":
+            forward = similarity_forward(ig_model, ref_embeddings[sl], "cosine")
+            targets = torch.arange(queries[sl].shape[0], device=device)
+            out.append(attribute(forward, queries[sl], targets, method, {"steps": args.ig_steps}).maps)
+        else:
+            specs = [FamSpec(reference_image=r, method=method, similarity="cosine") for r in references[sl]]
+            result = fam.explain(queries[sl], specs)
+            out.append(torch.stack([item.query_map for item in result.items]))
+    return torch.cat(out)
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from ..engine.embedding import load_effnet_lite0_embedding
+    from ..engine.fam import FamExplainer
+    from ..engine.metrics import deletion_insertion, endpoint_scores, gaussian_blur, similarity_score
+    from ..engine.models import EFFNET_LITE0
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    profile = EFFNET_LITE0
+    methods = parse_list(args.methods, METHODS, "method")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+
+    model = load_effnet_lite0_embedding(normalize=True, device=device).to(memory_format=torch.channels_last)
+    fam = FamExplainer(model, input_size=(profile.crop, profile.crop))
+    ig_model = DifferentiableEmbedding(model)
+    pairs, rows, notes = build_pairs(args, profile, model, device)
+    n = len(rows)
+    per_map = 2 * n * max(args.steps - 1, 0)
+    bar = tqdm(total=per_map * len(pairs) * len(methods), unit="img", disable=args.no_progress,
+               desc="similarity deletion/insertion")
+
+    results: Dict[Tuple[str, str], dict] = {}
+    pair_meta = {}
+    for kind, pair in pairs.items():
+        queries, references = pair["queries"], pair["references"]
+        ref_embeddings = embed_all(model, references, args.batch_size)
+        score = similarity_score(model, ref_embeddings)
+        blurred = gaussian_blur(queries)
+        endpoints = endpoint_scores(score, queries, blurred, args.batch_size)
+        pair_meta[kind] = {"reference_files": pair["reference_files"],
+                           "clean_similarity": endpoints.clean.tolist(),
+                           "blurred_similarity": endpoints.blurred.tolist(),
+                           "zeros_similarity": endpoints.zeros.tolist()}
+        if "same_class" in pair:
+            pair_meta[kind]["same_class"] = pair["same_class"]
+        for method in methods:
+            bar.set_postfix_str(f"{kind} {method}")
+            t0 = time.perf_counter()
+            maps = method_maps(method, fam, ig_model, queries, references, ref_embeddings, args, device)
+            explain_seconds = time.perf_counter() - t0
+            curves = deletion_insertion(score, queries, maps, steps=args.steps, batch_size=args.batch_size,
+                                        blurred=blurred, endpoints=endpoints, progress=bar.update)
+            results[(kind, method)] = {
+                "pairs": kind, "method": method, "n": n,
+                "deletion_auc": curves.deletion_auc.tolist(), "insertion_auc": curves.insertion_auc.tolist(),
+                "overall": curves.overall.tolist(),
+                "mean_deletion_curve": curves.deletion.mean(0).tolist(),
+                "mean_insertion_curve": curves.insertion.mean(0).tolist(),
+                "fractions": curves.fractions.tolist(), "explain_seconds": round(explain_seconds, 3),
+            }
+            kinds_done = sorted({k for k, _ in results}, key=list(pairs).index)
+            meta = run_meta(args, profile, rows, pair_meta, device, started, notes,
+                            complete=len(results) == len(pairs) * len(methods))
+            write_outputs(out, meta, summarise(results, kinds_done, methods), results, kinds_done, methods,
+                          plots=meta["complete"])
+    bar.close()
+    kinds = list(pairs)
+    summary = summarise(results, kinds, methods)
+    print((out / f"{OUTPUT_STEM}.md").read_text())
+    print(f"wrote {out}/{OUTPUT_STEM}.{{csv,json,md}}, {OUTPUT_STEM}_bars.png, {OUTPUT_STEM}_curves.png")
+    return 0 if summary else 1
+
+
+def run_meta(args, profile, rows, pair_meta, device, started, notes, complete: bool) -> dict:
+    argv = sys.argv[2:] if sys.argv[1:2] == ["evaluate-embedding"] else sys.argv[1:]
+    return {
+        "command": "camserve evaluate-embedding " + " ".join(argv), "complete": complete,
+        "model": profile.name + " embedding (GAP of _conv_head's map, L2-normalised, D=1280)",
+        "images": len(rows), "query_files": [r["file"] for r in rows], "pairs": pair_meta,
+        "steps": args.steps, "ig_steps": args.ig_steps, "batch_size": args.batch_size, "device": str(device),
+        "torch_threads": torch.get_num_threads(),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+        "deletion_fill": "zeros in normalised space (query)",
+        "insertion_start": "Gaussian blur of the query, kernel 11, sigma 5",
+        "score": "cosine similarity of the modified query's embedding to the reference's embedding",
+        "wall_seconds": round(time.time() - started, 1), "notes": list(notes),
+    }
+
+
+def _stats(values: List[float]) -> Tuple[float, float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    sem = float(t.std(unbiased=True) / len(t) ** 0.5) if len(t) > 1 else 0.0
+    return float(t.mean()), sem
+
+
+def summarise(results, kinds, methods) -> List[dict]:
+    """One row per (pair kind, method) and per method over all pairs (``all``): means and SEMs."""
+    rows = []
+    for kind in list(kinds) + (["all"] if len(kinds) > 1 else []):
+        for method in methods:
+            parts = [results[(k, method)] for k in (kinds if kind == "all" else [kind]) if (k, method) in results]
+            if not parts or (kind == "all" and len(parts) < len(kinds)):
+                continue
+            row = {"pairs": kind, "method": method, "n": sum(p["n"] for p in parts)}
+            for key in ("deletion_auc", "insertion_auc", "overall"):
+                row[key], row[key + "_sem"] = _stats([v for p in parts for v in p[key]])
+            row["explain_seconds"] = round(sum(p["explain_seconds"] for p in parts), 3)
+            rows.append(row)
+    return rows
+
+
+def markdown_table(summary, methods, meta) -> str:
+    kinds = list(dict.fromkeys(r["pairs"] for r in summary))
+    table = {(r["pairs"], r["method"]): r for r in summary}
+    lines = [f"Similarity faithfulness: overall = AUC(insertion) − AUC(deletion) of cos(E(query′), E(reference)), "
+             f"mean ± SEM over {meta['images']} queries per pair kind, {meta['steps']} steps, {meta['model']} "
+             "(higher is better; best per row in bold).", "",
+             "| pairs | " + " | ".join(methods) + " | best |", "|---|" + "---:|" * len(methods) + "---|"]
+    for kind in kinds:
+        values = {m: table[(kind, m)] for m in methods if (kind, m) in table}
+        best = max(values, key=lambda m: values[m]["overall"])
+        cells = []
+        for m in methods:
+            if m not in values:
+                cells.append("–")
+                continue
+            text = f"{values[m]['overall']:.3f} ± {values[m]['overall_sem']:.3f}"
+            cells.append(f"**{text}**" if m == best else text)
+        lines.append(f"| {kind} | " + " | ".join(cells) + f" | {best} |")
+    lines += ["", "Deletion AUC (lower is better) / insertion AUC (higher is better):", "",
+              "| pairs | " + " | ".join(methods) + " |", "|---|" + "---:|" * len(methods)]
+    for kind in kinds:
+        cells = [f"{table[(kind, m)]['deletion_auc']:.3f} / {table[(kind, m)]['insertion_auc']:.3f}"
+                 if (kind, m) in table else "–" for m in methods]
+        lines.append(f"| {kind} | " + " | ".join(cells) + " |")
+    lines += ["", "Map-independent end points (mean cosine similarity to the reference): clean query / blurred "
+              "query / all-zero query:", ""]
+    for kind, pm in meta["pairs"].items():
+        mean = lambda xs: sum(xs) / len(xs)
+        extra = (f"; same class as the query in {sum(pm['same_class'])}/{len(pm['same_class'])}"
+                 if "same_class" in pm else "")
+        lines.append(f"- {kind}: {mean(pm['clean_similarity']):.3f} / {mean(pm['blurred_similarity']):.3f} / "
+                     f"{mean(pm['zeros_similarity']):.3f}{extra}")
+    lines += ["", "Explanation seconds over all queries (the maps only, not the scoring): " +
+              ", ".join(f"{m} {table[('all' if ('all', m) in table else kinds[0], m)]['explain_seconds']:.1f} s"
+                        for m in methods if ("all" if ("all", m) in table else kinds[0], m) in table)]
+    if not meta.get("complete", True):
+        lines += ["", "**Partial run** (stopped before every (pairs, method) was scored)."]
+    if meta.get("notes"):
+        lines += [""] + [f"Note: {note}" for note in meta["notes"]]
+    lines += ["", f"Command: `{meta['command']}` ({meta['wall_seconds']} s on {meta['machine']}, device "
+              f"{meta['device']}, {meta['torch_threads']} torch thread(s))"]
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(out: Path, meta, summary, results, kinds, methods, plots: bool = True) -> None:
+    with open(out / f"{OUTPUT_STEM}.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(summary[0].keys()))
+        writer.writeheader()
+        writer.writerows(summary)
+    with open(out / f"{OUTPUT_STEM}.json", "w") as f:
+        json.dump({"meta": meta, "summary": summary, "per_map": [dict(r) for r in results.values()]}, f, indent=1)
+    (out / f"{OUTPUT_STEM}.md").write_text(markdown_table(summary, methods, meta))
+    if plots:
+        plot(out, summary, results, kinds, methods)
+
+
+def plot(out: Path, summary, results, kinds, methods) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = list(dict.fromkeys(r["pairs"] for r in summary))
+    table = {(r["pairs"], r["method"]): r for r in summary}
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups)), 4))
+    width = 0.8 / len(methods)
+    for j, m in enumerate(methods):
+        xs = [i + (j - (len(methods) - 1) / 2) * width for i in range(len(groups))]
+        ax.bar(xs, [table[(g, m)]["overall"] if (g, m) in table else 0 for g in groups], width,
+               yerr=[table[(g, m)]["overall_sem"] if (g, m) in table else 0 for g in groups], label=m, capsize=2)
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels(groups)
+    ax.set_ylabel("AUC(insertion) − AUC(deletion)")
+    ax.set_title("Similarity faithfulness per pair kind (higher is better)")
+    ax.axhline(0, color="k", lw=0.5)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / f"{OUTPUT_STEM}_bars.png", dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(2, len(kinds), figsize=(3.2 * len(kinds), 5.6), squeeze=False, sharey=True)
+    for i, kind in enumerate(kinds):
+        for m in methods:
+            r = results.get((kind, m))
+            if r is None:
+                continue
+            axes[0, i].plot(r["fractions"], r["mean_deletion_curve"], label=m, lw=1)
+            axes[1, i].plot(r["fractions"], r["mean_insertion_curve"], label=m, lw=1)
+        axes[0, i].set_title(kind, fontsize=9)
+        axes[1, i].set_xlabel("fraction of query pixels")
+    axes[0, 0].set_ylabel("deletion: cosine similarity")
+    axes[1, 0].set_ylabel("insertion: cosine similarity")
+    axes[0, -1].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(out / f"{OUTPUT_STEM}_curves.png", dpi=100)
+    plt.close(fig)
