@@ -27,32 +27,59 @@ from .relevance.rules import Rule, call_with_params
 
 
 class _Mode:
-    """The backward mode of one capture, shared with its switches.
+    """The backward mode of one capture, shared with its switches, and its hook suspension flag.
 
     A separate small object on purpose: the autograd nodes keep it alive, and if they kept the
     capture itself (which holds the activations, which hold the nodes) that cycle would run through
     C++ autograd objects the garbage collector cannot traverse — every request's graph would leak.
     """
 
-    __slots__ = ("value",)
+    __slots__ = ("value", "suspended")
 
     def __init__(self) -> None:
         self.value = "gradient"
+        self.suspended = False
+
+    def call_unhooked(self, module: nn.Module, params: dict, x: torch.Tensor) -> torch.Tensor:
+        """Run ``module`` with substituted parameters without re-entering the capture's hooks."""
+        self.suspended = True
+        try:
+            return call_with_params(module, params, x)
+        finally:
+            self.suspended = False
 
 
 class _Switch(torch.autograd.Function):
-    """Value of ``original``; gradient to ``original`` or to ``modified`` by the capture's mode."""
+    """Value of ``y = module(x)``; its backward sends the gradient to ``y``'s ordinary graph
+    (``"gradient"`` mode) or runs the rule (``"relevance"`` mode).
+
+    The forward does nothing but keep references to ``x`` and ``y``: all rule work (z⁺'s extra
+    convolutions, the ratios) happens in the relevance backward, via ``rule.relevance_grad``.
+    The output shares ``y``'s storage (no copy); if a later in-place op (ResNet's
+    ``out += identity``) changes it, the backward recomputes ``y = module(x)``.
+    """
 
     @staticmethod
-    def forward(ctx, original, modified, mode):
-        ctx.mode = mode
-        return original.detach().clone()
+    def forward(ctx, y, x, rule, module, mode):
+        ctx.mode, ctx.rule, ctx.module = mode, rule, module
+        ctx.y, ctx.y_version = y, y._version  # an input: no reference cycle through the node
+        ctx.save_for_backward(x)
+        return y.detach()
 
     @staticmethod
     def backward(ctx, grad):
-        if ctx.mode.value == "relevance":
-            return None, grad, None
-        return grad, None, None
+        if ctx.mode.value != "relevance":
+            return grad, None, None, None, None
+        if not ctx.needs_input_grad[1]:  # relevance cannot reach anything below this module
+            return None, None, None, None, None
+        (x,) = ctx.saved_tensors
+        mode = ctx.mode
+        y = ctx.y.detach()
+        if ctx.y._version != ctx.y_version:
+            with torch.no_grad():
+                y = mode.call_unhooked(ctx.module, {}, x)
+        grad_y, grad_x = ctx.rule.relevance_grad(ctx.module, x, y, grad, mode.call_unhooked)
+        return grad_y, grad_x, None, None, None
 
 
 class ForwardCapture:
@@ -71,7 +98,6 @@ class ForwardCapture:
         self._mode = _Mode()
         self._handles: List[torch.utils.hooks.RemovableHandle] = []
         self._thread: Optional[int] = None
-        self._suspended = False
 
     # -- context management -------------------------------------------------------------------
     def __enter__(self) -> "ForwardCapture":
@@ -113,7 +139,7 @@ class ForwardCapture:
 
     # -- hooks ----------------------------------------------------------------------------------
     def _mine(self) -> bool:
-        return not self._suspended and threading.get_ident() == self._thread
+        return not self._mode.suspended and threading.get_ident() == self._thread
 
     def _capture_hook(self, name: str):
         def hook(module, args, output):
@@ -122,20 +148,12 @@ class ForwardCapture:
         return hook
 
     def _rule_hook(self, rule: Rule):
+        mode = self._mode  # the switch gets the small mode object, never the capture
+
         def hook(module, args, output):
             if not self._mine() or not torch.is_grad_enabled() or not isinstance(output, torch.Tensor):
                 return None
-            x = args[0]
-            modified = rule.modified(module, x, output, self._call_unhooked)
-            if modified is output:
+            if not output.requires_grad:
                 return None
-            return _Switch.apply(output, modified, self._mode)
+            return _Switch.apply(output, args[0], rule, module, mode)
         return hook
-
-    def _call_unhooked(self, module: nn.Module, params: dict, x: torch.Tensor) -> torch.Tensor:
-        """Run ``module`` with substituted parameters without re-entering this capture's hooks."""
-        self._suspended = True
-        try:
-            return call_with_params(module, params, x)
-        finally:
-            self._suspended = False

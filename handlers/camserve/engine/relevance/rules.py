@@ -19,18 +19,20 @@ Every rule is stateless; its numerical parameters live on the instance and never
 from __future__ import annotations
 
 import copy
-from typing import Callable
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 ModuleCall = Callable[[nn.Module, dict, torch.Tensor], torch.Tensor]
+#: what a rule's backward returns: (gradient for the ordinary graph of ``y``, gradient for ``x``)
+RelevanceGrad = Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]
 
 
 def stabilize(z: torch.Tensor, eps: float) -> torch.Tensor:
     """``z + eps · sign(z)`` with ``sign(0) = +1`` (zennit's convention), safe to divide by."""
-    return z + eps * ((z >= 0).to(z.dtype) * 2 - 1)
+    return (z >= 0).to(z.dtype).mul_(2 * eps).sub_(eps).add_(z)  # in place on one temporary: same bits
 
 
 class Rule:
@@ -39,12 +41,27 @@ class Rule:
     ``modified(module, x, y, call)`` returns a tensor equal in value to ``y = module(x)`` whose
     gradient with respect to ``x`` realises the rule. ``call(module, params, x)`` evaluates the
     module with some parameters replaced (and without re-entering the explainer's hooks).
+
+    ``relevance_grad(module, x, y, grad, call)`` is what the capture runs in a relevance backward:
+    the vector-Jacobian product of ``modified`` with ``grad``, returned as ``(g_y, g_x)`` — a
+    gradient to send through the module's ordinary graph, or one for its input directly. The
+    default differentiates :meth:`modified` on a detached copy of ``x``; rules override it to skip
+    work (no graph at all for element-wise rules). Nothing of a rule runs in the forward pass.
     """
 
     name = "rule"
 
     def modified(self, module: nn.Module, x: torch.Tensor, y: torch.Tensor, call: ModuleCall) -> torch.Tensor:
         raise NotImplementedError
+
+    def relevance_grad(self, module: nn.Module, x: torch.Tensor, y: torch.Tensor, grad: torch.Tensor,
+                       call: ModuleCall) -> RelevanceGrad:
+        """``g_x = ∂modifiedᵀ grad``, by autograd on ``modified(module, x, y)`` recomputed in the backward."""
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            out = self.modified(module, x, y.detach(), call)
+            (grad_x,) = torch.autograd.grad(out, x, grad, allow_unused=True)
+        return None, grad_x
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -74,6 +91,10 @@ class PassRule(Rule):
     def modified(self, module, x, y, call):
         return x * (y / stabilize(x, self.stabilizer)).detach()
 
+    def relevance_grad(self, module, x, y, grad, call):
+        """``g_x = g_y ⊙ y / stab(x)``: element-wise, no graph."""
+        return None, grad * (y / stabilize(x, self.stabilizer))
+
 
 class EpsilonRule(Rule):
     """LRP-ε: ``R_x = x ⊙ Wᵀ (R_y / (z + ε·sign z))`` with ``z = Wx + b = y``.
@@ -90,13 +111,22 @@ class EpsilonRule(Rule):
     def modified(self, module, x, y, call):
         return y * (y / stabilize(y, self.epsilon)).detach()
 
+    def relevance_grad(self, module, x, y, grad, call):
+        """``g_y ⊙ y / stab(y)`` sent through the module's own graph (its gradient is ``Wᵀ``)."""
+        return grad * (y / stabilize(y, self.epsilon)), None
+
     def __repr__(self) -> str:
         return f"EpsilonRule(epsilon={self.epsilon})"
 
 
-def _signed_z(module: nn.Module, x: torch.Tensor, call: ModuleCall, positive: bool) -> torch.Tensor:
+def _signed_z(module: nn.Module, x: torch.Tensor, call: ModuleCall, positive: bool,
+              nonnegative: bool = False) -> torch.Tensor:
     """``z⁺ = W⁺x⁺ + W⁻x⁻ + b⁺`` (``positive``) or ``z⁻ = W⁻x⁺ + W⁺x⁻ + b⁻``: the module evaluated
-    with its weights and bias split by sign, so each product ``x_i w_ij`` keeps one sign."""
+    with its weights and bias split by sign, so each product ``x_i w_ij`` keeps one sign.
+
+    ``nonnegative`` (the caller checked ``x ≥ 0``, e.g. after a ReLU): ``x⁻ = 0``, so only the
+    first term is evaluated — same value, half the work. Its gradient then omits the ``x⁻`` term's
+    contribution at the entries where ``x = 0`` exactly, which carry no relevance (``R = x ⊙ g = 0``)."""
     weight = module.weight.detach()
     bias = getattr(module, "bias", None)
     w_first, w_second = (weight.clamp(min=0), weight.clamp(max=0)) if positive else \
@@ -106,7 +136,13 @@ def _signed_z(module: nn.Module, x: torch.Tensor, call: ModuleCall, positive: bo
         bias = bias.detach()
         first["bias"] = bias.clamp(min=0) if positive else bias.clamp(max=0)
         second["bias"] = torch.zeros_like(bias)
+    if nonnegative:
+        return call(module, first, x)
     return call(module, first, x.clamp(min=0)) + call(module, second, x.clamp(max=0))
+
+
+def _nonnegative(x: torch.Tensor) -> bool:
+    return bool(x.min() >= 0)
 
 
 class AlphaBetaRule(Rule):
@@ -130,6 +166,20 @@ class AlphaBetaRule(Rule):
             out = out - self.beta * z_neg * (y / stabilize(z_neg, self.stabilizer)).detach()
         return out
 
+    def relevance_grad(self, module, x, y, grad, call):
+        """``g_x = α ∂z⁺ᵀ(g_y ⊙ y / stab z⁺) − β ∂z⁻ᵀ(g_y ⊙ y / stab z⁻)``, ``z±`` recomputed here."""
+        nonnegative = _nonnegative(x)
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            z_pos = _signed_z(module, x, call, positive=True, nonnegative=nonnegative)
+            zs, seeds = [z_pos], [grad * (self.alpha * (y / stabilize(z_pos.detach(), self.stabilizer)))]
+            if self.beta:
+                z_neg = _signed_z(module, x, call, positive=False, nonnegative=nonnegative)
+                zs.append(z_neg)
+                seeds.append(grad * (-self.beta * (y / stabilize(z_neg.detach(), self.stabilizer))))
+            (grad_x,) = torch.autograd.grad(zs, x, seeds)
+        return None, grad_x
+
     def __repr__(self) -> str:
         return f"AlphaBetaRule(alpha={self.alpha}, beta={self.beta})"
 
@@ -149,6 +199,15 @@ class ZPlusRule(Rule):
     def modified(self, module, x, y, call):
         z = _signed_z(module, x, call, positive=True)
         return z * (y / stabilize(z, self.stabilizer)).detach()
+
+    def relevance_grad(self, module, x, y, grad, call):
+        """``g_x = ∂z⁺ᵀ(g_y ⊙ y / stab z⁺)``, ``z⁺`` recomputed here (one term when ``x ≥ 0``)."""
+        nonnegative = _nonnegative(x)
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            z = _signed_z(module, x, call, positive=True, nonnegative=nonnegative)
+            (grad_x,) = torch.autograd.grad(z, x, grad * (y / stabilize(z.detach(), self.stabilizer)))
+        return None, grad_x
 
 
 class ProportionalPoolRule(Rule):
