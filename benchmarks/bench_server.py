@@ -434,6 +434,9 @@ def notes(args, stock: bool) -> List[str]:
     n = ["camserve answers carry the top-5 prediction and, when explained, an 8-bit heatmap PNG at 224×224; "
          "every request is one multipart POST of a JPEG (`data`) plus the options as fields.",
          "The client threads run on the same 2 cores as the server; their cost is the same for every case.",
+         "With 1 client a batch never fills, so every request also waits `maxBatchDelay` (100 ms) in the frontend: "
+         "that wait is in every 1-client latency (it is what a lone client sees with this config) and shrinks the "
+         "1-client latency ratios; the server-CPU ratio does not contain it.",
          f"camserve IG: `explain=captum.integrated_gradients steps={args.ig_steps}` (target: the top-1 class, "
          "answers the prediction as well)."]
     if stock:
