@@ -23,6 +23,10 @@ fi
 
 stage=$(mktemp -d)
 trap 'rm -rf "$stage"' EXIT
+# torch-model-archiver stages each archive in $TMPDIR/<model name>: a private TMPDIR keeps two
+# builds running at once (two clones, a test and setup.sh) from clobbering each other
+export TMPDIR="$stage/tmp"
+mkdir -p "$TMPDIR"
 # the package, without caches; torch-model-archiver copies a directory's *contents* to the archive root
 mkdir -p "$stage/pkg"
 (cd handlers && find camserve -name __pycache__ -prune -o -type f \
