@@ -56,6 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random-map floor")
+    parser.add_argument("--composite", default="epsilon_plus",
+                        help="LRP composite of the relevance methods: epsilon_plus (default), epsilon_alpha2_beta1, epsilon")
     parser.add_argument("--out", default="benchmarks/results", help="output folder")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
 
@@ -131,6 +133,7 @@ def run(args: argparse.Namespace) -> int:
     from ..engine import Explainer
     from ..engine.metrics import classifier_score, deletion_insertion, endpoint_scores, gaussian_blur, random_maps
     from ..engine.models import EFFNET_LITE0, load_effnet_lite0
+    from ..engine.relevance.composites import get_composite
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -143,7 +146,8 @@ def run(args: argparse.Namespace) -> int:
     started = time.time()
 
     model = load_effnet_lite0(device=device).to(memory_format=torch.channels_last)  # ~1.5× faster on CPU
-    explainer = Explainer(model, (profile.crop, profile.crop), default_layer=profile.default_layer)
+    explainer = Explainer(model, (profile.crop, profile.crop), default_layer=profile.default_layer,
+                          composite=get_composite(args.composite))
     for layer in layers:
         explainer.catalog.feature_map(layer)
     images, rows = load_images(Path(args.data) if args.data else default_data_dir(), args.limit, args.stride,
@@ -215,6 +219,7 @@ def run_meta(args, profile, rows, classes, labels, device, started, notes, compl
         "command": "camserve evaluate " + " ".join(argv), "complete": complete,
         "model": profile.name, "images": len(rows), "files": [r["file"] for r in rows], "steps": args.steps,
         "batch_size": args.batch_size, "device": str(device), "torch_threads": torch.get_num_threads(),
+        "composite": args.composite,
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
         "top1_accuracy_on_these_images": float((classes == labels).float().mean()),
         "deletion_fill": "zeros in normalised space", "insertion_start": "Gaussian blur, kernel 11, sigma 5",
