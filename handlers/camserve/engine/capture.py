@@ -82,16 +82,37 @@ class _Switch(torch.autograd.Function):
         return grad_y, grad_x, None, None, None
 
 
+class _Reattach(torch.autograd.Function):
+    """Identity on a fresh leaf, so the re-attached layer output is not itself a leaf: a later
+    in-place op on it (ResNet's ``out += identity``) stays legal. No copy."""
+
+    @staticmethod
+    def forward(ctx, leaf):
+        return leaf.detach()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
 class ForwardCapture:
     """Hook ``layers`` (and LRP ``rules``) of ``model`` for the forward passes run inside ``with``.
 
     Attributes after the forward: ``activations[name]`` — the layer's output tensor (part of the
     autograd graph when gradients are enabled). ``mode`` selects what a backward pass through the
     ruled modules computes: ``"gradient"`` (default) or ``"relevance"``.
+
+    ``grad_from`` (one of ``layers``): run the forward under ``torch.no_grad()``; when this layer's
+    output appears it becomes a leaf that requires grad and gradient recording is switched on for
+    the rest of the forward (grad mode is thread-local; the caller's ``no_grad`` block restores
+    it). Nothing below that layer is recorded: backward passes stop there, which is all a method
+    reading layers at or above it needs.
     """
 
-    def __init__(self, model: nn.Module, layers: Iterable[str], rules: Optional[Mapping[str, Rule]] = None):
+    def __init__(self, model: nn.Module, layers: Iterable[str], rules: Optional[Mapping[str, Rule]] = None,
+                 grad_from: Optional[str] = None):
         self.model = model
+        self.grad_from = grad_from
         self.layers = list(dict.fromkeys(layers))
         self.rules = dict(rules or {})
         self.activations: Dict[str, torch.Tensor] = {}
@@ -142,9 +163,18 @@ class ForwardCapture:
         return not self._mode.suspended and threading.get_ident() == self._thread
 
     def _capture_hook(self, name: str):
+        reattach = name == self.grad_from
+
         def hook(module, args, output):
-            if self._mine():
+            if not self._mine():
+                return None
+            if reattach and not torch.is_grad_enabled() and isinstance(output, torch.Tensor):
+                torch.set_grad_enabled(True)  # from here on; the caller's no_grad block restores it
+                output = _Reattach.apply(output.detach().requires_grad_(True))
                 self.activations[name] = output
+                return output
+            self.activations[name] = output
+            return None
         return hook
 
     def _rule_hook(self, rule: Rule):

@@ -6,7 +6,7 @@ and one :class:`ExplainSpec` (or ``None`` for a plain prediction) per image. It
 1. validates everything it can before touching the model (input, methods, layers, targets, options);
 2. runs **one** forward inside a :class:`ForwardCapture` over the union of requested layers, with
    LRP rules hooked only when some request needs relevance, and only above the shallowest layer
-   that needs it;
+   that needs it; autograd records only above the shallowest requested layer;
 3. per target round (top-1 needs one round; top-k needs k), runs at most one ordinary backward and
    one relevance backward over that same graph, each seeded per row;
 4. lets each method compute its maps, grouped by (method, layer, options), vectorised over rows;
@@ -174,9 +174,11 @@ class Explainer:
         relevance_rows = [r for r in rows if r.method.needs_relevance_for(r.options)]
         rules = self._rules_above([r for row in relevance_rows
                                    for r in row.method.layers(row.layer, self.catalog, row.options)])
+        floor = min(layers, key=lambda name: self.catalog.get(name).exited)  # no gradient needed below it
         start = time.perf_counter()
-        with ForwardCapture(self.model, layers, rules) as capture, torch.enable_grad():
-            logits = self.model(images)
+        with ForwardCapture(self.model, layers, rules, grad_from=floor) as capture, torch.enable_grad():
+            with torch.no_grad():  # the capture switches grad on at ``floor``; this block restores the mode
+                logits = self.model(images)
             forward_seconds = time.perf_counter() - start
             for row in rows:
                 row.targets = resolve_targets(row.spec_target, logits[row.index].detach())
