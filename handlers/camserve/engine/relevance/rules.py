@@ -32,7 +32,16 @@ RelevanceGrad = Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]
 
 def stabilize(z: torch.Tensor, eps: float) -> torch.Tensor:
     """``z + eps · sign(z)`` with ``sign(0) = +1`` (zennit's convention), safe to divide by."""
-    return (z >= 0).to(z.dtype).mul_(2 * eps).sub_(eps).add_(z)  # in place on one temporary: same bits
+    out = torch.empty_like(z)  # one buffer, updated in place: same bits as z + eps · (2·[z ≥ 0] − 1)
+    torch.ge(z, 0, out=out)
+    return out.mul_(2 * eps).sub_(eps).add_(z)
+
+
+def scaled_ratio(grad: torch.Tensor, y: torch.Tensor, z: torch.Tensor, eps: float) -> torch.Tensor:
+    """``grad ⊙ y / stab(z)`` in one new buffer (on a CPU, fresh large buffers cost page faults)."""
+    out = stabilize(z, eps)
+    torch.div(y, out, out=out)
+    return out.mul_(grad)
 
 
 class Rule:
@@ -93,7 +102,7 @@ class PassRule(Rule):
 
     def relevance_grad(self, module, x, y, grad, call):
         """``g_x = g_y ⊙ y / stab(x)``: element-wise, no graph."""
-        return None, grad * (y / stabilize(x, self.stabilizer))
+        return None, scaled_ratio(grad, y, x, self.stabilizer)
 
 
 class EpsilonRule(Rule):
@@ -113,7 +122,7 @@ class EpsilonRule(Rule):
 
     def relevance_grad(self, module, x, y, grad, call):
         """``g_y ⊙ y / stab(y)`` sent through the module's own graph (its gradient is ``Wᵀ``)."""
-        return grad * (y / stabilize(y, self.epsilon)), None
+        return scaled_ratio(grad, y, y, self.epsilon), None
 
     def __repr__(self) -> str:
         return f"EpsilonRule(epsilon={self.epsilon})"
@@ -172,11 +181,11 @@ class AlphaBetaRule(Rule):
         with torch.enable_grad():
             x = x.detach().requires_grad_(True)
             z_pos = _signed_z(module, x, call, positive=True, nonnegative=nonnegative)
-            zs, seeds = [z_pos], [grad * (self.alpha * (y / stabilize(z_pos.detach(), self.stabilizer)))]
+            zs, seeds = [z_pos], [scaled_ratio(grad, y, z_pos.detach(), self.stabilizer).mul_(self.alpha)]
             if self.beta:
                 z_neg = _signed_z(module, x, call, positive=False, nonnegative=nonnegative)
                 zs.append(z_neg)
-                seeds.append(grad * (-self.beta * (y / stabilize(z_neg.detach(), self.stabilizer))))
+                seeds.append(scaled_ratio(grad, y, z_neg.detach(), self.stabilizer).mul_(-self.beta))
             (grad_x,) = torch.autograd.grad(zs, x, seeds)
         return None, grad_x
 
@@ -206,7 +215,7 @@ class ZPlusRule(Rule):
         with torch.enable_grad():
             x = x.detach().requires_grad_(True)
             z = _signed_z(module, x, call, positive=True, nonnegative=nonnegative)
-            (grad_x,) = torch.autograd.grad(z, x, grad * (y / stabilize(z.detach(), self.stabilizer)))
+            (grad_x,) = torch.autograd.grad(z, x, scaled_ratio(grad, y, z.detach(), self.stabilizer))
         return None, grad_x
 
 
