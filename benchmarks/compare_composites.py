@@ -30,6 +30,7 @@ def main() -> int:
     parser.add_argument("--work", default="/tmp/composites", help="one evaluate output folder per composite")
     parser.add_argument("--composites", default=",".join(COMPOSITES))
     parser.add_argument("--out", default="benchmarks/results/composites.md")
+    parser.add_argument("--note", action="append", default=[], help="a line appended to the table (repeatable)")
     args = parser.parse_args()
     composites = [c for c in args.composites.split(",") if c]
     runs = {}
@@ -42,7 +43,7 @@ def main() -> int:
             if code:
                 return code
         runs[composite] = json.loads(done.read_text())
-    Path(args.out).write_text(table(runs))
+    Path(args.out).write_text(table(runs) + "".join(f"\n{note}\n" for note in args.note))
     print(Path(args.out).read_text())
     return 0
 
@@ -60,20 +61,45 @@ def table(runs) -> str:
         for method in METHODS:
             values = {c: rows[c][(layer, method)] for c in runs if (layer, method) in rows[c]}
             best = max(values, key=lambda c: values[c]["overall"])
-            wins[best] += 1
+            if max(v["overall"] for v in values.values()) - min(v["overall"] for v in values.values()) < 1e-9:
+                best = None  # identical maps (no convolution above the layer): a tie
+            else:
+                wins[best] += 1
             cells = [(f"**{values[c]['overall']:.3f} ± {values[c]['overall_sem']:.3f}**" if c == best else
                       f"{values[c]['overall']:.3f} ± {values[c]['overall_sem']:.3f}") if c in values else "–" for c in runs]
             lines.append(f"| {layer} | {method} | " + " | ".join(cells) + " |")
     for method in METHODS:
         means = {c: sum(rows[c][(l, method)]["overall"] for l in LAYERS) / len(LAYERS) for c in runs}
         lines.append(f"| mean | {method} | " + " | ".join(f"{means[c]:.3f}" for c in runs) + " |")
-    lines += ["", "Best composite per (layer, method): " + ", ".join(f"{c} {n}" for c, n in wins.items()), "",
+    lines += ["", "Best composite per (layer, method), ties left out: " +
+              ", ".join(f"{c} {n}" for c, n in wins.items()), ""]
+    lines += paired(runs, default=next(iter(runs)))
+    lines += ["",
               "Explanation seconds per composite (all maps of the run, CPU, 1 thread, shared machine): " +
               ", ".join(f"{c} {sum(m['explain_seconds'] for m in run['per_map']):.0f} s" for c, run in runs.items()),
               "", "Command: `python benchmarks/compare_composites.py --work /tmp/composites`; per composite C: "
               "`camserve evaluate " + " ".join(EVALUATE) + f" --layers {','.join(LAYERS)} --methods "
               f"{','.join(METHODS)} --composite C`"]
     return "\n".join(lines) + "\n"
+
+
+def paired(runs, default: str):
+    """Per-image paired differences ``overall(C) − overall(default)``, mean ± SEM, and how many images improve."""
+    per = {c: {(r["layer"], r["method"]): r["overall"] for r in run["per_map"]} for c, run in runs.items()}
+    others = [c for c in runs if c != default]
+    lines = [f"Paired difference to {default} (per photograph: overall(C) − overall({default}), mean ± SEM, "
+             "photographs improved):", "", "| layer | method | " + " | ".join(others) + " |",
+             "|---|---|" + "---:|" * len(others)]
+    for layer in LAYERS:
+        for method in METHODS:
+            cells = []
+            for c in others:
+                d = [a - b for a, b in zip(per[c][(layer, method)], per[default][(layer, method)])]
+                mean = sum(d) / len(d)
+                sem = (sum((x - mean) ** 2 for x in d) / (len(d) - 1)) ** 0.5 / len(d) ** 0.5 if len(d) > 1 else 0.0
+                cells.append(f"{mean:+.3f} ± {sem:.3f} ({sum(x > 0 for x in d)}/{len(d)})")
+            lines.append(f"| {layer} | {method} | " + " | ".join(cells) + " |")
+    return lines
 
 
 if __name__ == "__main__":
