@@ -69,7 +69,7 @@ class _Switch(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         if ctx.mode.value != "relevance":
-            return grad, None, None, None, None
+            return (grad if ctx.needs_input_grad[0] else None), None, None, None, None
         if not ctx.needs_input_grad[1]:  # relevance cannot reach anything below this module
             return None, None, None, None, None
         (x,) = ctx.saved_tensors
@@ -107,12 +107,17 @@ class ForwardCapture:
     the rest of the forward (grad mode is thread-local; the caller's ``no_grad`` block restores
     it). Nothing below that layer is recorded: backward passes stop there, which is all a method
     reading layers at or above it needs.
+
+    ``gradient_passes=False`` promises that only relevance backward passes will run: each ruled
+    module's own graph is then dropped (its switch keeps ``x`` and ``y`` only), which frees what
+    the module saved for an ordinary backward (e.g. the padded input of a same-padding conv).
     """
 
     def __init__(self, model: nn.Module, layers: Iterable[str], rules: Optional[Mapping[str, Rule]] = None,
-                 grad_from: Optional[str] = None):
+                 grad_from: Optional[str] = None, gradient_passes: bool = True):
         self.model = model
         self.grad_from = grad_from
+        self.gradient_passes = gradient_passes
         self.layers = list(dict.fromkeys(layers))
         self.rules = dict(rules or {})
         self.activations: Dict[str, torch.Tensor] = {}
@@ -179,11 +184,13 @@ class ForwardCapture:
 
     def _rule_hook(self, rule: Rule):
         mode = self._mode  # the switch gets the small mode object, never the capture
+        detach_output = not self.gradient_passes and not rule.uses_output_graph
 
         def hook(module, args, output):
             if not self._mine() or not torch.is_grad_enabled() or not isinstance(output, torch.Tensor):
                 return None
-            if not output.requires_grad:
+            x = args[0]
+            if not output.requires_grad or (detach_output and not x.requires_grad):
                 return None
-            return _Switch.apply(output, args[0], rule, module, mode)
+            return _Switch.apply(output.detach() if detach_output else output, x, rule, module, mode)
         return hook

@@ -176,7 +176,9 @@ class Explainer:
                                    for r in row.method.layers(row.layer, self.catalog, row.options)])
         floor = min(layers, key=lambda name: self.catalog.get(name).exited)  # no gradient needed below it
         start = time.perf_counter()
-        with ForwardCapture(self.model, layers, rules, grad_from=floor) as capture, torch.enable_grad():
+        gradient_passes = any(row.method.needs_gradient_for(row.options) for row in rows)
+        with ForwardCapture(self.model, layers, rules, grad_from=floor, gradient_passes=gradient_passes) as capture, \
+                torch.enable_grad():
             with torch.no_grad():  # the capture switches grad on at ``floor``; this block restores the mode
                 logits = self.model(images)
             forward_seconds = time.perf_counter() - start

@@ -59,6 +59,8 @@ class Rule:
     """
 
     name = "rule"
+    #: whether :meth:`relevance_grad` returns a gradient for ``y``'s ordinary graph (else only for ``x``)
+    uses_output_graph = False
 
     def modified(self, module: nn.Module, x: torch.Tensor, y: torch.Tensor, call: ModuleCall) -> torch.Tensor:
         raise NotImplementedError
@@ -113,6 +115,7 @@ class EpsilonRule(Rule):
     """
 
     name = "epsilon"
+    uses_output_graph = True
 
     def __init__(self, epsilon: float = 1e-6):
         self.epsilon = epsilon
