@@ -28,6 +28,24 @@ def load_uint8(path) -> torch.Tensor:
     return torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1).contiguous()
 
 
+def photo_bytes(name: str) -> bytes:
+    """The raw file bytes of a sample photograph, as a client would send them."""
+    return (SAMPLES / name).read_bytes()
+
+
+def label_of(name: str, rows: List[dict]) -> str:
+    """The ImageNet class name of a sample photograph, from LABELS.tsv rows."""
+    return next(r["name"] for r in rows if r["file"] == name)
+
+
+def decode_png(b64: str) -> Image.Image:
+    """A base64 PNG from a response, decoded."""
+    import base64
+    import io
+
+    return Image.open(io.BytesIO(base64.b64decode(b64)))
+
+
 @pytest.fixture(scope="session")
 def samples() -> List[dict]:
     if not SAMPLES.exists():

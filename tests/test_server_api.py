@@ -16,7 +16,7 @@ import pytest
 import requests
 from PIL import Image
 
-from conftest import SAMPLES
+from conftest import decode_png as png, label_of, photo_bytes as photo
 
 pytestmark = pytest.mark.server
 MODEL = "effnet_lite0"
@@ -26,16 +26,6 @@ CLEAR = ["n01560419_bulbul.JPEG", "n01582220_magpie.JPEG", "n01665541_leatherbac
          "n01955084_chiton.JPEG", "n01828970_bee_eater.JPEG"]
 
 
-def photo(name: str) -> bytes:
-    return (SAMPLES / name).read_bytes()
-
-
-def label_of(name: str, samples) -> str:
-    return next(r["name"] for r in samples if r["file"] == name)
-
-
-def png(b64: str) -> Image.Image:
-    return Image.open(io.BytesIO(base64.b64decode(b64)))
 
 
 def post(server, path, **kwargs):

@@ -6,16 +6,13 @@ TorchServe 0.12 drops the query string of ``/predictions/{m}``, so options trave
 
 from __future__ import annotations
 
-import base64
-import io
 import threading
 
 import numpy as np
 import pytest
 import requests
-from PIL import Image
 
-from conftest import SAMPLES
+from conftest import decode_png as png, label_of, photo_bytes as photo
 
 MODEL = "effnet_lite0"
 STEPS = 8
@@ -23,16 +20,6 @@ HUMMINGBIRD = "n01833805_hummingbird.JPEG"  # clear photo: the pretrained top-1 
 BULBUL = "n01560419_bulbul.JPEG"
 
 
-def photo(name: str) -> bytes:
-    return (SAMPLES / name).read_bytes()
-
-
-def label_of(name: str, samples) -> str:
-    return next(r["name"] for r in samples if r["file"] == name)
-
-
-def png(b64: str) -> Image.Image:
-    return Image.open(io.BytesIO(base64.b64decode(b64)))
 
 
 def post(server, path=f"/predictions/{MODEL}", **kwargs):
