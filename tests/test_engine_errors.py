@@ -115,7 +115,7 @@ def test_bad_options(explainer, image, method, options, fragment):
 
 def test_option_spellings_from_query_strings_are_accepted(explainer, image):
     result = explainer.explain(image, [ExplainSpec("shallowcam", "_blocks.2", "0", {"refine": "yes", "contrastive": "off"})])
-    assert result.explanations[0].options == {"spatial": "gradient", "refine": True, "contrastive": False}
+    assert result.explanations[0].options == {"spatial": "relevance", "refine": True, "contrastive": False}
     assert result.explanations[0].targets == [0]
 
 
