@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -23,6 +23,23 @@ from torch import nn
 from .errors import NotAFeatureMapError, UnknownLayerError
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def probe_forward(model: nn.Module, input_size: Tuple[int, int], register) -> None:
+    """One no-grad forward of zeros ``(1, 3, H, W)`` (model's device and dtype) with the hooks that
+    ``register(handles)`` installs, appending each handle; every handle is removed afterwards,
+    also when registering or the forward fails."""
+    handles: list = []
+    try:
+        register(handles)
+        param = next(model.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+        dtype = param.dtype if param is not None else torch.float32
+        with torch.no_grad():
+            model(torch.zeros(1, 3, *input_size, device=device, dtype=dtype))
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 @dataclass(frozen=True)
@@ -75,20 +92,13 @@ class LayerCatalog:
             clock[0] += 1
             rec["shape"] = tuple(output.shape[1:]) if isinstance(output, torch.Tensor) else None
 
-        handles = []
-        try:
+        def register(handles):
             for name, module in modules.items():
                 if name:
                     handles.append(module.register_forward_pre_hook(pre_hook))
                     handles.append(module.register_forward_hook(post_hook))
-            param = next(model.parameters(), None)
-            device = param.device if param is not None else torch.device("cpu")
-            dtype = param.dtype if param is not None else torch.float32
-            with torch.no_grad():
-                model(torch.zeros(1, 3, *input_size, device=device, dtype=dtype))
-        finally:
-            for h in handles:
-                h.remove()
+
+        probe_forward(model, input_size, register)
         layers = {
             name: LayerInfo(name, type(modules[name]).__name__, rec["shape"], rec["calls"],
                             rec["entered"], rec["exited"])

@@ -25,6 +25,7 @@ from typing import Dict, Mapping, Tuple
 import torch
 from torch import nn
 
+from ..layers import probe_forward
 from .composites import BATCH_NORMS, CONVOLUTIONS
 from .rules import EpsilonRule, Rule, stabilize
 
@@ -45,21 +46,14 @@ def batchnorm_pairs(model: nn.Module, input_size: Tuple[int, int]) -> Dict[str, 
         if found is not None and found[1] is args[0]:
             pairs[found[0]] = names[id(module)]
 
-    handles = []
-    try:
+    def register(handles):
         for module in modules.values():
             if isinstance(module, CONVOLUTIONS) and not isinstance(module, nn.ConvTranspose2d):
                 handles.append(module.register_forward_hook(conv_hook))
             elif isinstance(module, BATCH_NORMS):
                 handles.append(module.register_forward_pre_hook(bn_hook))
-        param = next(model.parameters(), None)
-        device = param.device if param is not None else torch.device("cpu")
-        dtype = param.dtype if param is not None else torch.float32
-        with torch.no_grad():
-            model(torch.zeros(1, 3, *input_size, device=device, dtype=dtype))
-    finally:
-        for handle in handles:
-            handle.remove()
+
+    probe_forward(model, input_size, register)
     return {conv: bn for conv, bn in pairs.items()
             if not modules[bn].training and modules[bn].running_var is not None}
 
