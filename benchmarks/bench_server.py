@@ -308,7 +308,7 @@ def machine() -> str:
 
 
 def markdown(meta: dict, results: Dict[str, Dict[int, dict]]) -> str:
-    lines = [f"# Cost of an explanation through TorchServe\n",
+    lines = ["# Cost of an explanation through TorchServe\n",
              f"TorchServe {meta['torchserve']} on loopback, {meta['machine']} (shared with other jobs: absolute "
              f"figures are for this CPU at this load only; the ratios are the result). Worker torch threads: "
              f"{meta['threads'] or 'default'}; one worker per model, `batchSize: 8`, `maxBatchDelay: 100` ms. "

@@ -50,7 +50,7 @@ def main() -> int:
 
 def table(runs) -> str:
     first = next(iter(runs.values()))["meta"]
-    lines = [f"# LRP composite for the relevance methods (EfficientNet-Lite0)", "",
+    lines = ["# LRP composite for the relevance methods (EfficientNet-Lite0)", "",
              f"Overall = AUC(insertion) − AUC(deletion), mean ± SEM over {first['images']} photographs "
              f"(every 41st sample), {first['steps']} steps, RISE as in `faithfulness.md` (higher is better; best "
              "composite per layer and method in bold). `shallowcam[rel]` = Shallow-CAM's default options.", "",

@@ -92,7 +92,7 @@ def test_report_screenshot_shows_the_overlays(report_dir, tmp_path):
     pixels = np.asarray(Image.open(shot).convert("RGB")).astype(np.int32)
     assert pixels.shape == (900, 1280, 3)
     assert pixels.std() > 30  # not a blank page
-    r, g, b = pixels[..., 0], pixels[..., 1], pixels[..., 2]
+    r, b = pixels[..., 0], pixels[..., 2]
     # jet's cold end blended at α = 0.5 over photographs: strongly blue pixels; the page's own blue
     # (the probability bars) covers well under 0.5 % of this window
     bluish = ((b - r > 60) & (b > 120)).mean()

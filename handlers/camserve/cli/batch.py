@@ -428,7 +428,6 @@ def placed_overlay(image_uint8, heat, box: Sequence[float], colormap: str, alpha
     """The original photograph with the map's colours blended into ``box`` (original pixels):
     ``out = (1−α)·image + α·colour(map)`` inside the box, ``dim·image`` outside it; on the map's
     device, scaled so its longest side is at most ``max_side``. Returns ``(H', W', 3)`` in [0, 1]."""
-    import torch
     import torch.nn.functional as F
 
     from ..engine.render import colorize, upsample
@@ -522,8 +521,6 @@ def install_sigterm_as_interrupt():
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from ..engine.errors import ExplanationInputError
     from ..engine.render import encode_png, to_uint8
     from . import report as report_module

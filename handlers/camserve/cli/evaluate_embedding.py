@@ -41,7 +41,6 @@ from pathlib import Path
 from typing import Dict, List, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 PAIR_KINDS = ("flip", "zoom", "neighbour")

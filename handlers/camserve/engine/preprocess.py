@@ -34,7 +34,6 @@ def center_crop(image: torch.Tensor, crop: int) -> torch.Tensor:
 def crop_box(original_hw: Tuple[int, int], resize: int, crop: int) -> List[float]:
     """``[x0, y0, x1, y1]`` in original-image pixels of the region the model sees."""
     h, w = original_hw
-    scale = resize / min(h, w)
     new_h, new_w = (resize, int(resize * w / h)) if h <= w else (int(resize * h / w), resize)
     top, left = int(round((new_h - crop) / 2.0)), int(round((new_w - crop) / 2.0))
     sy, sx = h / new_h, w / new_w

@@ -9,7 +9,7 @@ logits of that same forward.
 from __future__ import annotations
 
 import re
-from typing import List, Optional, Sequence, Union
+from typing import List, Sequence, Union
 
 import torch
 

@@ -23,7 +23,7 @@ import torch
 from ts.torch_handler.base_handler import BaseHandler
 
 from .encode import dumps, envelope_body
-from .errors import PHRASES, RequestError, error_body, is_client_error, status_of
+from .errors import PHRASES, error_body, is_client_error, status_of
 from .requests import IMAGE_FIELDS, ParsedRequest, is_json_part, parse_request
 from .audit import AuditLog, record_answers
 from .settings import HandlerSettings

@@ -15,8 +15,6 @@ One batch = one ``to_model_input`` (queries and reference images together) and o
 from __future__ import annotations
 
 import json
-import logging
-import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple

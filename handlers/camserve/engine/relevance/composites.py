@@ -9,7 +9,7 @@ in eval) — see :mod:`camserve.engine.relevance.rules`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Type
+from typing import Dict, Iterable, List, Optional, Tuple, Type
 
 from torch import nn
 
