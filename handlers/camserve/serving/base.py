@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import defaultdict
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -143,6 +144,20 @@ class CamserveHandler(BaseHandler):
         if getattr(context, "metrics", None) is not None:
             context.metrics.add_time("HandlerTime", round((time.perf_counter() - start) * 1000, 2), None, "ms")
         return answers
+
+    @staticmethod
+    def in_request_order(items: Sequence[Any], results: Dict[Tuple[int, int], Any],
+                         outcomes: Dict[int, Any]) -> Dict[int, Any]:
+        """``outcomes`` with each request not already answered (by an error) given the list of its
+        items' ``results[(request, position)]``, in position order; items carry ``request`` and
+        ``position``."""
+        grouped: Dict[int, List[Tuple[int, Any]]] = defaultdict(list)
+        for item in items:
+            if item.request not in outcomes:
+                grouped[item.request].append((item.position, results[(item.request, item.position)]))
+        for index, entries in grouped.items():
+            outcomes[index] = [result for _, result in sorted(entries, key=lambda e: e[0])]
+        return outcomes
 
     @staticmethod
     def _guard(error: Exception) -> Exception:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -151,13 +151,7 @@ class ImageClassifierHandler(CamserveHandler):
                     results[(prepared.request, prepared.position)] = self.compare_image(prepared)
                 except Exception as error:  # noqa: BLE001 - isolated per request
                     outcomes[prepared.request] = self._guard(error)
-        grouped: Dict[int, List[Tuple[int, Dict[str, Any]]]] = defaultdict(list)
-        for prepared in images:
-            if prepared.request not in outcomes:
-                grouped[prepared.request].append((prepared.position, results[(prepared.request, prepared.position)]))
-        for index, entries in grouped.items():
-            outcomes[index] = [result for _, result in sorted(entries, key=lambda e: e[0])]
-        return outcomes
+        return self.in_request_order(images, results, outcomes)
 
     def explain_images(self, images: List[Prepared]) -> Dict[Tuple[int, int], Dict[str, Any]]:
         """One preprocessing and one engine call for all ``images``; results keyed by (request, position)."""

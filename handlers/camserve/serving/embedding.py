@@ -15,7 +15,7 @@ One batch = one ``to_model_input`` (queries and reference images together) and o
 from __future__ import annotations
 
 import json
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -136,13 +136,7 @@ class EmbeddingHandler(CamserveHandler):
                     results.update(self.explain_items([i for i in items if i.request == index]))
                 except Exception as error:  # noqa: BLE001
                     outcomes[index] = self._guard(error)
-        grouped: Dict[int, List[Tuple[int, Dict[str, Any]]]] = defaultdict(list)
-        for item in items:
-            if item.request not in outcomes:
-                grouped[item.request].append((item.position, results[(item.request, item.position)]))
-        for index, entries in grouped.items():
-            outcomes[index] = [r for _, r in sorted(entries, key=lambda e: e[0])]
-        return outcomes
+        return self.in_request_order(items, results, outcomes)
 
     def explain_items(self, items: List[EmbedItem]) -> Dict[Tuple[int, int], Dict[str, Any]]:
         p = self.profile
