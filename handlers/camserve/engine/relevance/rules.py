@@ -3,8 +3,9 @@
 Convention (Montavon et al., "Layer-wise relevance propagation: an overview", 2019, sec. 10.2.2):
 the relevance of any tensor ``t`` of the forward pass is ``R_t = t ⊙ g_t``, where ``g_t`` is the
 gradient that flows back to ``t`` when every hooked layer replaces its output ``y = f(x)`` by a
-*modified* tensor of the same value whose derivative implements the rule. Each rule below returns
-that modified tensor; :mod:`camserve.engine.capture` swaps it in during relevance backward passes.
+*modified* tensor of the same value whose derivative implements the rule. Each rule below states
+that modified tensor; :mod:`camserve.engine.capture` applies its derivative during relevance
+backward passes.
 
 Why this convention: a residual addition ``out = a + b`` needs no canonizer. Its ordinary gradient
 sends ``g`` to both branches, so ``R_a = a ⊙ g = a / (a + b) · R_out`` — exactly the proportional
@@ -55,7 +56,9 @@ class Rule:
     the vector-Jacobian product of ``modified`` with ``grad``, returned as ``(g_y, g_x)`` — a
     gradient to send through the module's ordinary graph, or one for its input directly. The
     default differentiates :meth:`modified` on a detached copy of ``x``; rules override it to skip
-    work (no graph at all for element-wise rules). Nothing of a rule runs in the forward pass.
+    work (no graph at all for element-wise rules), and a rule whose override needs no
+    :meth:`modified` (pass, ε) states it in its docstring only. Nothing of a rule runs in the
+    forward pass.
     """
 
     name = "rule"
@@ -99,9 +102,6 @@ class PassRule(Rule):
     def __init__(self, stabilizer: float = 1e-6):
         self.stabilizer = stabilizer
 
-    def modified(self, module, x, y, call):
-        return x * (y / stabilize(x, self.stabilizer)).detach()
-
     def relevance_grad(self, module, x, y, grad, call):
         """``g_x = g_y ⊙ y / stab(x)``: element-wise, no graph."""
         return None, scaled_ratio(grad, y, x, self.stabilizer)
@@ -119,9 +119,6 @@ class EpsilonRule(Rule):
 
     def __init__(self, epsilon: float = 1e-6):
         self.epsilon = epsilon
-
-    def modified(self, module, x, y, call):
-        return y * (y / stabilize(y, self.epsilon)).detach()
 
     def relevance_grad(self, module, x, y, grad, call):
         """``g_y ⊙ y / stab(y)`` sent through the module's own graph (its gradient is ``Wᵀ``)."""
