@@ -122,7 +122,11 @@ class TorchServe:
         self.stdout = open(self.workdir / "stdout.log", "wb")
         self.process = subprocess.Popen(cmd, cwd=self.workdir, env=self.env, stdout=self.stdout,
                                         stderr=subprocess.STDOUT)
-        self.wait_ready()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()  # a server that never became ready must not outlive the test session
+            raise
         return self
 
     def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> None:
