@@ -145,6 +145,18 @@ class CamserveHandler(BaseHandler):
             context.metrics.add_time("HandlerTime", round((time.perf_counter() - start) * 1000, 2), None, "ms")
         return answers
 
+    def prepare_all(self, requests: Sequence[Tuple[int, ParsedRequest]]) -> Tuple[List[Any], Dict[int, Any]]:
+        """``self.prepare`` each request; a request that fails gets its error in ``outcomes`` and
+        the others go on. Returns (prepared items of all good requests, outcomes)."""
+        outcomes: Dict[int, Any] = {}
+        items: List[Any] = []
+        for index, request in requests:
+            try:
+                items.extend(self.prepare(index, request))
+            except Exception as error:  # noqa: BLE001 - isolated per request
+                outcomes[index] = self._guard(error)
+        return items, outcomes
+
     @staticmethod
     def in_request_order(items: Sequence[Any], results: Dict[Tuple[int, int], Any],
                          outcomes: Dict[int, Any]) -> Dict[int, Any]:

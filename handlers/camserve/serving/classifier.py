@@ -121,13 +121,7 @@ class ImageClassifierHandler(CamserveHandler):
 
     # -- batch --------------------------------------------------------------------------------
     def run_batch(self, requests: Sequence[Tuple[int, ParsedRequest]], context) -> Dict[int, Any]:
-        outcomes: Dict[int, Any] = {}
-        images: List[Prepared] = []
-        for index, request in requests:
-            try:
-                images.extend(self.prepare(index, request))
-            except Exception as error:  # noqa: BLE001 - isolated per request
-                outcomes[index] = self._guard(error)
+        images, outcomes = self.prepare_all(requests)
         if not images:
             return outcomes
         batched = [p for p in images if not p.options.compare]

@@ -118,13 +118,7 @@ class EmbeddingHandler(CamserveHandler):
         return items
 
     def run_batch(self, requests: Sequence[Tuple[int, ParsedRequest]], context) -> Dict[int, Any]:
-        outcomes: Dict[int, Any] = {}
-        items: List[EmbedItem] = []
-        for index, request in requests:
-            try:
-                items.extend(self.prepare(index, request))
-            except Exception as error:  # noqa: BLE001 - isolated per request
-                outcomes[index] = self._guard(error)
+        items, outcomes = self.prepare_all(requests)
         if not items:
             return outcomes
         try:
