@@ -9,6 +9,15 @@ the logits also
   modified graph (``mode = "relevance"``). One forward then serves both gradient-based methods and
   relevance-based methods: the caller runs one backward per mode over the same graph.
 
+Pass-through tails are absorbed: when a module whose rule passes relevance on unchanged
+(BatchNorm, activations: ``R_x = R_y``) consumes the output of the switch created just before it,
+the switch is extended over it instead of getting one of its own. A segment
+``conv → BN → ReLU6`` then has one switch from the conv's input to the ReLU6's output and runs the
+conv's rule with ``R_y`` read at the segment's end — the same relevance, since the pass layers keep
+it, without the two element-wise ratio passes and without keeping the intermediate tensors for the
+backward. A switch stays in the graph for every other consumer of an intermediate tensor, and a
+recorded layer output is never absorbed (its relevance is read there).
+
 Isolation: every hook checks that it runs in the thread that opened the capture, so concurrent
 captures on one shared model (threads serving requests) never see each other's tensors; all state
 lives on the capture object, none on the model or in globals; every handle is removed in
@@ -50,24 +59,28 @@ class _Mode:
 
 
 class _Switch(torch.autograd.Function):
-    """Value of ``y = module(x)``; its backward sends the gradient to ``y``'s ordinary graph
-    (``"gradient"`` mode) or runs the rule (``"relevance"`` mode).
+    """Value of ``y = segment(x)``; its backward sends the gradient to ``y``'s ordinary graph
+    (``"gradient"`` mode) or runs the rule of the segment's first module (``"relevance"`` mode).
 
-    The forward does nothing but keep references to ``x`` and ``y``: all rule work (z⁺'s extra
-    convolutions, the ratios) happens in the relevance backward, via ``rule.relevance_grad``.
+    ``modules`` is the segment: one ruled module, possibly followed by absorbed pass-through
+    modules. The forward does nothing but keep references to ``x`` and ``y``: all rule work (z⁺'s
+    extra convolutions, the ratios) happens in the relevance backward, via ``rule.relevance_grad``.
     The output shares ``y``'s storage (no copy); if a later in-place op (ResNet's
-    ``out += identity``) changes it, the backward recomputes ``y = module(x)``.
+    ``out += identity``) changes it, the backward recomputes ``y`` by running the segment on ``x``.
     """
 
     @staticmethod
-    def forward(ctx, y, x, rule, module, mode):
-        ctx.mode, ctx.rule, ctx.module = mode, rule, module
+    def forward(ctx, y, x, rule, modules, mode):
+        ctx.mode, ctx.rule, ctx.modules = mode, rule, modules
         ctx.y, ctx.y_version = y, y._version  # an input: no reference cycle through the node
         ctx.save_for_backward(x)
+        ctx.set_materialize_grads(False)  # no gradient arrived (a segment absorbed this output): skip
         return y.detach()
 
     @staticmethod
     def backward(ctx, grad):
+        if grad is None:
+            return None, None, None, None, None
         if ctx.mode.value != "relevance":
             return (grad if ctx.needs_input_grad[0] else None), None, None, None, None
         if not ctx.needs_input_grad[1]:  # relevance cannot reach anything below this module
@@ -77,9 +90,21 @@ class _Switch(torch.autograd.Function):
         y = ctx.y.detach()
         if ctx.y._version != ctx.y_version:
             with torch.no_grad():
-                y = mode.call_unhooked(ctx.module, {}, x)
-        grad_y, grad_x = ctx.rule.relevance_grad(ctx.module, x, y, grad, mode.call_unhooked)
+                y = x
+                for module in ctx.modules:
+                    y = mode.call_unhooked(module, {}, y)
+        grad_y, grad_x = ctx.rule.relevance_grad(ctx.modules[0], x, y, grad, mode.call_unhooked)
         return grad_y, grad_x, None, None, None
+
+
+class _Segment:
+    """The switch created last: its output (which the next module may consume), the segment's
+    input, rule and modules. Held only until the next switch replaces it."""
+
+    __slots__ = ("output", "version", "x", "rule", "modules")
+
+    def __init__(self, output, x, rule, modules):
+        self.output, self.version, self.x, self.rule, self.modules = output, output._version, x, rule, modules
 
 
 class _Reattach(torch.autograd.Function):
@@ -124,6 +149,10 @@ class ForwardCapture:
         self._mode = _Mode()
         self._handles: List[torch.utils.hooks.RemovableHandle] = []
         self._thread: Optional[int] = None
+        self._last: Optional[_Segment] = None  # the switch a following pass-through module may extend
+        #: module calls that got a switch, and those among them absorbed into the switch before
+        #: (the backward runs a rule once per segment: ``switches - absorbed`` rules)
+        self.switches = self.absorbed = 0
 
     # -- context management -------------------------------------------------------------------
     def __enter__(self) -> "ForwardCapture":
@@ -143,6 +172,7 @@ class ForwardCapture:
         self._remove()
 
     def _remove(self) -> None:
+        self._last = None
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -173,6 +203,8 @@ class ForwardCapture:
         def hook(module, args, output):
             if not self._mine():
                 return None
+            if self._last is not None and output is self._last.output:
+                self._last = None  # relevance is read at this output: no later module absorbs it
             if reattach and not torch.is_grad_enabled() and isinstance(output, torch.Tensor):
                 torch.set_grad_enabled(True)  # from here on; the caller's no_grad block restores it
                 output = _Reattach.apply(output.detach().requires_grad_(True))
@@ -184,13 +216,22 @@ class ForwardCapture:
 
     def _rule_hook(self, rule: Rule):
         mode = self._mode  # the switch gets the small mode object, never the capture
-        detach_output = not self.gradient_passes and not rule.uses_output_graph
 
         def hook(module, args, output):
             if not self._mine() or not torch.is_grad_enabled() or not isinstance(output, torch.Tensor):
                 return None
-            x = args[0]
+            x, last = args[0], self._last
+            if rule.passes_relevance and last is not None and x is last.output and x._version == last.version:
+                head, x, modules = last.rule, last.x, last.modules + (module,)  # absorb: R_x = R_y
+                self.absorbed += 1
+            else:
+                head, modules = rule, (module,)
+            detach_output = not self.gradient_passes and not head.uses_output_graph
             if not output.requires_grad or (detach_output and not x.requires_grad):
+                self._last = None
                 return None
-            return _Switch.apply(output.detach() if detach_output else output, x, rule, module, mode)
+            switched = _Switch.apply(output.detach() if detach_output else output, x, head, modules, mode)
+            self.switches += 1
+            self._last = _Segment(switched, x, head, modules) if head.reads_output_relevance else None
+            return switched
         return hook

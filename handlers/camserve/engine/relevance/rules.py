@@ -32,10 +32,12 @@ RelevanceGrad = Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]
 
 
 def stabilize(z: torch.Tensor, eps: float) -> torch.Tensor:
-    """``z + eps · sign(z)`` with ``sign(0) = +1`` (zennit's convention), safe to divide by."""
-    out = torch.empty_like(z)  # one buffer, updated in place: same bits as z + eps · (2·[z ≥ 0] − 1)
-    torch.ge(z, 0, out=out)
-    return out.mul_(2 * eps).sub_(eps).add_(z)
+    """``z + eps · sign(z)`` with ``sign(±0) = ±1``, safe to divide by.
+
+    ``copysign`` builds ``±eps`` in one pass (zennit writes ``sign(0) = +1``; the two differ only
+    at ``z = −0.0``, where every rule multiplies the ratio by a zero anyway)."""
+    out = torch.copysign(z.new_full((), eps), z)  # a 0-d tensor on z's device: no host copy
+    return out.add_(z)
 
 
 def scaled_ratio(grad: torch.Tensor, y: torch.Tensor, z: torch.Tensor, eps: float) -> torch.Tensor:
@@ -64,6 +66,12 @@ class Rule:
     name = "rule"
     #: whether :meth:`relevance_grad` returns a gradient for ``y``'s ordinary graph (else only for ``x``)
     uses_output_graph = False
+    #: whether this rule only passes relevance on unchanged (``R_x = R_y``, element-wise layers)
+    passes_relevance = False
+    #: whether :meth:`relevance_grad` reads ``y`` and ``grad`` only through ``R_y = y ⊙ grad``: then
+    #: pass-through layers right after the module can be absorbed into it (``R_y`` is the same at
+    #: their output), see :mod:`camserve.engine.capture`
+    reads_output_relevance = False
 
     def modified(self, module: nn.Module, x: torch.Tensor, y: torch.Tensor, call: ModuleCall) -> torch.Tensor:
         raise NotImplementedError
@@ -98,6 +106,8 @@ class PassRule(Rule):
     """
 
     name = "pass"
+    passes_relevance = True
+    reads_output_relevance = True
 
     def __init__(self, stabilizer: float = 1e-6):
         self.stabilizer = stabilizer
@@ -161,6 +171,7 @@ class AlphaBetaRule(Rule):
     """
 
     name = "alpha_beta"
+    reads_output_relevance = True
 
     def __init__(self, alpha: float = 2.0, beta: float = 1.0, stabilizer: float = 1e-6):
         if abs(alpha - beta - 1.0) > 1e-9:
@@ -201,6 +212,7 @@ class ZPlusRule(Rule):
     """
 
     name = "zplus"
+    reads_output_relevance = True
 
     def __init__(self, stabilizer: float = 1e-6):
         self.stabilizer = stabilizer
@@ -224,6 +236,7 @@ class ProportionalPoolRule(Rule):
     gradient's winner-take-all), realised through an average pool with the same geometry."""
 
     name = "proportional"
+    reads_output_relevance = True
 
     def __init__(self, stabilizer: float = 1e-6):
         self.stabilizer = stabilizer
