@@ -18,6 +18,11 @@ it, without the two element-wise ratio passes and without keeping the intermedia
 backward. A switch stays in the graph for every other consumer of an intermediate tensor, and a
 recorded layer output is never absorbed (its relevance is read there).
 
+Gradient passes can drop the module graphs too: given the verified geometry of the model's convs
+(``conv_geometry``), a segment whose ordinary gradient follows from its input and output alone
+(:mod:`camserve.engine.lean_gradient`: conv, eval BatchNorm, ReLU/ReLU6) gets a detached output,
+and its switch computes that gradient itself in ``"gradient"`` mode.
+
 Isolation: every hook checks that it runs in the thread that opened the capture, so concurrent
 captures on one shared model (threads serving requests) never see each other's tensors; all state
 lives on the capture object, none on the model or in globals; every handle is removed in
@@ -32,6 +37,7 @@ from typing import Dict, Iterable, List, Mapping, Optional
 import torch
 from torch import nn
 
+from .lean_gradient import ConvGeometry, SegmentGradient
 from .relevance.rules import Rule, call_with_params
 
 
@@ -65,13 +71,15 @@ class _Switch(torch.autograd.Function):
     ``modules`` is the segment: one ruled module, possibly followed by absorbed pass-through
     modules. The forward does nothing but keep references to ``x`` and ``y``: all rule work (z⁺'s
     extra convolutions, the ratios) happens in the relevance backward, via ``rule.relevance_grad``.
+    ``lean`` (a :class:`SegmentGradient`, when ``y`` was detached from the segment's graph) computes
+    the ordinary gradient in ``"gradient"`` mode.
     The output shares ``y``'s storage (no copy); if a later in-place op (ResNet's
     ``out += identity``) changes it, the backward recomputes ``y`` by running the segment on ``x``.
     """
 
     @staticmethod
-    def forward(ctx, y, x, rule, modules, mode):
-        ctx.mode, ctx.rule, ctx.modules = mode, rule, modules
+    def forward(ctx, y, x, rule, modules, mode, lean):
+        ctx.mode, ctx.rule, ctx.modules, ctx.lean = mode, rule, modules, lean
         ctx.y, ctx.y_version = y, y._version  # an input: no reference cycle through the node
         ctx.save_for_backward(x)
         ctx.set_materialize_grads(False)  # no gradient arrived (a segment absorbed this output): skip
@@ -79,32 +87,37 @@ class _Switch(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        none = (None,) * 6
         if grad is None:
-            return None, None, None, None, None
-        if ctx.mode.value != "relevance":
-            return (grad if ctx.needs_input_grad[0] else None), None, None, None, None
-        if not ctx.needs_input_grad[1]:  # relevance cannot reach anything below this module
-            return None, None, None, None, None
+            return none
+        relevance = ctx.mode.value == "relevance"
+        if not relevance and ctx.lean is None:
+            return (grad if ctx.needs_input_grad[0] else None,) + none[1:]
+        if not ctx.needs_input_grad[1]:  # nothing below this module needs a gradient
+            return none
         (x,) = ctx.saved_tensors
         mode = ctx.mode
         y = ctx.y.detach()
-        if ctx.y._version != ctx.y_version:
+        if ctx.y._version != ctx.y_version and (relevance or ctx.lean.reads_output):
             with torch.no_grad():
                 y = x
                 for module in ctx.modules:
                     y = mode.call_unhooked(module, {}, y)
+        if not relevance:
+            return None, ctx.lean(ctx.modules[0], x, y, grad), None, None, None, None
         grad_y, grad_x = ctx.rule.relevance_grad(ctx.modules[0], x, y, grad, mode.call_unhooked)
-        return grad_y, grad_x, None, None, None
+        return grad_y, grad_x, None, None, None, None
 
 
 class _Segment:
     """The switch created last: its output (which the next module may consume), the segment's
     input, rule and modules. Held only until the next switch replaces it."""
 
-    __slots__ = ("output", "version", "x", "rule", "modules")
+    __slots__ = ("output", "version", "x", "rule", "modules", "lean")
 
-    def __init__(self, output, x, rule, modules):
+    def __init__(self, output, x, rule, modules, lean):
         self.output, self.version, self.x, self.rule, self.modules = output, output._version, x, rule, modules
+        self.lean = lean
 
 
 class _Reattach(torch.autograd.Function):
@@ -136,13 +149,18 @@ class ForwardCapture:
     ``gradient_passes=False`` promises that only relevance backward passes will run: each ruled
     module's own graph is then dropped (its switch keeps ``x`` and ``y`` only), which frees what
     the module saved for an ordinary backward (e.g. the padded input of a same-padding conv).
+    With gradient passes, ``conv_geometry`` (``{name: ConvGeometry}``, see
+    :func:`camserve.engine.lean_gradient.trace_conv_geometries`) lets segments whose gradient
+    needs only ``x`` and ``y`` drop their graph as well.
     """
 
     def __init__(self, model: nn.Module, layers: Iterable[str], rules: Optional[Mapping[str, Rule]] = None,
-                 grad_from: Optional[str] = None, gradient_passes: bool = True):
+                 grad_from: Optional[str] = None, gradient_passes: bool = True,
+                 conv_geometry: Optional[Mapping[str, ConvGeometry]] = None):
         self.model = model
         self.grad_from = grad_from
         self.gradient_passes = gradient_passes
+        self.conv_geometry = dict(conv_geometry or {})
         self.layers = list(dict.fromkeys(layers))
         self.rules = dict(rules or {})
         self.activations: Dict[str, torch.Tensor] = {}
@@ -153,6 +171,8 @@ class ForwardCapture:
         #: module calls that got a switch, and those among them absorbed into the switch before
         #: (the backward runs a rule once per segment: ``switches - absorbed`` rules)
         self.switches = self.absorbed = 0
+        #: switches whose segment dropped its autograd graph for gradient passes (lean_gradient.py)
+        self.lean = 0
 
     # -- context management -------------------------------------------------------------------
     def __enter__(self) -> "ForwardCapture":
@@ -160,7 +180,8 @@ class ForwardCapture:
         self._thread = threading.get_ident()
         try:
             for name, rule in self.rules.items():  # rules first: capture sees the switched output
-                self._handles.append(modules[name].register_forward_hook(self._rule_hook(rule)))
+                hook = self._rule_hook(rule, self.conv_geometry.get(name))
+                self._handles.append(modules[name].register_forward_hook(hook))
             for name in self.layers:
                 self._handles.append(modules[name].register_forward_hook(self._capture_hook(name)))
         except BaseException:
@@ -214,7 +235,7 @@ class ForwardCapture:
             return None
         return hook
 
-    def _rule_hook(self, rule: Rule):
+    def _rule_hook(self, rule: Rule, geometry: Optional[ConvGeometry]):
         mode = self._mode  # the switch gets the small mode object, never the capture
 
         def hook(module, args, output):
@@ -223,15 +244,21 @@ class ForwardCapture:
             x, last = args[0], self._last
             if rule.passes_relevance and last is not None and x is last.output and x._version == last.version:
                 head, x, modules = last.rule, last.x, last.modules + (module,)  # absorb: R_x = R_y
+                lean = last.lean.extend(module) if last.lean is not None else None
                 self.absorbed += 1
             else:
                 head, modules = rule, (module,)
-            detach_output = not self.gradient_passes and not head.uses_output_graph
+                lean = SegmentGradient.start(module, geometry) if self.gradient_passes else None
+            if head.uses_output_graph:
+                detach_output, lean = False, None
+            else:
+                detach_output = not self.gradient_passes or lean is not None
             if not output.requires_grad or (detach_output and not x.requires_grad):
                 self._last = None
                 return None
-            switched = _Switch.apply(output.detach() if detach_output else output, x, head, modules, mode)
+            switched = _Switch.apply(output.detach() if detach_output else output, x, head, modules, mode, lean)
             self.switches += 1
-            self._last = _Segment(switched, x, head, modules) if head.reads_output_relevance else None
+            self.lean += lean is not None
+            self._last = _Segment(switched, x, head, modules, lean) if head.reads_output_relevance else None
             return switched
         return hook

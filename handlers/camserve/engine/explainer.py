@@ -5,8 +5,8 @@ and one :class:`ExplainSpec` (or ``None`` for a plain prediction) per image. It
 
 1. validates everything it can before touching the model (input, methods, layers, targets, options);
 2. runs **one** forward inside a :class:`ForwardCapture` over the union of requested layers, with
-   LRP rules hooked only when some request needs relevance, and only above the shallowest layer
-   that needs it; autograd records only above the shallowest requested layer;
+   switches (LRP rules for relevance passes, lean gradients for gradient passes) hooked only above
+   the shallowest requested layer; autograd records only above that layer;
 3. per target round (top-1 needs one round; top-k needs k), runs at most one ordinary backward and
    one relevance backward over that same graph, each seeded per row;
 4. lets each method compute its maps, grouped by (method, layer, options), vectorised over rows;
@@ -30,6 +30,7 @@ from torch import nn
 from .capture import ForwardCapture
 from .errors import InvalidInputError, InvalidTargetError
 from .layers import LayerCatalog
+from .lean_gradient import trace_conv_geometries
 from .methods import Captured, get_method
 from .relevance.composites import Composite, epsilon_plus
 from .relevance.rules import stabilize
@@ -130,6 +131,8 @@ class Explainer:
         with torch.no_grad():
             probe = model(torch.zeros(1, 3, *self.input_size, device=model_device(model)))
         self.num_classes = int(probe.shape[-1])
+        # read-only after this: which convs' gradient the capture may compute from x and y alone
+        self._conv_geometry = trace_conv_geometries(model, self.input_size, model_device(model), probe.dtype)
 
     def _disable_inplace(self) -> None:
         """In-place activations would overwrite captured tensors; switch them off (same values)."""
@@ -171,14 +174,14 @@ class Explainer:
             return ExplainResult(logits, [None] * len(specs), time.perf_counter() - start)
 
         layers = [name for row in rows for name in row.method.layers(row.layer, self.catalog, row.options)]
-        relevance_rows = [r for r in rows if r.method.needs_relevance_for(r.options)]
-        rules = self._rules_above([r for row in relevance_rows
-                                   for r in row.method.layers(row.layer, self.catalog, row.options)])
+        # switches above the shallowest layer: they carry the LRP rules for relevance passes and
+        # compute lean gradients (lean_gradient.py) for gradient passes
+        rules = self._rules_above(layers)
         floor = min(layers, key=lambda name: self.catalog.get(name).exited)  # no gradient needed below it
         start = time.perf_counter()
         gradient_passes = any(row.method.needs_gradient_for(row.options) for row in rows)
-        with ForwardCapture(self.model, layers, rules, grad_from=floor, gradient_passes=gradient_passes) as capture, \
-                torch.enable_grad():
+        with ForwardCapture(self.model, layers, rules, grad_from=floor, gradient_passes=gradient_passes,
+                            conv_geometry=self._conv_geometry) as capture, torch.enable_grad():
             with torch.no_grad():  # the capture switches grad on at ``floor``; this block restores the mode
                 logits = self.model(images)
             forward_seconds = time.perf_counter() - start
@@ -211,7 +214,7 @@ class Explainer:
         return _Row(index, method, layer, target, options)
 
     def _rules_above(self, layers: Sequence[str]):
-        """LRP rules for the modules that run (at least once) after the shallowest relevance layer
+        """LRP rules for the modules that run (at least once) after the shallowest requested layer
         is left. A module called several times (EfficientNet's shared ``_swish``: after the stem
         *and* after the head) is judged by its last call, so its calls above the layer keep their
         rule; its calls below are hooked too, which changes nothing above."""
