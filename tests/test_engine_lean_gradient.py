@@ -115,3 +115,28 @@ def test_resnet_lean_gradient_with_in_place_residual_adds():
         lean, counts = _gradient(model, explainer, x, layer, explainer._conv_geometry)
         assert counts["lean"] > 0
         assert torch.allclose(plain, lean, rtol=1e-5, atol=1e-6 * plain.abs().max()), layer
+
+
+def test_relevance_with_geometry_equals_relevance_through_the_modules(effnet, effnet_batch):
+    """Relevance passes evaluate z⁺ from the verified geometry (symmetric padding folded into the
+    conv, no padded copy); the relevance is the one the modules' own forward gives."""
+    from camserve.engine.relevance.rules import stabilize
+    from camserve.engine.targets import contrastive_seed
+
+    explainer = Explainer(effnet, (224, 224))
+    x = effnet_batch[0][:2]
+    rules = explainer._rules_above(["_blocks.2"])
+
+    def relevance(geometry):
+        with ForwardCapture(effnet, ["_blocks.2"], rules, grad_from="_blocks.2", gradient_passes=False,
+                            conv_geometry=geometry) as capture, torch.enable_grad():
+            with torch.no_grad():
+                logits = effnet(x)
+            capture.mode = "relevance"
+            seed = contrastive_seed(logits, logits.argmax(1), True) / stabilize(logits.detach(), 1e-12)
+            activation = capture.activations["_blocks.2"]
+            (grad,) = torch.autograd.grad(logits, [activation], seed)
+        return (activation * grad).detach()
+
+    through_modules, from_geometry = relevance({}), relevance(explainer._conv_geometry)
+    assert torch.allclose(from_geometry, through_modules, rtol=1e-4, atol=1e-5 * through_modules.abs().max())

@@ -72,14 +72,15 @@ class _Switch(torch.autograd.Function):
     modules. The forward does nothing but keep references to ``x`` and ``y``: all rule work (z⁺'s
     extra convolutions, the ratios) happens in the relevance backward, via ``rule.relevance_grad``.
     ``lean`` (a :class:`SegmentGradient`, when ``y`` was detached from the segment's graph) computes
-    the ordinary gradient in ``"gradient"`` mode.
+    the ordinary gradient in ``"gradient"`` mode; ``geometry`` (the head conv's verified
+    :class:`ConvGeometry`, if any) evaluates it with modified weights for the rule.
     The output shares ``y``'s storage (no copy); if a later in-place op (ResNet's
     ``out += identity``) changes it, the backward recomputes ``y`` by running the segment on ``x``.
     """
 
     @staticmethod
-    def forward(ctx, y, x, rule, modules, mode, lean):
-        ctx.mode, ctx.rule, ctx.modules, ctx.lean = mode, rule, modules, lean
+    def forward(ctx, y, x, rule, modules, mode, lean, geometry):
+        ctx.mode, ctx.rule, ctx.modules, ctx.lean, ctx.geometry = mode, rule, modules, lean, geometry
         ctx.y, ctx.y_version = y, y._version  # an input: no reference cycle through the node
         ctx.save_for_backward(x)
         ctx.set_materialize_grads(False)  # no gradient arrived (a segment absorbed this output): skip
@@ -87,7 +88,7 @@ class _Switch(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        none = (None,) * 6
+        none = (None,) * 7
         if grad is None:
             return none
         relevance = ctx.mode.value == "relevance"
@@ -104,20 +105,21 @@ class _Switch(torch.autograd.Function):
                 for module in ctx.modules:
                     y = mode.call_unhooked(module, {}, y)
         if not relevance:
-            return None, ctx.lean(ctx.modules[0], x, y, grad), None, None, None, None
-        grad_y, grad_x = ctx.rule.relevance_grad(ctx.modules[0], x, y, grad, mode.call_unhooked)
-        return grad_y, grad_x, None, None, None, None
+            return (None, ctx.lean(ctx.modules[0], x, y, grad)) + none[2:]
+        call = ctx.geometry.call if ctx.geometry is not None else mode.call_unhooked
+        grad_y, grad_x = ctx.rule.relevance_grad(ctx.modules[0], x, y, grad, call)
+        return (grad_y, grad_x) + none[2:]
 
 
 class _Segment:
     """The switch created last: its output (which the next module may consume), the segment's
     input, rule and modules. Held only until the next switch replaces it."""
 
-    __slots__ = ("output", "version", "x", "rule", "modules", "lean")
+    __slots__ = ("output", "version", "x", "rule", "modules", "lean", "geometry")
 
-    def __init__(self, output, x, rule, modules, lean):
+    def __init__(self, output, x, rule, modules, lean, geometry):
         self.output, self.version, self.x, self.rule, self.modules = output, output._version, x, rule, modules
-        self.lean = lean
+        self.lean, self.geometry = lean, geometry
 
 
 class _Reattach(torch.autograd.Function):
@@ -245,9 +247,10 @@ class ForwardCapture:
             if rule.passes_relevance and last is not None and x is last.output and x._version == last.version:
                 head, x, modules = last.rule, last.x, last.modules + (module,)  # absorb: R_x = R_y
                 lean = last.lean.extend(module) if last.lean is not None else None
+                head_geometry = last.geometry
                 self.absorbed += 1
             else:
-                head, modules = rule, (module,)
+                head, modules, head_geometry = rule, (module,), geometry
                 lean = SegmentGradient.start(module, geometry) if self.gradient_passes else None
             if head.uses_output_graph:
                 detach_output, lean = False, None
@@ -256,9 +259,11 @@ class ForwardCapture:
             if not output.requires_grad or (detach_output and not x.requires_grad):
                 self._last = None
                 return None
-            switched = _Switch.apply(output.detach() if detach_output else output, x, head, modules, mode, lean)
+            switched = _Switch.apply(output.detach() if detach_output else output, x, head, modules, mode, lean,
+                                     head_geometry)
             self.switches += 1
             self.lean += lean is not None
-            self._last = _Segment(switched, x, head, modules, lean) if head.reads_output_relevance else None
+            self._last = (_Segment(switched, x, head, modules, lean, head_geometry)
+                          if head.reads_output_relevance else None)
             return switched
         return hook

@@ -7,8 +7,8 @@ every part of the segment has a derivative that needs nothing beyond the segment
 (for its shape) and output ``y``, the capture drops the segment's graph and the switch computes
 
 * activation as the segment's last module, from its output ``y``:
-  ReLU ``g ⊙ [y > 0]``; Hardtanh / ReLU6 ``g ⊙ [lo < y < hi]`` (the same as autograd's, which
-  reads the input: ``lo < x < hi ⇔ lo < y < hi``);
+  ReLU ``g ⊙ [y > 0]``; Hardtanh / ReLU6 ``g ⊙ [lo < y < hi]`` — autograd's own backward kernels,
+  given ``y`` where autograd gives ``x``: ``x > 0 ⇔ y > 0`` and ``lo < x < hi ⇔ lo < y < hi``;
 * BatchNorm in eval mode (running statistics): ``g ⊙ γ / √(σ² + ε)`` per channel, no tensor;
 * convolution (2-D, zero padding): ``Wᵀ g``, the transposed convolution with the module's stride,
   dilation and groups, and its padding — the module's own, or that of a ``ZeroPad2d`` child
@@ -37,7 +37,8 @@ Derivative = Callable[[torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
 @dataclass(frozen=True)
 class ConvGeometry:
     """How a conv module maps ``x`` to ``y``: ``conv2d(pad(x, pads), W, b, stride, padding,
-    dilation, groups)`` with ``pads = (left, right, top, bottom)`` from a padding child."""
+    dilation, groups)`` with ``pads = (left, right, top, bottom)`` from a padding child. Used for the
+    lean gradient and, in relevance passes, to evaluate the module with modified weights (z⁺)."""
 
     pads: Tuple[int, int, int, int]
     stride: Tuple[int, int]
@@ -45,20 +46,31 @@ class ConvGeometry:
     dilation: Tuple[int, int]
     groups: int
 
-    def forward(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """``y`` rebuilt from the geometry (used once, to verify it)."""
-        if any(self.pads):
-            x = F.pad(x, self.pads)
-        return F.conv2d(x, module.weight, module.bias, self.stride, self.padding, self.dilation, self.groups)
+    def _split(self) -> Tuple[Tuple[int, int, int, int], Tuple[int, int]]:
+        """``pads`` split into an asymmetric rest and the conv padding that absorbs the symmetric part."""
+        left, right, top, bottom = self.pads
+        sym_h, sym_w = min(top, bottom), min(left, right)
+        rest = (left - sym_w, right - sym_w, top - sym_h, bottom - sym_h)
+        return rest, (self.padding[0] + sym_h, self.padding[1] + sym_w)
+
+    def call(self, module: nn.Module, params: dict, x: torch.Tensor) -> torch.Tensor:
+        """``module(x)`` with ``params`` (``weight``/``bias``) substituted, from the geometry: no
+        hook, no module state, and no padded copy of ``x`` where the padding is symmetric."""
+        rest, padding = self._split()
+        if any(rest):
+            x = F.pad(x, rest)
+        return F.conv2d(x, params.get("weight", module.weight), params.get("bias", module.bias), self.stride,
+                        padding, self.dilation, self.groups)
 
     def input_grad(self, module: nn.Module, x_shape: torch.Size, grad: torch.Tensor) -> torch.Tensor:
-        """``g_x = Wᵀ g``: the transposed convolution onto the padded input, cropped to ``x``."""
-        left, right, top, bottom = self.pads
+        """``g_x = Wᵀ g``: the transposed convolution (with the symmetric padding folded in as in
+        :meth:`call`; only an asymmetric rest — TF "same" at stride 2 — is cropped)."""
+        (left, right, top, bottom), padding = self._split()
         n, c, h, w = x_shape
         padded = (n, c, h + top + bottom, w + left + right)
-        grad_x = torch.nn.grad.conv2d_input(padded, module.weight.detach(), grad, self.stride, self.padding,
+        grad_x = torch.nn.grad.conv2d_input(padded, module.weight.detach(), grad, self.stride, padding,
                                             self.dilation, self.groups)
-        return grad_x[:, :, top:top + h, left:left + w] if any(self.pads) else grad_x
+        return grad_x[:, :, top:top + h, left:left + w] if (left or right or top or bottom) else grad_x
 
 
 def _candidates(module: nn.Conv2d):
@@ -104,7 +116,7 @@ def trace_conv_geometries(model: nn.Module, input_size: Tuple[int, int], device:
         for name, (x, y) in seen.items():
             for geometry in _candidates(modules[name]):
                 try:
-                    rebuilt = geometry.forward(modules[name], x)
+                    rebuilt = geometry.call(modules[name], {}, x)
                 except RuntimeError:  # e.g. a kernel larger than the unpadded input
                     continue
                 scale = y.abs().max().clamp_min(1e-12)
@@ -133,11 +145,11 @@ def elementwise_derivative(module: nn.Module) -> Tuple[Optional[Derivative], boo
             grad = grad * invstd.view(shape)
             return grad.mul_(weight.view(shape)) if weight is not None else grad
         return batchnorm, False
-    if isinstance(module, nn.Hardtanh):  # ReLU6 too
-        low, high = module.min_val, module.max_val
-        return (lambda grad, y: grad * ((y > low) & (y < high))), True
+    if isinstance(module, nn.Hardtanh):  # ReLU6 too; autograd's own kernel, fed y instead of x
+        low, high = float(module.min_val), float(module.max_val)
+        return (lambda grad, y: torch.ops.aten.hardtanh_backward(grad, y, low, high)), True
     if isinstance(module, nn.ReLU):
-        return (lambda grad, y: grad * (y > 0)), True
+        return (lambda grad, y: torch.ops.aten.threshold_backward(grad, y, 0.0)), True
     return None, False
 
 
