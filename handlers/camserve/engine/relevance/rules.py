@@ -192,7 +192,8 @@ class AlphaBetaRule(Rule):
         with torch.enable_grad():
             x = x.detach().requires_grad_(True)
             z_pos = _signed_z(module, x, call, positive=True, nonnegative=nonnegative)
-            zs, seeds = [z_pos], [scaled_ratio(grad, y, z_pos.detach(), self.stabilizer).mul_(self.alpha)]
+            seed = scaled_ratio(grad, y, z_pos.detach(), self.stabilizer)
+            zs, seeds = [z_pos], [seed.mul_(self.alpha) if self.alpha != 1 else seed]
             if self.beta:
                 z_neg = _signed_z(module, x, call, positive=False, nonnegative=nonnegative)
                 zs.append(z_neg)
@@ -204,7 +205,7 @@ class AlphaBetaRule(Rule):
         return f"AlphaBetaRule(alpha={self.alpha}, beta={self.beta})"
 
 
-class ZPlusRule(Rule):
+class ZPlusRule(AlphaBetaRule):
     """LRP-z⁺ (= αβ with α=1, β=0, zennit's ``ZPlus``):
     ``R_x = x⁺ ⊙ W⁺ᵀ(R_y / z⁺) + x⁻ ⊙ W⁻ᵀ(R_y / z⁺)`` with ``z⁺ = W⁺x⁺ + W⁻x⁻ + b⁺``.
 
@@ -212,23 +213,12 @@ class ZPlusRule(Rule):
     """
 
     name = "zplus"
-    reads_output_relevance = True
 
     def __init__(self, stabilizer: float = 1e-6):
-        self.stabilizer = stabilizer
+        super().__init__(1.0, 0.0, stabilizer)
 
-    def modified(self, module, x, y, call):
-        z = _signed_z(module, x, call, positive=True)
-        return z * (y / stabilize(z, self.stabilizer)).detach()
-
-    def relevance_grad(self, module, x, y, grad, call):
-        """``g_x = ∂z⁺ᵀ(g_y ⊙ y / stab z⁺)``, ``z⁺`` recomputed here (one term when ``x ≥ 0``)."""
-        nonnegative = _nonnegative(x)
-        with torch.enable_grad():
-            x = x.detach().requires_grad_(True)
-            z = _signed_z(module, x, call, positive=True, nonnegative=nonnegative)
-            (grad_x,) = torch.autograd.grad(z, x, scaled_ratio(grad, y, z.detach(), self.stabilizer))
-        return None, grad_x
+    def __repr__(self) -> str:
+        return "ZPlusRule()"
 
 
 class ProportionalPoolRule(Rule):
