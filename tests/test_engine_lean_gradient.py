@@ -47,12 +47,12 @@ def test_effnet_lean_gradient_is_autograds_bit_for_bit(effnet, effnet_batch, lay
 
 
 def test_geometry_is_verified_for_every_effnet_and_resnet_conv(effnet):
-    geometry = trace_conv_geometries(effnet, (224, 224), torch.device("cpu"))
+    geometry, _ = trace_conv_geometries(effnet, (224, 224))
     convs = [name for name, m in effnet.named_modules() if isinstance(m, nn.Conv2d)]
     assert sorted(geometry) == sorted(convs)
     assert geometry["_conv_stem"].pads == (0, 1, 0, 1)  # TF "same" at stride 2: asymmetric
     resnet = load_torchvision("resnet18").eval()
-    geometry = trace_conv_geometries(resnet, (64, 64), torch.device("cpu"))
+    geometry, _ = trace_conv_geometries(resnet, (64, 64))
     assert len(geometry) == sum(isinstance(m, nn.Conv2d) for m in resnet.modules())
     assert geometry["conv1"].padding == (3, 3) and geometry["conv1"].pads == (0, 0, 0, 0)
 

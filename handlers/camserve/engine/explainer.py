@@ -128,11 +128,9 @@ class Explainer:
         self.composite = composite or epsilon_plus()
         self._rules = self.composite.assign(model.named_modules())
         self.max_topk = max_topk
-        with torch.no_grad():
-            probe = model(torch.zeros(1, 3, *self.input_size, device=model_device(model)))
-        self.num_classes = int(probe.shape[-1])
         # read-only after this: which convs' gradient the capture may compute from x and y alone
-        self._conv_geometry = trace_conv_geometries(model, self.input_size, model_device(model), probe.dtype)
+        self._conv_geometry, probe = trace_conv_geometries(model, self.input_size)
+        self.num_classes = int(probe.shape[-1])
 
     def _disable_inplace(self) -> None:
         """In-place activations would overwrite captured tensors; switch them off (same values)."""

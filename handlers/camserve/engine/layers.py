@@ -25,18 +25,24 @@ from .errors import NotAFeatureMapError, UnknownLayerError
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 
-def probe_forward(model: nn.Module, input_size: Tuple[int, int], register) -> None:
-    """One no-grad forward of zeros ``(1, 3, H, W)`` (model's device and dtype) with the hooks that
+def probe_forward(model: nn.Module, input_size: Tuple[int, int], register, seed: Optional[int] = None):
+    """One no-grad forward of a probe ``(1, 3, H, W)`` (model's device and dtype) with the hooks that
     ``register(handles)`` installs, appending each handle; every handle is removed afterwards,
-    also when registering or the forward fails."""
+    also when registering or the forward fails. The probe is zeros, or with ``seed`` a standard
+    normal image from its own generator (the global RNG is not touched). Returns the output."""
     handles: list = []
     try:
         register(handles)
         param = next(model.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")
         dtype = param.dtype if param is not None else torch.float32
+        if seed is None:
+            probe = torch.zeros(1, 3, *input_size, device=device, dtype=dtype)
+        else:
+            generator = torch.Generator(device="cpu").manual_seed(seed)
+            probe = torch.randn(1, 3, *input_size, generator=generator).to(device=device, dtype=dtype)
         with torch.no_grad():
-            model(torch.zeros(1, 3, *input_size, device=device, dtype=dtype))
+            return model(probe)
     finally:
         for handle in handles:
             handle.remove()

@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .layers import probe_forward
+
 #: ``(g, y) → g_x`` for an element-wise module; ``y`` is ignored by constant derivatives
 Derivative = Callable[[torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
 
@@ -87,30 +89,25 @@ def _supported_conv(module: nn.Module) -> bool:
             and not isinstance(module.padding, str))
 
 
-def trace_conv_geometries(model: nn.Module, input_size: Tuple[int, int], device: torch.device,
-                          dtype: torch.dtype = torch.float32) -> Dict[str, ConvGeometry]:
-    """``{name: geometry}`` for every 2-D conv whose output one probe forward reproduces.
+def trace_conv_geometries(model: nn.Module, input_size: Tuple[int, int]) -> Tuple[Dict[str, ConvGeometry], torch.Tensor]:
+    """``{name: geometry}`` for every 2-D conv whose output one probe forward reproduces, and the
+    model's output for that probe (the caller needs no other forward to learn, e.g., the class count).
 
-    The probe is a seeded random image (its own generator: the global RNG is not touched); each
-    conv's recorded input is fed to the candidate geometries (the module's own padding, then a
+    The probe is a seeded random image (:func:`camserve.engine.layers.probe_forward`); each conv's
+    recorded input is fed to the candidate geometries (the module's own padding, then a
     ``ZeroPad2d`` child's first) and the first that matches the recorded output within float
     tolerance is kept."""
     modules = {name: m for name, m in model.named_modules() if _supported_conv(m)}
     seen: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
-    handles = []
-    for name, module in modules.items():
-        def hook(mod, args, output, name=name):
-            if name not in seen and isinstance(args[0], torch.Tensor) and args[0].dim() == 4:
-                seen[name] = (args[0], output)
-        handles.append(module.register_forward_hook(hook))
-    generator = torch.Generator(device="cpu").manual_seed(0)
-    probe = torch.randn(1, 3, *input_size, generator=generator).to(device=device, dtype=dtype)
-    try:
-        with torch.no_grad():
-            model(probe)
-    finally:
-        for handle in handles:
-            handle.remove()
+
+    def register(handles):
+        for name, module in modules.items():
+            def hook(mod, args, output, name=name):
+                if name not in seen and isinstance(args[0], torch.Tensor) and args[0].dim() == 4:
+                    seen[name] = (args[0], output)
+            handles.append(module.register_forward_hook(hook))
+
+    output = probe_forward(model, input_size, register, seed=0)
     geometries = {}
     with torch.no_grad():
         for name, (x, y) in seen.items():
@@ -123,7 +120,7 @@ def trace_conv_geometries(model: nn.Module, input_size: Tuple[int, int], device:
                 if rebuilt.shape == y.shape and bool(((rebuilt - y).abs().max() / scale) < 1e-4):
                     geometries[name] = geometry
                     break
-    return geometries
+    return geometries, output
 
 
 def elementwise_derivative(module: nn.Module) -> Tuple[Optional[Derivative], bool]:
