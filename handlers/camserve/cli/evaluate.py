@@ -23,6 +23,8 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from ..engine.metrics import mean_and_sem
+
 #: evaluation name → (engine method, options); a method name expands to all its variants.
 SHALLOWCAM_VARIANTS = OrderedDict([
     ("shallowcam[grad]", ("shallowcam", {"spatial": "gradient", "refine": False})),
@@ -191,14 +193,8 @@ def run(args: argparse.Namespace) -> int:
         explain_seconds = time.perf_counter() - t0
         curves = deletion_insertion(score, images, maps, steps=args.steps, batch_size=args.batch_size,
                                     blurred=blurred, endpoints=endpoints, progress=bar.update)
-        results[(layer, name)] = {
-            "layer": layer or "input", "method": name, "n": n,
-            "deletion_auc": curves.deletion_auc.tolist(), "insertion_auc": curves.insertion_auc.tolist(),
-            "overall": curves.overall.tolist(),
-            "mean_deletion_curve": curves.deletion.mean(0).tolist(),
-            "mean_insertion_curve": curves.insertion.mean(0).tolist(),
-            "fractions": curves.fractions.tolist(), "explain_seconds": explain_seconds,
-        }
+        results[(layer, name)] = {"layer": layer or "input", "method": name, "n": n, **curves.record(),
+                                  "explain_seconds": explain_seconds}
         meta = run_meta(args, profile, rows, classes, labels, device, started, notes,
                         complete=len(results) == len(jobs))
         write_outputs(out, meta, summarise(results, layers, methods), results, layers, methods,
@@ -238,9 +234,7 @@ def summarise(results, layers, methods) -> List[dict]:
                 continue
             row = {"layer": layer, "method": name, "n": r["n"]}
             for key in ("deletion_auc", "insertion_auc", "overall"):
-                values = torch.tensor(r[key], dtype=torch.float64)
-                row[key] = float(values.mean())
-                row[key + "_sem"] = float(values.std(unbiased=True) / len(values) ** 0.5) if len(values) > 1 else 0.0
+                row[key], row[key + "_sem"] = mean_and_sem(r[key])
             rows.append(row)
     return rows
 
@@ -289,15 +283,20 @@ def markdown_table(summary, layers, methods, meta) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_outputs(out: Path, meta, summary, results, layers, methods, plots: bool = True) -> None:
-    with open(out / "faithfulness.csv", "w", newline="") as f:
+def write_result_files(out: Path, stem: str, meta, summary, results, markdown: str) -> None:
+    """``<stem>.csv`` (the summary rows), ``<stem>.json`` (meta, summary, every per-map record) and
+    ``<stem>.md`` (the given tables); shared by ``evaluate`` and ``evaluate-embedding``."""
+    with open(out / f"{stem}.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(summary[0].keys()))
         writer.writeheader()
         writer.writerows(summary)
-    with open(out / "faithfulness.json", "w") as f:
-        json.dump({"meta": meta, "summary": summary,
-                   "per_map": [dict(r) for r in results.values()]}, f, indent=1)
-    (out / "faithfulness.md").write_text(markdown_table(summary, layers, methods, meta))
+    with open(out / f"{stem}.json", "w") as f:
+        json.dump({"meta": meta, "summary": summary, "per_map": [dict(r) for r in results.values()]}, f, indent=1)
+    (out / f"{stem}.md").write_text(markdown)
+
+
+def write_outputs(out: Path, meta, summary, results, layers, methods, plots: bool = True) -> None:
+    write_result_files(out, "faithfulness", meta, summary, results, markdown_table(summary, layers, methods, meta))
     if plots:
         plot(out, summary, results, layers, methods)
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import platform
 import sys
@@ -42,6 +41,9 @@ from typing import Dict, List, Tuple
 
 import torch
 from torch import nn
+
+from ..engine.metrics import mean_and_sem
+from .evaluate import write_result_files
 
 PAIR_KINDS = ("flip", "zoom", "neighbour")
 METHODS = ("fam", "gradcam_similarity", "captum.integrated_gradients", "random")
@@ -219,14 +221,8 @@ def run(args: argparse.Namespace) -> int:
             explain_seconds = time.perf_counter() - t0
             curves = deletion_insertion(score, queries, maps, steps=args.steps, batch_size=args.batch_size,
                                         blurred=blurred, endpoints=endpoints, progress=bar.update)
-            results[(kind, method)] = {
-                "pairs": kind, "method": method, "n": n,
-                "deletion_auc": curves.deletion_auc.tolist(), "insertion_auc": curves.insertion_auc.tolist(),
-                "overall": curves.overall.tolist(),
-                "mean_deletion_curve": curves.deletion.mean(0).tolist(),
-                "mean_insertion_curve": curves.insertion.mean(0).tolist(),
-                "fractions": curves.fractions.tolist(), "explain_seconds": round(explain_seconds, 3),
-            }
+            results[(kind, method)] = {"pairs": kind, "method": method, "n": n, **curves.record(),
+                                       "explain_seconds": round(explain_seconds, 3)}
             kinds_done = sorted({k for k, _ in results}, key=list(pairs).index)
             meta = run_meta(args, profile, rows, pair_meta, device, started, notes,
                             complete=len(results) == len(pairs) * len(methods))
@@ -256,12 +252,6 @@ def run_meta(args, profile, rows, pair_meta, device, started, notes, complete: b
     }
 
 
-def _stats(values: List[float]) -> Tuple[float, float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    sem = float(t.std(unbiased=True) / len(t) ** 0.5) if len(t) > 1 else 0.0
-    return float(t.mean()), sem
-
-
 def summarise(results, kinds, methods) -> List[dict]:
     """One row per (pair kind, method) and per method over all pairs (``all``): means and SEMs."""
     rows = []
@@ -272,7 +262,7 @@ def summarise(results, kinds, methods) -> List[dict]:
                 continue
             row = {"pairs": kind, "method": method, "n": sum(p["n"] for p in parts)}
             for key in ("deletion_auc", "insertion_auc", "overall"):
-                row[key], row[key + "_sem"] = _stats([v for p in parts for v in p[key]])
+                row[key], row[key + "_sem"] = mean_and_sem([v for p in parts for v in p[key]])
             row["explain_seconds"] = round(sum(p["explain_seconds"] for p in parts), 3)
             rows.append(row)
     return rows
@@ -323,13 +313,7 @@ def markdown_table(summary, methods, meta) -> str:
 
 
 def write_outputs(out: Path, meta, summary, results, kinds, methods, plots: bool = True) -> None:
-    with open(out / f"{OUTPUT_STEM}.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(summary[0].keys()))
-        writer.writeheader()
-        writer.writerows(summary)
-    with open(out / f"{OUTPUT_STEM}.json", "w") as f:
-        json.dump({"meta": meta, "summary": summary, "per_map": [dict(r) for r in results.values()]}, f, indent=1)
-    (out / f"{OUTPUT_STEM}.md").write_text(markdown_table(summary, methods, meta))
+    write_result_files(out, OUTPUT_STEM, meta, summary, results, markdown_table(summary, methods, meta))
     if plots:
         plot(out, summary, results, kinds, methods)
 

@@ -51,6 +51,21 @@ class Curves:
         """``AUC(insertion) − AUC(deletion)`` per image ``(N,)``."""
         return self.insertion_auc - self.deletion_auc
 
+    def record(self) -> dict:
+        """Plain lists for a JSON record: the per-image AUCs and overall, and the mean curves."""
+        return {"deletion_auc": self.deletion_auc.tolist(), "insertion_auc": self.insertion_auc.tolist(),
+                "overall": self.overall.tolist(),
+                "mean_deletion_curve": self.deletion.mean(0).tolist(),
+                "mean_insertion_curve": self.insertion.mean(0).tolist(),
+                "fractions": self.fractions.tolist()}
+
+
+def mean_and_sem(values) -> tuple:
+    """``(mean, standard error of the mean)`` of a list of numbers (SEM 0 for a single value)."""
+    t = torch.tensor(values, dtype=torch.float64)
+    sem = float(t.std(unbiased=True) / len(t) ** 0.5) if len(t) > 1 else 0.0
+    return float(t.mean()), sem
+
 
 def auc(scores: torch.Tensor) -> torch.Tensor:
     """Area under ``scores`` ``(..., S + 1)`` sampled evenly on [0, 1]: the trapezoid rule."""
