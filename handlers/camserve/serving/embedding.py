@@ -27,14 +27,14 @@ from ..engine.fam import FamExplainer, FamSpec
 from ..engine.gallery import Gallery
 from ..engine.models import EFFNET_LITE0, ModelProfile, load_effnet_lite0
 from ..engine.preprocess import crop_box, to_model_input
-from ..engine.render import COLORMAPS, overlay, to_uint8
+from ..engine.render import overlay, to_uint8
 from .base import CamserveHandler
 from .classifier import image_bytes
 from .encode import b64png
 from .errors import InvalidRequestOptionError, MissingInputError
 from .images import decode_image, image_size
 from .metrics import record_explanations
-from .options import as_text, parse_flag, parse_int
+from .options import as_text, parse_colormap, parse_flag, parse_int
 from .requests import EMBED_FIELDS, ParsedRequest
 
 
@@ -109,9 +109,7 @@ class EmbeddingHandler(CamserveHandler):
                     raise MissingInputError("this archive has no gallery; send a reference or reference_embedding")
                 k = parse_int("gallery", gallery_k, 1, min(s.max_gallery_topk, len(self.gallery)))
                 spec = FamSpec(gallery_topk=k, similarity=similarity, method=method)
-            colormap = str(raw.get("colormap") or s.colormap).lower()
-            if colormap not in COLORMAPS:
-                raise InvalidRequestOptionError(f"unknown colormap {colormap!r}; choose one of {list(COLORMAPS)}")
+            colormap = parse_colormap(raw.get("colormap") or s.colormap)
             items.append(EmbedItem(index, position, image, reference, spec,
                                    parse_flag("embedding", raw.get("embedding", True)),
                                    parse_flag("overlay", raw.get("overlay", False)), colormap))

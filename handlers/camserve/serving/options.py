@@ -49,6 +49,14 @@ def parse_flag(name: str, value: Any) -> bool:
     raise InvalidRequestOptionError(f"option {name!r} must be 0/1/true/false, got {value!r}")
 
 
+def parse_colormap(value: Any) -> str:
+    """A colormap name, lower-cased; unknown → 400."""
+    name = str(value).lower()
+    if name not in COLORMAPS:
+        raise InvalidRequestOptionError(f"unknown colormap {name!r}; choose one of {list(COLORMAPS)}")
+    return name
+
+
 def parse_int(name: str, value: Any, low: int, high: int) -> int:
     try:
         number = int(str(value).strip()) if not isinstance(value, bool) else None
@@ -117,12 +125,8 @@ def parse_options(raw: Mapping[str, Any], settings: HandlerSettings, explain_rou
     if fmt not in FORMATS:
         raise InvalidRequestOptionError(f"option 'format' must be one of {list(FORMATS)}, got {fmt!r}")
     options.format = fmt
-    colormap = raw.get("colormap")
-    if colormap not in (None, ""):
-        colormap = str(colormap).lower()
-        if colormap not in COLORMAPS:
-            raise InvalidRequestOptionError(f"unknown colormap {colormap!r}; choose one of {list(COLORMAPS)}")
-        options.colormap = colormap
+    if raw.get("colormap") not in (None, ""):
+        options.colormap = parse_colormap(raw["colormap"])
     if "overlay" in raw:
         options.overlay = parse_flag("overlay", raw["overlay"])
     if "alpha" in raw:
