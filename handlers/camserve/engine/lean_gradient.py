@@ -155,31 +155,29 @@ class SegmentGradient:
     the tails' derivatives in reverse order, then the head's (a verified conv geometry or an
     element-wise derivative). Built per forward call, read-only afterwards."""
 
-    __slots__ = ("conv", "derivatives", "open")
+    __slots__ = ("conv", "derivatives", "reads_output")
 
-    def __init__(self, conv: Optional[ConvGeometry], derivatives: Sequence[Derivative], open_: bool):
-        self.conv, self.derivatives, self.open = conv, tuple(derivatives), open_
+    def __init__(self, conv: Optional[ConvGeometry], derivatives: Sequence[Derivative], reads_output: bool):
+        #: whether :meth:`__call__` reads ``y`` (the last module is an activation): nothing may follow
+        self.conv, self.derivatives, self.reads_output = conv, tuple(derivatives), reads_output
 
     @classmethod
     def start(cls, module: nn.Module, geometry: Optional[ConvGeometry]) -> Optional["SegmentGradient"]:
         """The plan for a segment made of ``module`` alone, or ``None`` if it needs autograd."""
         if geometry is not None:
-            return cls(geometry, (), True)
+            return cls(geometry, (), False)
         derivative, needs_output = elementwise_derivative(module)
-        return None if derivative is None else cls(None, (derivative,), not needs_output)
+        return None if derivative is None else cls(None, (derivative,), needs_output)
 
     def extend(self, module: nn.Module) -> Optional["SegmentGradient"]:
         """The plan once ``module`` is absorbed; ``None`` when the segment then needs autograd
         (an unknown module, or anything after an activation, whose mask needs its own output)."""
-        derivative, needs_output = elementwise_derivative(module)
-        if not self.open or derivative is None:
+        if self.reads_output:
             return None
-        return SegmentGradient(self.conv, self.derivatives + (derivative,), not needs_output)
-
-    @property
-    def reads_output(self) -> bool:
-        """Whether :meth:`__call__` reads ``y`` (the last module is an activation)."""
-        return not self.open
+        derivative, needs_output = elementwise_derivative(module)
+        if derivative is None:
+            return None
+        return SegmentGradient(self.conv, self.derivatives + (derivative,), needs_output)
 
     def __call__(self, head: nn.Module, x: torch.Tensor, y: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         """``g_x = J_segmentᵀ g``."""
