@@ -3,5 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 ./scripts/setup_env.sh
+./scripts/install_extras.sh    # optional extras (timm, transformers, pyarrow, …): their tests run too
 ./scripts/install_chromium.sh   # headless Chromium renders the batch HTML report in a test
 exec .venv/bin/python -m pytest -q -rs "$@"

@@ -179,9 +179,16 @@ class TorchServe:
 
 
 def start_server(models: Dict[str, str] = MODELS, workdir: Optional[Path] = None,
-                 overrides: Optional[Dict[str, str]] = None) -> TorchServe:
+                 overrides: Optional[Dict[str, str]] = None, byo: bool = False) -> TorchServe:
+    """A TorchServe with ``models``; with ``byo`` also the bring-your-own archives of
+    tests/byo_archives.py, built by ``camserve archive`` into the model store first."""
     subprocess.run([str(REPO / "archive.sh")], check=True, cwd=REPO, capture_output=True)
     workdir = Path(workdir or tempfile.mkdtemp(prefix="camserve-ts-"))
+    models = dict(models)
+    if byo:
+        from byo_archives import build_byo_archives
+
+        models.update(build_byo_archives(REPO / "model_store", workdir / "byo"))
     ports = {name: free_port() for name in ("inference", "management", "metrics", "grpc_inference", "grpc_management")}
     return TorchServe(workdir, ports, dict(models)).start(overrides=overrides)
 
@@ -205,7 +212,7 @@ def port_open(port: int) -> bool:
 def torchserve_server():
     if shutil.which("java") is None:
         pytest.fail("java not found: TorchServe needs a Java 17 runtime")
-    server = start_server()
+    server = start_server(byo=True)  # the bundled archives side by side with bring-your-own ones
     yield server
     if server.process is not None and server.process.poll() is None:
         server.stop()

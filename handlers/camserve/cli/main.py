@@ -12,10 +12,16 @@ import sys
 from typing import List, Optional
 
 SUBCOMMANDS = {
+    "archive": ("camserve.cli.archive", "build a TorchServe .mar from a model spec (torchvision, timm, eager, transformers)"),
+    "layers": ("camserve.cli.layers", "list a model spec's feature-map layers, stages and default CAM layer"),
     "batch": ("camserve.cli.batch", "explain a folder or file list; heatmaps, records and an HTML report"),
     "evaluate": ("camserve.cli.evaluate", "deletion/insertion faithfulness per layer and method"),
+    "evaluate-faithfulness": ("camserve.cli.evaluate_faithfulness",
+                              "issue-15 protocol: fixed split, both deletion baselines, paired stats, sanity checks"),
     "evaluate-embedding": ("camserve.cli.evaluate_embedding", "deletion/insertion faithfulness of similarity maps (FAM)"),
     "bench": ("camserve.cli.bench", "latency, throughput and memory of explanations vs plain inference"),
+    "kserve": ("camserve.cli.kserve", "serve a model spec or .mar as a KServe predictor (v1 :predict/:explain, v2 /infer)"),
+    "kserve-layout": ("camserve.kserve.layout", "write the model-store + config.properties layout KServe's TorchServe runtime reads"),
 }
 
 

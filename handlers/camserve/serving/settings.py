@@ -12,8 +12,11 @@ Example::
       max_pixels: 40000000            # larger images → 413
       max_instances: 16               # images in one KServe request
       colormap: jet                   # for overlay=1 when the request names none
+      gallery_topk: 3                 # embedder: matches for gallery=true (gallery=k asks for k)
+      max_response_bytes: 33554432    # an answer larger than this is a 413 (TorchServe's max_response_size)
       overlay_alpha: 0.5
       array_decimals: 3               # format=array rounding
+      model: {source: torchvision, arch: resnet50, num_classes: 37}   # see engine/models/spec.py
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, Mapping, Optional
 
+from ..engine.models.spec import ModelSpec
 from .images import DEFAULT_MAX_PIXELS
 
 
@@ -42,6 +46,8 @@ class HandlerSettings:
     gallery_topk: int = 3
     max_gallery_topk: int = 10
     similarity: str = "cosine"
+    # the model spec (engine/models/spec.py); absent: the bundled EfficientNet-Lite0
+    model: Dict[str, Any] = field(default_factory=dict)
     extra: Dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -53,10 +59,35 @@ class HandlerSettings:
         values = {k: v for k, v in section.items() if k in known}
         settings = cls(**values)
         settings.extra = {k: v for k, v in section.items() if k not in known}
+        settings.check()
         return settings
+
+    def check(self) -> None:
+        """Configuration errors stop the worker from loading (the reason in the model log) instead
+        of answering every request 400."""
+        from ..engine.render import COLORMAPS
+
+        if str(self.colormap).lower() not in COLORMAPS:
+            raise ValueError(f"handler.colormap {self.colormap!r} is not one of {list(COLORMAPS)}")
+        if not isinstance(self.model, Mapping):
+            raise ValueError(f"handler.model must be a mapping (the model spec), got {self.model!r}")
 
     def layer_for(self, method: str, requested: Optional[str]) -> Optional[str]:
         """The layer a request gets: its own, else the method's configured one, else the default."""
         if requested:
             return requested
         return self.method_layers.get(method) or self.default_layer
+
+
+def model_spec(settings: HandlerSettings, manifest: Optional[Mapping[str, Any]], task: str) -> ModelSpec:
+    """The archive's :class:`ModelSpec` for a handler serving ``task``; ``model_file`` defaults to the
+    archive's ``--model-file``. A spec for the other task is a configuration error (``ValueError``)."""
+    section = dict(settings.model or {})
+    model_file = ((manifest or {}).get("model") or {}).get("modelFile")
+    if model_file and "model_file" not in section and section.get("source") == "eager":
+        section["model_file"] = model_file
+    spec = ModelSpec.from_mapping(section, task=task)
+    if spec.task != task:
+        raise ValueError(f"handler.model.task is {spec.task!r}, but this archive's handler serves {task!r}: "
+                         f"build it with `camserve archive --task {spec.task}`")
+    return spec

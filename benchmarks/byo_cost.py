@@ -1,0 +1,175 @@
+"""What an explanation costs on a user's own model, as a ratio to plain inference in the same run.
+
+Two bring-your-own models loaded through model specs (as ``camserve archive`` would): the pretrained
+CIFAR-10 ResNet-20 (eager ``examples/cifar_resnet/model.py``, 32×32 CIFAR-10 JPEGs) and a
+torchvision ResNet-18 (random weights, 224×224 ImageNet photographs). Per model, at batch 8: plain
+``inference_mode`` inference, Grad-CAM and LayerCAM at the discovered default (head) layer, and
+Shallow-CAM (served default options) and LayerCAM at the shallowest stage (``stage1``) and at
+``stage2``; median of interleaved repetitions on the chosen clock, divided by plain's. Peak memory:
+one subprocess per case (RSS high-water mark above the state before the call; CUDA: allocated
+peak), as a ratio to plain's. Targets (issue 11): head CAMs ≤ 1.3×, Shallow-CAM at stage1 ≤ 3.0×,
+memory ≤ 2×. Layer discovery's cost (the explainer's probe forwards at load) is timed too.
+
+    .venv/bin/python benchmarks/byo_cost.py --threads 1 --clock cpu --reps 15 --out benchmarks/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("CAMSERVE_SHARED", REPO.parent / "shared"))
+TARGETS = {"gradcam @default": 1.3, "layercam @default": 1.3, "shallowcam @stage1": 3.0}
+MODELS = {
+    "cifar_resnet20": {"source": "eager", "model_file": str(REPO / "examples/cifar_resnet/model.py"),
+                       "class_name": "CifarResNet", "kwargs": {"depth": 20}, "preprocess": {"crop": 32},
+                       "weights": str(SHARED / "models/cifar-resnet/resnet20-12fca82f.th")},
+    "tv_resnet18": {"source": "torchvision", "arch": "resnet18"},
+}
+CASES = [("plain", None, None), ("gradcam @default", "gradcam", None), ("layercam @default", "layercam", None),
+         ("shallowcam @stage1", "shallowcam", "stage1"), ("layercam @stage1", "layercam", "stage1"),
+         ("shallowcam @stage2", "shallowcam", "stage2")]
+
+
+def load(name: str, device: torch.device):
+    """The model, its explainer (timed: discovery's probe forwards) and a batch of 8 real images."""
+    from camserve.engine import Explainer
+    from camserve.engine.models import ModelSpec, load_spec, profile_with_layers
+
+    torch.manual_seed(0)
+    loaded = load_spec(ModelSpec.from_mapping(MODELS[name]), str(REPO), device)
+    start = time.perf_counter()
+    explainer = Explainer(loaded.module, loaded.profile.input_size)
+    load_seconds = time.perf_counter() - start
+    profile = profile_with_layers(loaded.profile, explainer.catalog)
+    if name == "cifar_resnet20":
+        files = [p for c in sorted((SHARED / "data/cifar10-test").iterdir()) for p in sorted(c.glob("*.jpg"))[:1]][:8]
+    else:
+        files = sorted((SHARED / "data/imagenet-samples").glob("*.JPEG"))[:8]
+    from PIL import Image
+    import numpy as np
+
+    images = [torch.from_numpy(np.array(Image.open(f).convert("RGB"))).permute(2, 0, 1).contiguous() for f in files]
+    batch, _ = profile.model_input(images, device)
+    return explainer, profile, batch, load_seconds
+
+
+def case_fn(explainer, method, layer):
+    from camserve.engine import ExplainSpec
+
+    if method is None:
+        return lambda x: explainer.predict(x)
+    return lambda x: explainer.explain(x, [ExplainSpec(method, layer=layer)] * x.shape[0])
+
+
+def status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def memory_child(name: str, case: str, device: torch.device) -> dict:
+    explainer, _profile, batch, _ = load(name, device)
+    label, method, layer = next(c for c in CASES if c[0] == case)
+    fn = case_fn(explainer, method, layer)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn(batch)
+        torch.cuda.synchronize(device)
+        return {"peak_mib": (torch.cuda.max_memory_allocated(device) - before) / 2 ** 20, "kind": "cuda allocated"}
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = status_kib("VmRSS")
+    fn(batch)
+    return {"peak_mib": (status_kib("VmHWM") - before) / 1024, "kind": "RSS high-water mark delta"}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default=None, help="folder for byo_cost.json / byo_cost.md")
+    parser.add_argument("--memory-child", nargs=2, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if args.memory_child:
+        print(json.dumps(memory_child(*args.memory_child, device)))
+        return 0
+    from camserve.cli.bench import interleaved
+
+    results = {}
+    for name in MODELS:
+        explainer, profile, batch, load_seconds = load(name, device)
+        cases = {label: case_fn(explainer, method, layer) for label, method, layer in CASES}
+        samples = interleaved(cases, batch, args.reps, device, clock=args.clock)
+        plain = statistics.median(samples["plain"])
+        rows = {}
+        for label, _method, _layer in CASES:
+            median = statistics.median(samples[label])
+            rows[label] = {"median_s": median, "ratio": median / plain, "target": TARGETS.get(label)}
+        for label, _method, _layer in CASES:
+            command = [sys.executable, __file__, "--memory-child", name, label, "--device", args.device,
+                       "--threads", str(args.threads)]
+            done = subprocess.run(command, capture_output=True, text=True)
+            rows[label]["peak_mib"] = json.loads(done.stdout.strip().splitlines()[-1])["peak_mib"] if done.returncode == 0 \
+                else None
+        base_mem = rows["plain"]["peak_mib"]
+        for row in rows.values():
+            row["memory_ratio"] = (row["peak_mib"] / base_mem) if row["peak_mib"] and base_mem else None
+        stages = {f"stage{i + 1}": s for i, s in enumerate(profile.stages)}
+        results[name] = {"input": list(batch.shape), "default_layer": profile.default_layer,
+                         "stage1": stages.get("stage1"), "stage2": stages.get("stage2"),
+                         "explainer_load_s": load_seconds, "cases": rows}
+    meta = {"machine": f"{platform.machine()} {os.cpu_count()} CPUs (shared with other work), torch "
+                       f"{torch.__version__}, {args.threads} thread(s), device {device}",
+            "clock": args.clock, "reps": args.reps, "batch": 8,
+            "command": "benchmarks/byo_cost.py " + " ".join(sys.argv[1:])}
+    text = markdown(meta, results)
+    print(text)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "byo_cost.json").write_text(json.dumps({"meta": meta, "models": results}, indent=2))
+        (out / "byo_cost.md").write_text(text)
+    return 0
+
+
+def markdown(meta, results) -> str:
+    lines = [f"# Explanation cost on bring-your-own models (batch {meta['batch']})", "",
+             f"Machine: {meta['machine']}; median {meta['clock']} time of {meta['reps']} interleaved repetitions; "
+             f"ratios to plain inference measured in the same run. Command: `{meta['command']}`.", ""]
+    for name, r in results.items():
+        lines += [f"## {name} — input {tuple(r['input'])}, default layer `{r['default_layer']}`, "
+                  f"stage1 `{r['stage1']}`, stage2 `{r['stage2']}`", "",
+                  f"Explainer construction (layer discovery + lean-gradient geometry probes): {r['explainer_load_s']:.3f} s", "",
+                  "| case | median (s) | × plain | target | peak memory (MiB) | memory × plain |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for label, row in r["cases"].items():
+            target = f"≤ {row['target']}×" + (" ✓" if row["ratio"] <= row["target"] else " ✗") if row["target"] else ""
+            mem = f"{row['peak_mib']:.1f}" if row["peak_mib"] is not None else "n/a"
+            mem_ratio = f"{row['memory_ratio']:.2f}" if row["memory_ratio"] is not None else "n/a"
+            lines.append(f"| {label} | {row['median_s']:.4f} | {row['ratio']:.2f} | {target} | {mem} | {mem_ratio} |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""Bring-your-own-model archives for the server tests, built with ``camserve archive``.
+
+* ``tv_resnet18`` — torchvision ResNet-18, 5 classes, random weights (seeded) saved as a state dict
+  nested under ``{"state_dict": …}`` with ``module.`` prefixes, and a 5-name ``index_to_name.json``;
+* ``timm_vit`` — timm ``vit_tiny_patch16_224``, 10 classes, random weights, preprocessing from its
+  ``pretrained_cfg``;
+* ``cifar_resnet20`` — the pretrained CIFAR-10 ResNet-20 of ``../shared/models/cifar-resnet`` as an
+  ``eager`` model (``examples/cifar_resnet/model.py``), 32×32, the CIFAR-10 label map;
+* ``tv_resnet18_embed`` — ResNet-18 with ``fc = Identity`` (``--num-classes 0``): the embedding is
+  the pooled ``layer4`` map, FAM's gradient-free route;
+* ``tv_resnet18_proj`` — ResNet-18 whose ``fc`` is a 128-d projection head (``--embedding output``):
+  FAM's Jacobian route.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Dict
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("CAMSERVE_SHARED", REPO.parent / "shared"))
+CIFAR_CLASSES = "airplane automobile bird cat deer dog frog horse ship truck".split()
+TV_CLASSES = ["alpha", "bravo", "charlie", "delta", "echo"]
+RESNET20 = SHARED / "models" / "cifar-resnet" / "resnet20-12fca82f.th"
+BYO_MODELS = {name: f"{name}.mar" for name in
+              ("tv_resnet18", "timm_vit", "cifar_resnet20", "tv_resnet18_embed", "tv_resnet18_proj")}
+
+
+def camserve(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([str(REPO / ".venv" / "bin" / "camserve"), *args], cwd=cwd, capture_output=True, text=True)
+
+
+def save_random_weights(work: Path) -> None:
+    """The random-weight state dicts (seeded), written the way users save them."""
+    import timm
+    import torch
+    import torchvision
+
+    torch.manual_seed(0)
+    resnet = torchvision.models.resnet18(num_classes=len(TV_CLASSES))
+    torch.save({"state_dict": {f"module.{k}": v for k, v in resnet.state_dict().items()}, "epoch": 3},
+               work / "resnet18.pt")
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18(num_classes=128).state_dict(), work / "resnet18_proj.pth")
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10)
+    from safetensors.torch import save_file
+    save_file(vit.state_dict(), str(work / "vit.safetensors"))
+    (work / "tv_labels.json").write_text(json.dumps({str(i): n for i, n in enumerate(TV_CLASSES)}))
+    (work / "cifar10.json").write_text(json.dumps({str(i): [f"c{i}", n] for i, n in enumerate(CIFAR_CLASSES)}))
+
+
+def build_byo_archives(store: Path, work: Path) -> Dict[str, str]:
+    """Build the archives into ``store``; returns ``{model name: mar file}``."""
+    work.mkdir(parents=True, exist_ok=True)
+    save_random_weights(work)
+    out = str(store)
+    builds = [
+        ["tv_resnet18", "--source", "torchvision", "--arch", "resnet18", "--num-classes", "5",
+         "--weights", "resnet18.pt", "--labels", "tv_labels.json", "--method-layer", "shallowcam=stage2"],  # layer1 (stage1 is the stem)
+        ["timm_vit", "--source", "timm", "--arch", "vit_tiny_patch16_224", "--num-classes", "10",
+         "--weights", "vit.safetensors", "--default-method", "gradcam"],
+        ["cifar_resnet20", "--source", "eager", "--model-file", str(REPO / "examples/cifar_resnet/model.py"),
+         "--class-name", "CifarResNet", "--kwargs", '{"depth": 20}', "--weights", str(RESNET20),
+         "--preprocess", "crop=32", "--labels", "cifar10.json", "--method-layer", "shallowcam=stage1"],
+        ["tv_resnet18_embed", "--task", "embed", "--source", "torchvision", "--arch", "resnet18",
+         "--num-classes", "0"],
+        ["tv_resnet18_proj", "--task", "embed", "--source", "torchvision", "--arch", "resnet18",
+         "--num-classes", "128", "--weights", "resnet18_proj.pth", "--embedding", "output"],
+    ]
+    for args in builds:
+        done = camserve("archive", *args, "--export-path", out, cwd=work)
+        if done.returncode != 0:
+            raise RuntimeError(f"camserve archive {args[0]} failed:\n{done.stdout}{done.stderr}")
+    return dict(BYO_MODELS)

@@ -1,0 +1,100 @@
+"""``camserve archive`` and ``camserve layers`` as a user runs them: good specs build a ``.mar`` whose
+``model-config.yaml`` carries the spec; bad ones stop before archiving with the reason."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+CAMSERVE = REPO / ".venv" / "bin" / "camserve"
+
+
+def camserve(*args, cwd):
+    return subprocess.run([str(CAMSERVE), *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    path = tmp_path_factory.mktemp("archive")
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18(num_classes=3).state_dict(), path / "r18.pt")
+    (path / "labels.json").write_text(json.dumps({"0": "ant", "1": "bee", "2": "wasp"}))
+    return path
+
+
+def test_archive_writes_the_spec_and_the_label_map(work):
+    done = camserve("archive", "insects", "--source", "torchvision", "--arch", "resnet18", "--num-classes", "3",
+                    "--weights", "r18.pt", "--labels", "labels.json", "--method-layer", "shallowcam=stage2",
+                    "--export-path", "store", cwd=work)
+    assert done.returncode == 0, done.stderr
+    assert "checked insects: classify: 3 classes" in done.stdout
+    with zipfile.ZipFile(work / "store" / "insects.mar") as mar:
+        names = set(mar.namelist())
+        config = yaml.safe_load(mar.read("model-config.yaml"))
+        labels = json.loads(mar.read("index_to_name.json"))
+        manifest = json.loads(mar.read("MAR-INF/MANIFEST.json"))
+    assert {"r18.pt", "classifier_handler.py", "camserve/engine/models/loader.py"} <= names
+    assert config["handler"]["model"] == {"source": "torchvision", "arch": "resnet18", "num_classes": 3,
+                                          "task": "classify"}
+    assert config["handler"]["method_layers"] == {"shallowcam": "stage2"}
+    assert config["batchSize"] == 8 and config["responseTimeout"] == 120
+    assert labels == {"0": "ant", "1": "bee", "2": "wasp"}
+    assert manifest["model"]["serializedFile"] == "r18.pt"
+
+
+def test_torchscript_is_refused_before_archiving(work):
+    torch.jit.save(torch.jit.script(torchvision.models.resnet18(num_classes=3).eval()), str(work / "ts.pt"))
+    done = camserve("archive", "scripted", "--source", "torchvision", "--arch", "resnet18", "--num-classes", "3",
+                    "--weights", "ts.pt", "--export-path", "store", cwd=work)
+    assert done.returncode != 0
+    assert "TorchScript" in done.stderr and "state dict" in done.stderr
+    assert not (work / "store" / "scripted.mar").exists()
+
+
+def test_misfit_weights_are_refused_naming_keys(work):
+    done = camserve("archive", "wrong", "--source", "torchvision", "--arch", "resnet34", "--num-classes", "3",
+                    "--weights", "r18.pt", "--export-path", "store", cwd=work)
+    assert done.returncode != 0
+    assert "missing keys: layer1.2." in done.stderr
+    assert not (work / "store" / "wrong.mar").exists()
+
+
+def test_unknown_arch_and_source(work):
+    done = camserve("archive", "x", "--source", "torchvision", "--arch", "resnet51", "--export-path", "store", cwd=work)
+    assert done.returncode != 0 and "unknown torchvision classification architecture 'resnet51'" in done.stderr
+    done = camserve("archive", "x", "--source", "keras", "--export-path", "store", cwd=work)
+    assert done.returncode != 0 and "invalid choice: 'keras'" in done.stderr
+
+
+def test_a_model_with_no_feature_map_is_refused(work):
+    (work / "mlp.py").write_text("from torch import nn\n\n\nclass MLP(nn.Module):\n"
+                                 "    def __init__(self):\n        super().__init__()\n"
+                                 "        self.net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 4))\n\n"
+                                 "    def forward(self, x):\n        return self.net(x)\n")
+    done = camserve("archive", "mlp", "--source", "eager", "--model-file", "mlp.py", "--preprocess", "crop=32",
+                    "--export-path", "store", cwd=work)
+    assert done.returncode != 0
+    assert "feature map" in done.stderr
+
+
+def test_an_lrp_default_on_a_vit_is_refused(work):
+    done = camserve("archive", "vit", "--source", "timm", "--arch", "vit_tiny_patch16_224", "--num-classes", "3",
+                    "--default-method", "shallowcam", "--export-path", "store", cwd=work)
+    assert done.returncode != 0
+    assert "cannot serve this model" in done.stderr
+
+
+def test_layers_prints_stages_and_default(work):
+    done = camserve("layers", "--source", "torchvision", "--arch", "resnet18", "--num-classes", "3",
+                    "--weights", "r18.pt", cwd=work)
+    assert done.returncode == 0, done.stderr
+    assert "default layer: layer4" in done.stdout
+    assert "stage1=relu, stage2=layer1, stage3=layer2, stage4=layer3, stage5=layer4" in done.stdout
