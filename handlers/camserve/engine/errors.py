@@ -38,3 +38,8 @@ class InvalidOptionError(ExplanationInputError):
 
 class InvalidReferenceError(ExplanationInputError):
     """A FAM reference (image, embedding, gallery, k) is unusable."""
+
+
+class UnsupportedModelError(ExplanationInputError):
+    """The method cannot explain this model or layer (e.g. LRP relevance through attention, CAM
+    without a global-pooling linear classifier); the message names the reason."""

@@ -25,6 +25,8 @@ class Captured:
     ``activations[l]`` is ``A^l`` (n, C, h, w); ``gradients[l]`` is ``∂y_c/∂A^l``;
     ``relevance_gradients[l]`` is the LRP modified gradient ``g^l``, so that the relevance is
     ``R^l = A^l ⊙ g^l``; ``targets`` (n,) are the explained classes; ``logits`` (n, classes).
+    Maps of token or channels-last layers arrive converted (:meth:`LayerCatalog.as_map`);
+    ``catalog`` is the model's layer catalog.
     """
 
     activations: Dict[str, torch.Tensor]
@@ -33,6 +35,7 @@ class Captured:
     targets: Optional[torch.Tensor] = None
     logits: Optional[torch.Tensor] = None
     model: Optional[nn.Module] = None
+    catalog: Optional[LayerCatalog] = None
 
     def relevance(self, layer: str) -> torch.Tensor:
         """``R^l = A^l ⊙ g^l`` (relevance at the layer's output)."""
