@@ -6,7 +6,10 @@ import base64
 import hashlib
 import json
 import os
+import shutil
+import signal
 import threading
+import time
 
 import pytest
 
@@ -97,3 +100,96 @@ def test_opt_in_from_model_config_yaml(tmp_path):
     env_log = AuditLog.from_config({}, environ={"CAMSERVE_AUDIT_LOG": str(tmp_path / "env.jsonl")})
     assert env_log.path == tmp_path / "env.jsonl"
     env_log.close()
+
+
+# -- faults: every accepted record is written, or dropped loudly ----------------------------------
+def test_a_failed_write_is_retried_and_lands_in_the_file(tmp_path):
+    log = AuditLog(str(tmp_path / "a.jsonl"))
+    log.record(model="m", request_id="before", input_sha256="00" * 32)
+    assert log.wait_written(10)
+    # the descriptor now points at a full disk (ENOSPC on every write), as when the volume fills up
+    os.dup2(os.open("/dev/full", os.O_WRONLY), log._fd)
+    log.record(model="m", request_id="during", input_sha256="11" * 32)
+    assert log.wait_written(30)
+    log.close()
+    assert log.errors >= 1 and log.dropped == 0 and log.pending == 0
+    assert [r["request_id"] for r in read_all(log)] == ["before", "during"]  # retried after a reopen
+
+
+def test_a_write_that_keeps_failing_is_dropped_loudly_not_silently(caplog):
+    log = AuditLog("/dev/full", retries=3)  # every write: ENOSPC
+    with caplog.at_level("WARNING", logger="camserve.serving.audit"):
+        log.record(model="m", request_id="lost-1", input_sha256="22" * 32)
+        log.record(model="m", request_id="lost-2", input_sha256="22" * 32)
+        assert log.close() == 2
+    # the first record: every retry; the next, while the file is still unwritable: one attempt (no stall)
+    assert log.errors == 3 + 1 and log.dropped == 2 and log.written == 0 and log.pending == 0
+    assert log.stats()["dropped"] == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 2 and all("DROPPED" in e for e in errors)
+    assert "lost-1" in errors[0] and "lost-2" in errors[1]
+
+
+def test_a_failed_rotation_keeps_writing_and_is_retried(tmp_path):
+    path = tmp_path / "a.jsonl"
+    blocker = tmp_path / "a.jsonl.1"
+    blocker.mkdir()  # rotation's rename onto a non-empty directory fails
+    (blocker / "keep").write_text("x")
+    log = AuditLog(str(path), max_bytes=2048, backups=1)
+    for i in range(40):
+        log.record(model="m", request_id=f"r{i}", input_sha256="33" * 32)
+    assert log.wait_written(30)
+    assert log.rotation_errors >= 1 and log.rotations == 0 and log.dropped == 0 and log.written == 40
+    assert [r["request_id"] for r in map(json.loads, path.read_text().splitlines())] == [f"r{i}" for i in range(40)]
+    (blocker / "keep").unlink()
+    blocker.rmdir()  # the obstacle gone, the next record rotates
+    time.sleep(0.1)
+    log.record(model="m", request_id="after", input_sha256="44" * 32)
+    log.close()
+    assert log.rotations == 1 and log.written == 41
+    ids = [r["request_id"] for p in (blocker, path) for r in map(json.loads, p.read_text().splitlines())]
+    assert ids == [f"r{i}" for i in range(40)] + ["after"]
+
+
+def test_a_removed_file_is_recreated(tmp_path):
+    log = AuditLog(str(tmp_path / "logs" / "a.jsonl"))
+    log.record(model="m", request_id="first", input_sha256="55" * 32)
+    assert log.wait_written(10)
+    shutil.rmtree(tmp_path / "logs")  # an operator (or a misconfigured cleaner) removed the directory
+    log.record(model="m", request_id="second", input_sha256="66" * 32)
+    log.close()
+    assert [r["request_id"] for r in read_all(log)] == ["second"] and log.dropped == 0
+
+
+def test_close_drains_a_record_that_is_being_retried(tmp_path):
+    log = AuditLog(str(tmp_path / "a.jsonl"))
+    full = os.open("/dev/full", os.O_WRONLY)
+    os.dup2(full, log._fd)
+    for i in range(5):
+        log.record(model="m", request_id=f"q{i}", input_sha256="77" * 32)
+    assert log.close() == 0  # waits for the writer's retries (no 30 s give-up) and loses nothing
+    assert [r["request_id"] for r in read_all(log)] == [f"q{i}" for i in range(5)]
+    os.close(full)
+
+
+def test_every_line_is_whole_even_when_a_write_fails_part_way(tmp_path):
+    """A write that fails after part of the line is truncated back to the last whole record."""
+    path = tmp_path / "a.jsonl"
+    log = AuditLog(str(path), store_heatmap=True)
+    log.record(model="m", request_id="ok", input_sha256="88" * 32)
+    assert log.wait_written(10)
+    import resource  # POSIX, like TorchServe
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    size = path.stat().st_size
+    try:  # the file may grow by 100 bytes only: a big record is cut part-way (EFBIG after a short write)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size + 100, hard))
+        log.record(model="m", request_id="big", input_sha256="99" * 32, heatmaps=[b"x" * 5000])
+        time.sleep(0.3)  # its first attempts fail
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+    log.close()
+    assert log.errors >= 1 and log.dropped == 0
+    assert [r["request_id"] for r in read_all(log)] == ["ok", "big"]  # json.loads of every line: none torn

@@ -217,11 +217,17 @@ def test_concurrent_threads_get_the_sequential_maps(one_thread):
 
 
 # -- device -------------------------------------------------------------------------------------
-def test_device_follows_the_model_parameters(effnet_explainer, effnet, effnet_batch):
-    assert effnet_explainer.device == next(effnet.parameters()).device == model_device(effnet)
+def test_device_follows_the_model_parameters(effnet_explainer, effnet_batch):
+    # against literal devices, not against the function under test
+    assert model_device(nn.Linear(2, 2, device="meta")) == torch.device("meta")
+    assert model_device(nn.ReLU()) == torch.device("cpu")  # parameter-free: the CPU
+    explainer = Explainer(tiny_model(), input_size=(16, 16))
+    assert explainer.device == torch.device("cpu")
+    explainer.model.to("meta")  # the explainer reads the device from the parameters, it does not cache it
+    assert explainer.device == torch.device("meta")
     result = effnet_explainer.explain(effnet_batch[0][:1], [ExplainSpec("layercam", "_blocks.2")])
-    assert result.logits.device == result.explanations[0].maps.device == effnet_explainer.device
-    assert model_device(nn.ReLU()) == torch.device("cpu")
+    assert effnet_explainer.device == torch.device("cpu")
+    assert result.logits.device == torch.device("cpu") and result.explanations[0].maps.device == torch.device("cpu")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -240,3 +246,17 @@ def test_cuda_maps_match_cpu_and_stay_on_the_device():
         assert mine.maps.device.type == "cuda"
         assert mine.targets == ref.targets
         assert (mine.maps.cpu() - ref.maps).abs().max() < 1e-3
+
+
+# -- timing ---------------------------------------------------------------------------------------
+def test_each_row_reports_its_share_of_the_batch_time_not_the_whole(effnet_explainer, effnet_batch):
+    batch = effnet_batch[0]
+    specs = [ExplainSpec("gradcam", "_conv_head")] * 2 + [ExplainSpec("layercam", "_blocks.2")] * 2 + [None] * 4
+    result = effnet_explainer.explain(batch, specs)
+    explained = [e for e in result.explanations if e is not None]
+    total = explained[0].batch_seconds
+    assert total > 0 and all(e.batch_seconds == total for e in explained)
+    # each row: the forward / 8 images + its part of the passes and of its method's maps
+    assert all(0 < e.seconds < total for e in explained)
+    assert sum(e.seconds for e in explained) < total  # the plain rows' forward share is nobody's explanation
+    assert all(e.seconds > result.forward_seconds / 8 for e in explained)

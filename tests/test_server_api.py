@@ -123,19 +123,49 @@ def test_kserve_v1_and_v2(torchserve_server, samples):
     assert v1x.status_code == 200, v1x.text
     assert v1x.json()["explanations"][0]["explanation"]["method"] == "gradcampp"
     v2 = post(torchserve_server, f"/v2/models/{MODEL}/infer",
-              json={"id": "r-1", "inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [images[1]]}],
-                    "parameters": {"explain": "gradcam"}})
+              json={"id": "r-1", "inputs": [{"name": "image", "datatype": "BYTES", "shape": [2], "data": images}],
+                    "parameters": {"explain": "gradcam", "target": "top2"}})
     assert v2.status_code == 200, v2.text
     body = v2.json()
     assert body["id"] == "r-1" and body["model_name"] == MODEL
-    output = body["outputs"][0]
+    out = {o["name"]: o for o in body["outputs"]}  # Open Inference Protocol: named tensors, row-major data
+    assert (out["scores"]["datatype"], out["scores"]["shape"]) == ("FP32", [2, 5])
+    assert (out["indices"]["datatype"], out["indices"]["shape"]) == ("INT64", [2, 5])
+    assert (out["labels"]["datatype"], out["labels"]["shape"]) == ("BYTES", [2, 5])
+    assert [out["labels"]["data"][0], out["labels"]["data"][5]] == [label_of(n, samples) for n in CLEAR[3:5]]
+    scores = np.asarray(out["scores"]["data"]).reshape(2, 5)
+    assert (np.diff(scores, axis=1) <= 0).all() and scores[:, 0].min() > 0.5
+    assert out["method"]["data"] == ["gradcam", "gradcam"] and out["layer"]["data"] == ["_conv_head"] * 2
+    assert out["targets"]["shape"] == [2, 2]
+    assert out["targets"]["data"][::2] == out["indices"]["data"][::5]  # target top1 = predicted class
+    heatmap = out["heatmap"]
+    assert (heatmap["datatype"], heatmap["shape"]) == ("BYTES", [2, 2])
+    assert heatmap["parameters"] == {"content_type": "image/png", "encoding": "base64"}
+    assert all(png(p).size == (224, 224) for p in heatmap["data"])
+    assert (out["crop_box"]["datatype"], out["crop_box"]["shape"]) == ("FP32", [2, 4])
+    assert out["passes_forward"]["data"] == [1, 1]
+    v2x = post(torchserve_server, f"/v2/models/{MODEL}/explain",
+               json={"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [images[1]]}],
+                     "parameters": {"format": "array", "layer": "_blocks.10"}})
+    assert v2x.status_code == 200, v2x.text
+    out = {o["name"]: o for o in v2x.json()["outputs"]}
+    assert out["method"]["data"] == ["shallowcam"]  # the explain route's default method
+    array = out["heatmap_array"]
+    assert (array["datatype"], array["shape"]) == ("FP32", [1, 1, 14, 14]) and len(array["data"]) == 14 * 14
+    assert 0.0 <= min(array["data"]) and max(array["data"]) <= 1.0 and "heatmap" not in out
+    # the old form (each image's JSON answer as text in one BYTES output) only when asked for
+    legacy = post(torchserve_server, f"/v2/models/{MODEL}/infer",
+                  json={"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [images[1]]}],
+                        "parameters": {"json_output": True, "explain": "cam"}})
+    output = legacy.json()["outputs"][0]
     assert output["name"] == "predictions" and output["datatype"] == "BYTES" and output["shape"] == [1]
     import json
-    inner = json.loads(output["data"][0])
-    assert inner["explanation"]["method"] == "gradcam"
-    v2x = post(torchserve_server, f"/v2/models/{MODEL}/explain",
-               json={"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [images[1]]}]})
-    assert v2x.json()["outputs"][0]["name"] == "explanations"
+    assert json.loads(output["data"][0])["explanation"]["method"] == "cam"
+    # requested outputs only (OIP "outputs"), options as X-Camserve-* headers
+    some = post(torchserve_server, f"/v2/models/{MODEL}/infer", headers={"X-Camserve-Topk": "3"},
+                json={"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [images[0]]}],
+                      "outputs": [{"name": "labels"}, {"name": "scores"}]})
+    assert [(o["name"], o["shape"]) for o in some.json()["outputs"]] == [("scores", [1, 3]), ("labels", [1, 3])]
 
 
 OPTION_SETS = [

@@ -89,3 +89,65 @@ def test_embed_errors(torchserve_server):
     both = post(torchserve_server, json={"image": b64(QUERY), "reference": b64(OTHER), "reference_embedding": [1.0]})
     assert both.status_code == 400
     assert post(torchserve_server, data=photo(QUERY)).status_code == 200
+
+
+def v2(server, inputs, parameters=None, **extra):
+    body = {"inputs": inputs, **({"parameters": parameters} if parameters else {}), **extra}
+    return requests.post(f"{server.url}/v2/models/{MODEL}/infer", headers=server.headers(), timeout=300, json=body)
+
+
+def test_kserve_v2_reference_embedding_is_an_embedding(torchserve_server):
+    reference = post(torchserve_server, data=photo(SAME_KIND)).json()["embedding"]
+    by_image = post(torchserve_server, json={"image": b64(QUERY), "reference": b64(SAME_KIND)}).json()
+    for shape in ([len(reference)], [1, len(reference)]):
+        response = v2(torchserve_server, [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [b64(QUERY)]},
+                                          {"name": "reference_embedding", "datatype": "FP32", "shape": shape,
+                                           "data": reference}])
+        assert response.status_code == 200, response.text
+        out = {o["name"]: o for o in response.json()["outputs"]}
+        assert out["reference"]["data"] == ["embedding"]
+        assert out["similarity"]["datatype"] == "FP32" and out["similarity"]["shape"] == [1]
+        assert out["similarity"]["data"][0] == pytest.approx(by_image["similarity"], abs=1e-3)
+        assert (out["embedding"]["datatype"], out["embedding"]["shape"]) == ("FP32", [1, 1280])
+        assert png(out["query_map"]["data"][0]).size == (224, 224) and "reference_map" not in out
+    wrong = v2(torchserve_server, [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [b64(QUERY)]},
+                                   {"name": "reference_embedding", "datatype": "FP32", "shape": [2],
+                                    "data": [0.1, 0.2]}])
+    assert wrong.status_code == 400 and "1280" in wrong.json()["error"]["message"]
+
+
+def test_kserve_v2_embeddings_and_gallery_as_tensors(torchserve_server):
+    two = v2(torchserve_server, [{"name": "image", "datatype": "BYTES", "shape": [2], "data": [b64(QUERY), b64(OTHER)]},
+                                 {"name": "reference", "datatype": "BYTES", "shape": [2],
+                                  "data": [b64(SAME_KIND), b64(SAME_KIND)]}])
+    assert two.status_code == 200, two.text
+    out = {o["name"]: o for o in two.json()["outputs"]}
+    vectors = np.asarray(out["embedding"]["data"]).reshape(out["embedding"]["shape"])
+    assert vectors.shape == (2, 1280) and np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-3)
+    near, far = out["similarity"]["data"]
+    assert near > far and out["query_map"]["shape"] == out["reference_map"]["shape"] == [2]
+    gallery = v2(torchserve_server, [{"name": "image", "datatype": "BYTES", "shape": [1],
+                                      "data": [b64("n01440764_tench.JPEG")]}], {"gallery": True, "embedding": False})
+    assert gallery.status_code == 200, gallery.text
+    out = {o["name"]: o for o in gallery.json()["outputs"]}
+    assert out["match_label"]["shape"] == [1, 3]  # gallery=true: the archive's gallery_topk (3)
+    assert out["match_label"]["data"][0] == "tench" and "embedding" not in out
+
+
+def test_gallery_true_uses_the_archive_gallery_topk(torchserve_server):
+    default = post(torchserve_server, files={"image": photo(QUERY), "gallery": "true", "embedding": "0"})
+    assert default.status_code == 200, default.text
+    assert len(default.json()["matches"]) == 3  # configs/effnet_lite0_embed.yaml: gallery_topk: 3
+    asked = post(torchserve_server, json={"image": b64(QUERY), "gallery": True, "topk": 5, "embedding": False})
+    assert len(asked.json()["matches"]) == 5
+    off = post(torchserve_server, files={"image": photo(QUERY), "gallery": "0"})
+    assert off.status_code == 200 and "matches" not in off.json()
+
+
+def test_every_option_is_validated_without_a_reference(torchserve_server):
+    for files, word in (({"similarity": "manhattan"}, "manhattan"), ({"method": "nosuch"}, "nosuch"),
+                        ({"explain": "gradcam"}, "gradcam"), ({"colormap": "rainbow"}, "rainbow")):
+        response = post(torchserve_server, files={"image": photo(QUERY), **files})
+        assert response.status_code == 400, (files, response.text)
+        assert word in response.json()["error"]["message"]
+    assert post(torchserve_server, files={"image": photo(QUERY), "similarity": "dot"}).status_code == 200

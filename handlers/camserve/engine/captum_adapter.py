@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import time
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -39,9 +38,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .captum_methods import (DEFAULT_LIMITS, CaptumLimits, CaptumMethod, display_name, is_captum, resolve)
-from .errors import ExplanationInputError, InvalidOptionError, InvalidReferenceError, InvalidTargetError, UnknownLayerError
+from .errors import (ExplanationInputError, InvalidOptionError, InvalidReferenceError, InvalidTargetError, UnknownLayerError,
+                     UnsupportedModelError)
 from .render import prepare_maps
 from .targets import resolve_targets, validate_target
+from .timing import clock
 
 if TYPE_CHECKING:  # pragma: no cover
     from .explainer import Explainer, ExplainResult, ExplainSpec
@@ -206,7 +207,7 @@ def attribute(forward: nn.Module, images: torch.Tensor, targets, name: str,
         raise UnknownLayerError(f"{method.request_name} needs a layer")
     if method.name == "layer_lrp":
         check_lrp_support(forward)
-    start = time.perf_counter()
+    start = clock(images.device)
     shadow = shadow_copy(forward)
     layer_module = find_layer(shadow, layer) if method.uses_layer else None
     algorithm, kwargs = build(method, shadow, layer_module, options)
@@ -225,7 +226,7 @@ def attribute(forward: nn.Module, images: torch.Tensor, targets, name: str,
     passes = {"forward": counts["forward"], "backward": 0, "relevance": 0,
               "evaluations": round(counts["rows"] / images.shape[0], 3)}
     passes["relevance" if method.relevance else "backward"] = counts["backward"]
-    return CaptumOutput(raw, maps, layer_shape, time.perf_counter() - start, passes)
+    return CaptumOutput(raw, maps, layer_shape, clock(images.device) - start, passes)
 
 
 # -- embedding models -----------------------------------------------------------------------------
@@ -297,8 +298,13 @@ def plan_row(explainer: "Explainer", index: int, spec: "ExplainSpec") -> _Captum
     method, options = resolve(spec.method, spec.options, getattr(explainer, "captum_limits", DEFAULT_LIMITS))
     layer = None
     if method.uses_layer:
-        layer = spec.layer or explainer.default_layer
+        layer = explainer.catalog.resolve(spec.layer) if spec.layer else explainer.default_layer
         explainer.catalog.feature_map(layer)
+        if explainer.catalog.layers[layer].layout != "nchw":
+            raise UnsupportedModelError(f"captum.{method.name} reads layer {layer!r} as an (N, C, H, W) map, but it "
+                                        f"outputs {explainer.catalog.layers[layer].layout} "
+                                        f"{explainer.catalog.layers[layer].output_shape}; use gradcam, gradcampp or "
+                                        f"layercam (which convert token/channels-last maps) or a pixel method")
     if method.name == "layer_lrp":
         check_lrp_support(explainer.model)
     target = validate_target(spec.target, explainer.num_classes, explainer.max_topk)
@@ -323,7 +329,9 @@ def explain_with_captum(explainer: "Explainer", images: torch.Tensor, specs: Seq
     rows = [plan_row(explainer, index, spec) for index, spec in enumerate(specs)
             if spec is not None and is_captum(spec.method)]
     others = [None if (spec is not None and is_captum(spec.method)) else spec for spec in specs]
+    start = clock(images.device)
     result = explainer.explain(images, others, output_size, layer_resolution, dtype)
+    forward_share = result.forward_seconds / images.shape[0]  # every row's part of the shared forward
     for row in rows:
         row.targets = resolve_targets(row.spec_target, result.logits[row.index])
     groups: Dict[Tuple, List[_CaptumRow]] = defaultdict(list)
@@ -333,7 +341,7 @@ def explain_with_captum(explainer: "Explainer", images: torch.Tensor, specs: Seq
         first = group_rows[0]
         maps: Dict[int, List[torch.Tensor]] = defaultdict(list)
         passes = {r.index: {"forward": 0, "backward": 0, "relevance": 0, "evaluations": 0} for r in group_rows}
-        seconds = {r.index: 0.0 for r in group_rows}
+        seconds = {r.index: forward_share for r in group_rows}
         shape = None
         for round_index in range(max(len(r.targets) for r in group_rows)):
             active = [r for r in group_rows if len(r.targets) > round_index]
@@ -345,11 +353,15 @@ def explain_with_captum(explainer: "Explainer", images: torch.Tensor, specs: Seq
             shape = out.layer_shape
             for r, m in zip(active, out.maps):
                 maps[r.index].append(m)
-                seconds[r.index] += out.seconds
+                seconds[r.index] += out.seconds / len(active)  # one Captum call served ``active``
                 for key, value in out.passes.items():
                     passes[r.index][key] += value
         for r in group_rows:
             result.explanations[r.index] = Explanation(
                 display_name(r.method, r.options), r.layer or "input", r.targets, torch.stack(maps[r.index]),
                 shape, dict(r.options), seconds[r.index], passes[r.index])
+    total = clock(images.device) - start
+    for explanation in result.explanations:
+        if explanation is not None:
+            explanation.batch_seconds = total
     return result

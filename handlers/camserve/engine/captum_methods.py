@@ -46,12 +46,15 @@ class CaptumLimits:
 
     ``max_evaluations`` bounds the model evaluations one image may cost:
     ``steps × nt_samples`` (IG under a noise tunnel) or ``nt_samples`` alone.
+    ``max_batch_evaluations`` bounds them for a whole served batch (the handler counts each Captum
+    row's evaluations × targets and each ``compare`` method; it must be ≥ ``max_evaluations``).
     """
 
     max_steps: int = 256
     max_samples: int = 64
     max_internal_batch_size: int = 512
     max_evaluations: int = 2048
+    max_batch_evaluations: int = 2048
 
 
 DEFAULT_LIMITS = CaptumLimits()

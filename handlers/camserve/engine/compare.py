@@ -12,7 +12,6 @@ matrix of pairwise Spearman correlations of their maps for the same target class
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, replace
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
@@ -20,6 +19,7 @@ import torch
 
 from .errors import InvalidInputError, InvalidOptionError, InvalidTargetError
 from .render import upsample
+from .timing import clock
 
 
 def average_ranks(values: torch.Tensor) -> torch.Tensor:
@@ -125,10 +125,10 @@ def compare(explainer, image: torch.Tensor, specs: Sequence, target=None, output
     explanations, seconds = [], []
     logits = None
     for spec in specs:
-        start = time.perf_counter()
+        start = clock(image.device)
         result = explainer.explain(image, [spec], output_size=output_size)
-        seconds.append(time.perf_counter() - start)
-        explanation = replace(result.explanations[0], seconds=seconds[-1])
+        seconds.append(clock(image.device) - start)
+        explanation = replace(result.explanations[0], seconds=seconds[-1], batch_seconds=seconds[-1])
         if len(explanation.targets) != 1:
             raise InvalidTargetError(f"compare explains one target per method; {spec.method} got {explanation.targets}")
         explanations.append(explanation)

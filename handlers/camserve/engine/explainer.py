@@ -19,7 +19,6 @@ several threads on one model.
 
 from __future__ import annotations
 
-import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -28,7 +27,7 @@ import torch
 from torch import nn
 
 from .capture import ForwardCapture
-from .errors import InvalidInputError, InvalidTargetError
+from .errors import InvalidInputError, InvalidTargetError, UnsupportedModelError
 from .layers import LayerCatalog
 from .lean_gradient import trace_conv_geometries
 from .methods import Captured, get_method
@@ -36,6 +35,7 @@ from .relevance.composites import Composite, epsilon_plus
 from .relevance.rules import stabilize
 from .render import prepare_maps
 from .targets import TargetSpec, contrastive_seed, one_hot_seed, resolve_targets, validate_target
+from .timing import clock
 
 
 @dataclass
@@ -51,7 +51,13 @@ class ExplainSpec:
 
 @dataclass
 class Explanation:
-    """The maps of one image: ``maps`` ``(k, H, W)`` in [0, 1] for the ``k`` explained targets."""
+    """The maps of one image: ``maps`` ``(k, H, W)`` in [0, 1] for the ``k`` explained targets.
+
+    ``seconds`` is this image's share of the batch's work: the shared forward divided by the batch's
+    images, each backward pass divided by the rows it served, each method's map computation divided
+    by its rows, plus its own normalisation/upsampling; ``batch_seconds`` is the whole batched call
+    (what the image waited for). Timers synchronise CUDA first (:func:`camserve.engine.timing.clock`).
+    """
 
     method: str
     layer: str
@@ -61,6 +67,7 @@ class Explanation:
     options: Dict[str, Any]
     seconds: float
     passes: Dict[str, int]
+    batch_seconds: float = 0.0
 
 
 @dataclass
@@ -109,21 +116,25 @@ def model_device(model: nn.Module) -> torch.device:
 class Explainer:
     """Explanations for an image classifier, batched, in the forward that predicts.
 
-    ``default_layer`` is used when a spec names none (for the bundled EfficientNet-Lite0 it is
-    ``_blocks.2`` for Shallow-CAM's purpose); ``composite`` chooses the LRP rules.
+    ``default_layer`` (a module path or a stage alias) is used when a spec names none (default:
+    the catalog's, :meth:`LayerCatalog.default_layer` — the last map before pooling, or a ViT's last
+    block's first norm); ``stages`` (e.g. a hand-written profile's) replace the discovered stages
+    that the aliases ``stage1`` … name; ``composite`` chooses the LRP rules. A request's layer may
+    be a module path or a stage alias; token (ViT) and channels-last (Swin) layers are converted to
+    ``(N, C, h, w)`` maps with :meth:`LayerCatalog.as_map` before a method sees them.
     """
 
     def __init__(self, model: nn.Module, input_size: Tuple[int, int] = (224, 224),
                  default_layer: Optional[str] = None, composite: Optional[Composite] = None,
-                 max_topk: int = 5):
+                 max_topk: int = 5, stages: Optional[Sequence[str]] = None):
         self.model = model.eval()
         self.input_size = tuple(input_size)
         self._disable_inplace()
-        self.catalog = LayerCatalog.trace(model, self.input_size)
+        self.catalog = LayerCatalog.trace(model, self.input_size).with_stages(stages)
         maps = self.catalog.feature_map_layers()
         if not maps:
             raise ValueError("the model has no layer with a (C, H, W) feature map output")
-        self.default_layer = default_layer or maps[-1]
+        self.default_layer = self.catalog.resolve(default_layer) if default_layer else self.catalog.default_layer()
         self.catalog.feature_map(self.default_layer)
         self.composite = composite or epsilon_plus()
         self._rules = self.composite.assign(model.named_modules())
@@ -166,35 +177,42 @@ class Explainer:
         if len(specs) != images.shape[0]:
             raise InvalidTargetError(f"got {len(specs)} explanation specs for a batch of {images.shape[0]} images")
         rows = [self._plan(i, spec) for i, spec in enumerate(specs) if spec is not None]
+        device = images.device
         if not rows:
-            start = time.perf_counter()
+            start = clock(device)
             logits = self.predict(images)
-            return ExplainResult(logits, [None] * len(specs), time.perf_counter() - start)
+            return ExplainResult(logits, [None] * len(specs), clock(device) - start)
 
         layers = [name for row in rows for name in row.method.layers(row.layer, self.catalog, row.options)]
         # switches above the shallowest layer: they carry the LRP rules for relevance passes and
         # compute lean gradients (lean_gradient.py) for gradient passes
         rules = self._rules_above(layers)
         floor = min(layers, key=lambda name: self.catalog.get(name).exited)  # no gradient needed below it
-        start = time.perf_counter()
+        start = clock(device)
         gradient_passes = any(row.method.needs_gradient_for(row.options) for row in rows)
         with ForwardCapture(self.model, layers, rules, grad_from=floor, gradient_passes=gradient_passes,
                             conv_geometry=self._conv_geometry) as capture, torch.enable_grad():
             with torch.no_grad():  # the capture switches grad on at ``floor``; this block restores the mode
                 logits = self.model(images)
-            forward_seconds = time.perf_counter() - start
+            forward_seconds = clock(device) - start
+            shares = {row.index: forward_seconds / images.shape[0] for row in rows}  # the shared forward
             for row in rows:
                 row.targets = resolve_targets(row.spec_target, logits[row.index].detach())
-            maps, passes = self._backward_rounds(capture, logits, rows)
-        seconds = time.perf_counter() - start
+            maps, passes = self._backward_rounds(capture, logits, rows, shares)
         size = None if layer_resolution else (output_size or tuple(images.shape[-2:]))
         explanations: List[Optional[Explanation]] = [None] * len(specs)
         for row in rows:
+            own = clock(device)
             stacked = torch.stack(maps[row.index])
             layer_shape = tuple(stacked.shape[-2:])
+            prepared = prepare_maps(stacked, size, dtype)
+            shares[row.index] += clock(device) - own
             explanations[row.index] = Explanation(
-                row.method.name, row.layer, row.targets, prepare_maps(stacked, size, dtype), layer_shape,
-                row.options, seconds, passes[row.index])
+                row.method.name, row.layer, row.targets, prepared, layer_shape, row.options, shares[row.index],
+                passes[row.index])
+        seconds = clock(device) - start
+        for row in rows:
+            explanations[row.index].batch_seconds = seconds
         return ExplainResult(logits.detach(), explanations, forward_seconds)
 
     # -- planning -----------------------------------------------------------------------------
@@ -204,12 +222,32 @@ class Explainer:
             return captum_adapter.plan_row(self, index, spec)
         method = get_method(spec.method)
         options = method.options(spec.options)
-        layer = spec.layer or self.default_layer
+        layer = self.catalog.resolve(spec.layer) if spec.layer else self.default_layer
         self.catalog.feature_map(layer)
         method.validate(layer, self.catalog, self.model)
-        method.layers(layer, self.catalog, options)  # validates l+1 where needed
+        names = method.layers(layer, self.catalog, options)  # validates l+1 where needed
+        if method.needs_relevance_for(options):
+            self._check_relevance(method.name, names)
         target = validate_target(spec.target, self.num_classes, self.max_topk)
         return _Row(index, method, layer, target, options)
+
+    def _check_relevance(self, method: str, layers: Sequence[str]) -> None:
+        """LRP relevance passes have rules for convolutions, linear layers, pooling, BatchNorm and
+        activations, none for attention or token mixing: refuse a token layer or a layer with an
+        attention module above it (:class:`UnsupportedModelError`, a 400)."""
+        for name in layers:
+            info = self.catalog.get(name)
+            if info.layout == "tokens":
+                raise UnsupportedModelError(
+                    f"{method} propagates LRP relevance, which has no rules for attention or token mixing; layer "
+                    f"{name!r} is a token sequence ({info.output_shape[0]} tokens) of a transformer — use gradcam, "
+                    f"gradcampp or layercam")
+            attention = self.catalog.attention_above(name)
+            if attention is not None:
+                raise UnsupportedModelError(
+                    f"{method} propagates LRP relevance, which has no rules for attention; the pass from the "
+                    f"logits down to {name!r} crosses {attention!r} ({self.catalog.get(attention).type_name}) — "
+                    f"use gradcam, gradcampp or layercam")
 
     def _rules_above(self, layers: Sequence[str]):
         """LRP rules for the modules that run (at least once) after the shallowest requested layer
@@ -223,8 +261,18 @@ class Explainer:
                 if name in self.catalog.layers and self.catalog.layers[name].exited > floor}
 
     # -- passes -------------------------------------------------------------------------------
-    def _backward_rounds(self, capture: ForwardCapture, logits: torch.Tensor, rows: List[_Row]):
-        """Per round ``r`` (the r-th target of each row): one gradient and/or one relevance backward."""
+    def _backward_rounds(self, capture: ForwardCapture, logits: torch.Tensor, rows: List[_Row],
+                         shares: Optional[Dict[int, float]] = None):
+        """Per round ``r`` (the r-th target of each row): one gradient and/or one relevance backward.
+        ``shares[row]`` accumulates the row's part of each pass (split over the rows it served) and
+        of its group's map computation (split over the group)."""
+        shares = {} if shares is None else shares
+        device = logits.device
+
+        def charge(members, since):
+            spent = clock(device) - since
+            for member in members:
+                shares[member.index] = shares.get(member.index, 0.0) + spent / len(members)
         maps: Dict[int, List[torch.Tensor]] = defaultdict(list)
         passes: Dict[int, Dict[str, int]] = {r.index: {"forward": 1, "backward": 0, "relevance": 0} for r in rows}
         rounds = max(len(r.targets) for r in rows)
@@ -234,24 +282,31 @@ class Explainer:
             for r in active:
                 targets[r.index] = r.targets[round_index]
             last = round_index == rounds - 1
+            since = clock(device)
             gradients = self._pass(capture, logits, targets, active, "gradient", passes, retain=not last)
+            charge([r for r in active if r.method.needs_gradient_for(r.options)] or active, since)
+            since = clock(device)
             relevance = self._pass(capture, logits, targets, active, "relevance", passes, retain=not last)
+            charge([r for r in active if r.method.needs_relevance_for(r.options)] or active, since)
             groups: Dict[Tuple, List[_Row]] = defaultdict(list)
             for r in active:
                 groups[r.group].append(r)
             for group_rows in groups.values():
+                since = clock(device)
                 first = group_rows[0]
                 idx = torch.tensor([r.index for r in group_rows], device=logits.device)
                 names = first.method.layers(first.layer, self.catalog, first.options)
+                as_map = self.catalog.as_map  # (N, C, h, w): NCHW as is, NHWC permuted, tokens on the grid
                 captured = Captured(
-                    activations={n: capture.activations[n].detach()[idx] for n in names},
-                    gradients={n: gradients[n][idx] for n in names if n in gradients},
-                    relevance_gradients={n: relevance[n][idx] for n in names if n in relevance},
-                    targets=targets[idx], logits=logits.detach()[idx], model=self.model)
+                    activations={n: as_map(n, capture.activations[n].detach()[idx]) for n in names},
+                    gradients={n: as_map(n, gradients[n][idx]) for n in names if n in gradients},
+                    relevance_gradients={n: as_map(n, relevance[n][idx]) for n in names if n in relevance},
+                    targets=targets[idx], logits=logits.detach()[idx], model=self.model, catalog=self.catalog)
                 with torch.no_grad():
                     cams = first.method.compute(first.layer, captured, first.options)
                 for r, cam in zip(group_rows, cams):
                     maps[r.index].append(cam)
+                charge(group_rows, since)
         return maps, passes
 
     def _pass(self, capture, logits, targets, active, mode, passes, retain) -> Dict[str, torch.Tensor]:

@@ -61,7 +61,6 @@ query batch or spec count), ``InvalidOptionError`` (unknown similarity or route)
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -72,6 +71,7 @@ from .errors import InvalidInputError, InvalidOptionError, InvalidReferenceError
 from .explainer import check_images
 from .gallery import Gallery
 from .render import prepare_maps
+from .timing import clock
 
 SIMILARITIES = ("cosine", "dot", "euclidean")
 METHODS = ("fam", "gradcam_similarity")
@@ -110,6 +110,7 @@ class FamExplanation:
     matches: Optional[List[Dict[str, Any]]]
     seconds: float
     passes: Dict[str, int]
+    batch_seconds: float = 0.0  # the whole batched call; ``seconds`` is this query's share of it
 
 
 @dataclass
@@ -211,7 +212,7 @@ class FamExplainer:
         if len(specs) != images.shape[0]:
             raise InvalidInputError(f"got {len(specs)} FAM specs for a batch of {images.shape[0]} images")
         plans = [self._plan(i, spec, images) for i, spec in enumerate(specs) if spec is not None]
-        start = time.perf_counter()
+        start = clock(images.device)
         n = images.shape[0]
         ref_rows = [p for p in plans if p.kind == "image"]
         for offset, plan in enumerate(ref_rows):
@@ -219,7 +220,7 @@ class FamExplainer:
         batch = torch.cat([images] + [p.reference[None].to(images) for p in ref_rows]) if ref_rows else images
         need_grad = any(p.route != "pooled" for p in plans)
         trace = self.model.trace(batch, grad=need_grad)
-        forward_seconds = time.perf_counter() - start
+        forward_seconds = clock(images.device) - start
         embeddings = trace.embedding.detach()
         maps = trace.maps.detach()
         size = tuple(output_size) if output_size is not None else tuple(images.shape[-2:])
@@ -237,7 +238,9 @@ class FamExplainer:
         if gradient_plans:
             raw.update(self._gradient_pairs(gradient_plans, trace, embeddings, maps, passes))
 
-        seconds = time.perf_counter() - start
+        seconds = clock(images.device) - start
+        rows = batch.shape[0]
+        pair_share = (seconds - forward_seconds) / max(1, len(plans))  # the pairs' work, split over the plans
         for plan in plans:
             pairs = raw[plan.index]
             stacked_q = prepare_maps(torch.stack([q for _, q, _, _ in pairs]), size)
@@ -257,7 +260,8 @@ class FamExplainer:
             items[plan.index] = FamExplanation(
                 similarity=pairs[0][3], contributions=pairs[0][0], query_map=stacked_q[0], reference_map=ref_maps[0],
                 route=plan.route, method=method, metric=plan.similarity, reference=plan.kind, matches=matches,
-                seconds=seconds, passes=passes[plan.index])
+                seconds=forward_seconds * (1 + (plan.kind == "image")) / rows + pair_share,
+                passes=passes[plan.index], batch_seconds=seconds)
         return FamResult(embeddings[:n], items, forward_seconds)
 
     # -- planning -----------------------------------------------------------------------------

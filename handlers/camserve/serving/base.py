@@ -10,26 +10,73 @@ answer is wrapped in the request's own envelope (plain, KServe v1, KServe v2).
 Extension points for other features: :meth:`parse` (request → items), :meth:`run_batch`
 (items → per-item results), :meth:`after_batch` (called with every answered request, e.g. for an
 audit log), and ``settings.extra`` (unknown ``handler:`` keys of ``model-config.yaml``).
+
+**Server faults stay inside their request.** :meth:`CamserveHandler.run_isolated` runs a batched
+engine call and, when it raises (an unexpected exception, an out-of-memory error, or an input error
+the per-request validation missed), splits the batch's requests in two halves and runs each again,
+recursively, so only the request(s) that fail on their own get the error (a 500 with its message, or
+the error's own 4xx); after an out-of-memory error it frees the device's cached memory before the
+retry, and a single request that ran out of memory is retried once more after that. ``handle`` uses
+the same helper around :meth:`run_batch` itself, so a fault outside the engine call is isolated too.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
-import time
 from collections import defaultdict
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
 
 import torch
 from ts.torch_handler.base_handler import BaseHandler
 
-from .encode import dumps, envelope_body
-from .errors import PHRASES, error_body, is_client_error, status_of
+from ..engine.timing import clock
+from .encode import answer_limit, dumps, envelope_body
+from .errors import PHRASES, AnswerTooLargeError, RequestError, error_body, is_client_error, status_of
+from .metrics import record_counters
 from .requests import IMAGE_FIELDS, ParsedRequest, is_json_part, parse_request
 from .audit import AuditLog, record_answers
 from .settings import HandlerSettings
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
+RETRY_FRACTION = 0.8  # a failed batch's retries must end within this part of responseTimeout
+
+
+class BatchFailedError(RuntimeError):
+    """A request of a failed batch that could not be retried on its own before the response timeout
+    (HTTP 500; the message names the batch's error)."""
+
+
+class BatchBudgetExceededError(RequestError):
+    """The request is valid but this batch's work budget (``handler.captum.max_batch_evaluations``) is
+    spent by the requests before it: answered 503 with ``Retry-After``; sent again it lands in a later
+    batch. (A request that alone exceeds a cap is a 400 instead.)"""
+
+    status = 503
+    phrase = "Service Unavailable"
+    retry_after_s = 1
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """A device or host allocation failure (``torch.OutOfMemoryError``, or the CPU allocator's
+    ``RuntimeError``)."""
+    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", None)
+    if oom is not None and isinstance(error, oom):
+        return True
+    text = str(error).lower()
+    return isinstance(error, (RuntimeError, MemoryError)) and (
+        isinstance(error, MemoryError) or "out of memory" in text or "can't allocate memory" in text)
+
+
+def free_device_memory(device: Optional[torch.device]) -> None:
+    """Drop unreachable tensors and, on CUDA, return the caching allocator's free blocks (after an
+    out-of-memory error, before a retry)."""
+    gc.collect()
+    if device is not None and device.type == "cuda" and torch.cuda.is_available():
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
 
 
 def worker_device(gpu_id: Any) -> torch.device:
@@ -52,12 +99,76 @@ class CamserveHandler(BaseHandler):
         self.device = worker_device(props.get("gpu_id"))
         self.map_location = self.device.type
         self.settings = HandlerSettings.from_model_config(getattr(context, "model_yaml_config", None))
+        # fault retries stop in time for the frontend's responseTimeout (model-config.yaml, default 120 s)
+        self.retry_window_s = RETRY_FRACTION * float((getattr(context, "model_yaml_config", None) or {})
+                                                     .get("responseTimeout", 120))
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.load(context)
         self.audit = AuditLog.from_config(self.settings.extra)  # opt-in: handler.audit_log (H6)
         self.initialized = True
         logger.info("camserve %s ready on %s with %s", type(self).__name__, self.device, self.settings)
+
+    # -- fault isolation ----------------------------------------------------------------------
+    def run_isolated(self, items: Sequence[T], run: Callable[[List[T]], Dict[Any, Any]],
+                     request_of: Callable[[T], int] = lambda item: item.request,
+                     deadline: Optional[float] = None) -> Tuple[Dict[Any, Any], Dict[int, Exception]]:
+        """``run(items)`` for a batch, isolating failures to the requests that cause them.
+
+        ``run`` takes a list of items (each belonging to the request ``request_of(item)``) and returns
+        its results as a dict. If it raises, the items are split by request into two halves and each
+        half runs again (recursively): requests that succeed alongside others are answered, a request
+        that fails on its own gets the error. An out-of-memory error frees the device cache first
+        (:func:`free_device_memory`), and a lone request that ran out of memory gets one more try.
+        Returns ``(results, {request index: error})``. Costs nothing when ``run`` succeeds; a single
+        poisoned request among ``r`` costs about ``2·log2(r)`` extra runs.
+
+        Retries end in time: ``deadline`` (a :func:`~camserve.engine.timing.clock` reading; default:
+        now + ``retry_window_s``, 0.8 × ``responseTimeout``) — a part is retried only if a run as long as
+        the one that failed still fits before it; the requests that do not fit get a 500
+        (:class:`BatchFailedError` naming the batch's error) instead of a worker killed by the timeout.
+        """
+        items = list(items)
+        if not items:
+            return {}, {}
+        device = getattr(self, "device", None)
+        started = clock(device)
+        if deadline is None:
+            deadline = started + getattr(self, "retry_window_s", RETRY_FRACTION * 120)
+        try:
+            return run(items), {}
+        except Exception as error:  # noqa: BLE001 - isolated below
+            first = error
+        spent = clock(device) - started
+        requests = list(dict.fromkeys(request_of(item) for item in items))
+        oom = is_out_of_memory(first)
+        if oom:
+            free_device_memory(device)
+        record_counters(getattr(self, "context", None), {"BatchRetries": 1},
+                        ("Reason", "out_of_memory" if oom else type(first).__name__))
+        if len(requests) == 1:
+            if oom and clock(device) + spent <= deadline:
+                try:
+                    return run(items), {}
+                except Exception as error:  # noqa: BLE001
+                    first = error
+            return {}, {requests[0]: self._guard(first)}
+        logger.warning("a batch of %d requests failed (%s: %s); splitting it to isolate the failing request",
+                       len(requests), type(first).__name__, first)
+        half = set(requests[:len(requests) // 2])
+        results: Dict[Any, Any] = {}
+        failures: Dict[int, Exception] = {}
+        for part in ([i for i in items if request_of(i) in half], [i for i in items if request_of(i) not in half]):
+            if clock(device) + spent > deadline:  # a retry could outlive responseTimeout: fail these now
+                error = BatchFailedError(f"the batch failed ({type(first).__name__}: {first}) and there was no "
+                                         f"time left to retry this request on its own before the response timeout")
+                logger.error("%s", error)
+                failures.update({request_of(i): error for i in part})
+                continue
+            done, failed = self.run_isolated(part, run, request_of, deadline)
+            results.update(done)
+            failures.update(failed)
+        return results, failures
 
     def artifact(self, name: Optional[str]) -> Optional[str]:
         """Absolute path of a file shipped in the archive (``None`` if absent)."""
@@ -78,10 +189,19 @@ class CamserveHandler(BaseHandler):
         raise NotImplementedError
 
     def after_batch(self, answered: List[Tuple[int, ParsedRequest, Any]], context) -> None:
-        """Hook called after a batch with ``(index, request, results or error)``; default: the audit
-        log's records (one per explained image, queued for its writer thread) when it is on."""
-        if getattr(self, "audit", None) is not None:
-            record_answers(self.audit, self, answered, context)
+        """Hook called after a batch with ``(index, request, results or error)``, before the answers
+        leave the worker; default: the audit log's records (one per explained image, queued for its
+        writer thread) when it is on, then a wait (``audit_wait_seconds``) until they are in the file,
+        and the log's health as metrics (``AuditWriteErrors``, ``AuditDropped``, ``AuditPending``)."""
+        audit = getattr(self, "audit", None)
+        if audit is None:
+            return
+        if record_answers(audit, self, answered, context) and not audit.wait_written(audit.wait_seconds):
+            logger.error("audit log %s: this batch's records are not written after %.1f s (%d pending); "
+                         "answering anyway", audit.path, audit.wait_seconds, audit.pending)
+        stats = audit.stats()
+        record_counters(context, {}, gauges={"AuditWriteErrors": stats["errors"] + stats["rotation_errors"],
+                                             "AuditDropped": stats["dropped"], "AuditPending": stats["pending"]})
 
     # -- TorchServe entry point ---------------------------------------------------------------
     def parse(self, index: int, row: Dict[str, Any], context) -> ParsedRequest:
@@ -109,7 +229,7 @@ class CamserveHandler(BaseHandler):
             return None
 
     def handle(self, data: List[Dict[str, Any]], context) -> List[str]:
-        start = time.perf_counter()
+        start = clock(getattr(self, "device", None))
         self.context = context
         outcomes: Dict[int, Any] = {}
         parsed: List[Tuple[int, ParsedRequest]] = []
@@ -118,8 +238,11 @@ class CamserveHandler(BaseHandler):
                 parsed.append((index, self.parse(index, row or {}, context)))
             except Exception as error:  # noqa: BLE001 - isolated per request
                 outcomes[index] = self._guard(error)
-        if parsed:
-            outcomes.update(self.run_batch(parsed, context))
+        if parsed:  # a fault outside the engine call is isolated the same way (per request)
+            answered, failed = self.run_isolated(parsed, lambda part: self.run_batch(part, context),
+                                                 request_of=lambda pair: pair[0])
+            outcomes.update(answered)
+            outcomes.update(failed)
         requests = dict(parsed)
         answers: List[str] = []
         for index in range(len(data)):
@@ -128,21 +251,38 @@ class CamserveHandler(BaseHandler):
                 context.set_response_content_type(index, "application/json")
             except Exception:  # noqa: BLE001 - no request processor (direct calls)
                 pass
-            if isinstance(outcome, Exception):
-                status = status_of(outcome)
-                phrase = getattr(outcome, "phrase", None) or PHRASES.get(status, "Error")
-                context.set_response_status(status, phrase, idx=index)
-                answers.append(dumps(error_body(outcome)))
-            else:
+            if not isinstance(outcome, Exception):
                 request = requests[index]
-                answers.append(dumps(envelope_body(request.envelope, outcome, request.explain_route,
-                                                   self.model_name, request.request_id)))
+                text = dumps(envelope_body(request.envelope, outcome, request.explain_route,
+                                           self.model_name, request.request_id,
+                                           json_output=request.meta.get("json_output", False),
+                                           outputs=request.meta.get("outputs")))
+                # an answer over the frontend's max_response_size would kill the worker and fail the
+                # whole batch ("Worker died."): answer this request alone with a 413 instead
+                limit = answer_limit(self.settings)
+                if len(text) <= limit:  # ASCII JSON: characters = bytes
+                    answers.append(text)
+                    continue
+                outcome = outcomes[index] = AnswerTooLargeError(
+                    f"the answer would be {len(text)} bytes, over this server's limit of {limit} "
+                    f"(max_response_size): send fewer images per request, fewer targets, or drop "
+                    f"overlay/colormap renderings")
+            status = status_of(outcome)
+            phrase = getattr(outcome, "phrase", None) or PHRASES.get(status, "Error")
+            context.set_response_status(status, phrase, idx=index)
+            if getattr(outcome, "retry_after_s", None):
+                try:
+                    context.set_response_header(index, "Retry-After", str(outcome.retry_after_s))
+                except Exception:  # noqa: BLE001 - no request processor (direct calls)
+                    pass
+            answers.append(dumps(error_body(outcome)))
         try:
             self.after_batch([(i, requests.get(i), outcomes.get(i)) for i in range(len(data))], context)
         except Exception:  # noqa: BLE001 - hooks never fail the batch
             logger.warning("after_batch hook failed", exc_info=True)
         if getattr(context, "metrics", None) is not None:
-            context.metrics.add_time("HandlerTime", round((time.perf_counter() - start) * 1000, 2), None, "ms")
+            context.metrics.add_time("HandlerTime", round((clock(getattr(self, "device", None)) - start) * 1000, 2),
+                                     None, "ms")
         return answers
 
     def prepare_all(self, requests: Sequence[Tuple[int, ParsedRequest]]) -> Tuple[List[Any], Dict[int, Any]]:

@@ -17,33 +17,40 @@ its answer carries ``explanations`` (one per method, maps at the model input's s
 
 Captum baselines (``captum.*``) are capped by the ``handler.captum`` section of ``model-config.yaml``
 (:class:`~camserve.engine.captum_methods.CaptumLimits`: ``max_steps``, ``max_samples``,
-``max_internal_batch_size``, ``max_evaluations``); a request beyond a cap is a 400.
+``max_internal_batch_size``, ``max_evaluations``); a request beyond a cap is a 400. The batch as a
+whole is bounded by ``max_batch_evaluations`` (:meth:`ImageClassifierHandler.budget`): requests are
+admitted in batch order while their model evaluations (a Captum row: evaluations × targets; a
+``compare``: each method's, at least 1) fit; the rest are answered 503 with ``Retry-After`` (sent
+again they land in a later batch), and a request that alone exceeds the cap is a 400.
+
+Faults are isolated with :meth:`CamserveHandler.run_isolated`: the batched call, and each compare
+request on its own.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..engine.captum_methods import CaptumLimits
+from ..engine.captum_methods import CaptumLimits, is_captum, resolve
 from ..engine.compare import compare, comparison_json
-from ..engine.errors import ExplanationInputError
 from ..engine.explainer import Explainer
-from ..engine.models import EFFNET_LITE0, ModelProfile, imagenet_class_names, load_effnet_lite0
-from ..engine.preprocess import crop_box, to_model_input
+from ..engine.models import EFFNET_LITE0, ModelProfile, labels_for, load_spec, profile_with_layers
+from ..engine.preprocess import crop_box
 from ..engine.targets import validate_target
-from .base import CamserveHandler
+from ..engine.timing import clock
+from .base import BatchBudgetExceededError, CamserveHandler
 from .encode import heatmap_fields, top_predictions
 from .errors import InvalidRequestOptionError, MissingInputError
 from .images import b64decode, decode_image, image_size
 from .metrics import record_explanations
 from .options import ExplainOptions, parse_options
 from .requests import ParsedRequest
+from .settings import model_spec
 
 logger = logging.getLogger(__name__)
 
@@ -68,8 +75,10 @@ def image_bytes(payload: Any, what: str = "image") -> bytes:
 
 
 def build_explainer(model, profile: ModelProfile, default_layer: Optional[str], max_targets: int) -> Explainer:
-    return Explainer(model, (profile.crop, profile.crop), default_layer=default_layer or profile.default_layer,
-                     max_topk=max_targets)
+    """The explainer at the profile's input size; default layer: the archive's, else the profile's, else
+    the one discovered by the explainer's probe forward."""
+    return Explainer(model, profile.input_size, default_layer=default_layer or profile.default_layer,
+                     max_topk=max_targets, stages=profile.stages or None)
 
 
 def captum_limits(section: Any) -> CaptumLimits:
@@ -82,20 +91,28 @@ def captum_limits(section: Any) -> CaptumLimits:
         raise ValueError(f"handler.captum: unknown key(s) {unknown}; known: {sorted(known)}")
     if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in section.values()):
         raise ValueError(f"handler.captum: caps must be positive integers, got {section}")
-    return CaptumLimits(**section)
+    limits = CaptumLimits(**section)
+    if limits.max_batch_evaluations < limits.max_evaluations:
+        raise ValueError(f"handler.captum: max_batch_evaluations ({limits.max_batch_evaluations}) must be ≥ "
+                         f"max_evaluations ({limits.max_evaluations}), or a request within the caps could never run")
+    return limits
 
 
 class ImageClassifierHandler(CamserveHandler):
-    """TorchServe handler for an ImageNet classifier (EfficientNet-Lite0 by default)."""
+    """TorchServe handler for an image classifier: the archive's model spec (EfficientNet-Lite0 by default)."""
 
     profile: ModelProfile = EFFNET_LITE0
 
     def load(self, context) -> None:
-        weights = self.serialized_file()
-        self.model = load_effnet_lite0(weights_path=weights, device=self.device)
-        self.labels = imagenet_class_names()
-        self.explainer = build_explainer(self.model, self.profile, self.settings.default_layer,
+        """Build the archive's model from its spec (``handler.model``; the bundled EfficientNet-Lite0
+        when absent), the explainer (one probe forward: layers, stages, class count) and the labels."""
+        spec = model_spec(self.settings, self.manifest, "classify")
+        loaded = load_spec(spec, self.model_dir, self.device, self.manifest.get("model", {}).get("serializedFile"))
+        self.model = loaded.module
+        self.explainer = build_explainer(self.model, loaded.profile, self.settings.default_layer,
                                          self.settings.max_targets)
+        self.profile = profile_with_layers(loaded.profile, self.explainer.catalog)
+        self.labels = labels_for(spec, self.model_dir, self.explainer.num_classes)
         self.explainer.captum_limits = captum_limits(self.settings.extra.get("captum"))
 
     # -- per image ----------------------------------------------------------------------------
@@ -121,41 +138,89 @@ class ImageClassifierHandler(CamserveHandler):
 
     # -- batch --------------------------------------------------------------------------------
     def run_batch(self, requests: Sequence[Tuple[int, ParsedRequest]], context) -> Dict[int, Any]:
+        deadline = clock(self.device) + self.retry_window_s  # fault retries end in time for responseTimeout
         images, outcomes = self.prepare_all(requests)
+        outcomes.update(self.budget(images))
+        images = [p for p in images if p.request not in outcomes]
         if not images:
             return outcomes
         batched = [p for p in images if not p.options.compare]
-        results: Dict[Tuple[int, int], Dict[str, Any]] = {}
-        try:
-            if batched:
-                results = self.explain_images(batched)
-        except ExplanationInputError:
-            # cannot happen after per-image validation; answer request by request to isolate it
-            logger.warning("batch failed validation; retrying request by request", exc_info=True)
-            results = {}
-            for index in dict.fromkeys(p.request for p in batched):
-                own = [p for p in batched if p.request == index]
-                try:
-                    results.update(self.explain_images(own))
-                except Exception as error:  # noqa: BLE001
-                    outcomes[index] = self._guard(error)
-        for prepared in images:
-            if prepared.options.compare and prepared.request not in outcomes:
-                try:
-                    results[(prepared.request, prepared.position)] = self.compare_image(prepared)
-                except Exception as error:  # noqa: BLE001 - isolated per request
-                    outcomes[prepared.request] = self._guard(error)
+        # one batched engine call; a failure is split down to the request(s) that cause it
+        results, failed = self.run_isolated(batched, self.explain_images, deadline=deadline)
+        outcomes.update(failed)
+        for index in dict.fromkeys(p.request for p in images if p.options.compare):
+            if index in outcomes:
+                continue
+            own = [p for p in images if p.request == index]  # compare runs per request, serially
+            done, failed = self.run_isolated(own, self.compare_images, deadline=deadline)
+            results.update(done)
+            outcomes.update(failed)
         return self.in_request_order(images, results, outcomes)
+
+    def evaluations(self, prepared: Prepared) -> int:
+        """Model evaluations one image costs against ``max_batch_evaluations``: a Captum row its
+        ``steps × nt_samples`` (or ``nt_samples``, or 1) per target; a ``compare`` each method's own
+        (non-Captum methods 1); CAM-family rows 0 (they share the batch's one forward/backward)."""
+        compared = bool(prepared.options.compare)
+        specs = prepared.options.compare or [s for s in [prepared.options.spec()] if s is not None]
+        limits = getattr(self.explainer, "captum_limits", None) or CaptumLimits()
+        total = 0
+        for spec in specs:
+            if not is_captum(spec.method):
+                total += 1 if compared else 0
+                continue
+            _, options = resolve(spec.method, spec.options, limits)
+            per_target = options.get("steps", 1) * (options.get("nt_samples", 1) if options.get("smooth") else 1)
+            target = validate_target(spec.target, self.explainer.num_classes, self.explainer.max_topk)
+            targets = len(target) if isinstance(target, list) else (
+                int(target[3:]) if isinstance(target, str) and target.startswith("top") else 1)
+            total += per_target * targets
+        return total
+
+    def budget(self, images: Sequence[Prepared]) -> Dict[int, Exception]:
+        """Admit requests in batch order while their evaluations fit ``max_batch_evaluations``; the
+        others get a 503 (:class:`BatchBudgetExceededError`), a request over the cap on its own a 400."""
+        limits = getattr(self.explainer, "captum_limits", None) or CaptumLimits()
+        cap = limits.max_batch_evaluations
+        cost: Dict[int, int] = {}
+        refused: Dict[int, Exception] = {}
+        for prepared in images:
+            try:
+                cost[prepared.request] = cost.get(prepared.request, 0) + self.evaluations(prepared)
+            except Exception as error:  # noqa: BLE001 - isolated per request (validated before: unexpected)
+                refused[prepared.request] = self._guard(error)
+        for index in refused:
+            cost.pop(index, None)
+        used = 0
+        for index, evaluations in cost.items():
+            if evaluations > cap:
+                refused[index] = InvalidRequestOptionError(
+                    f"this request would evaluate the model {evaluations} times (Captum steps × samples × targets, "
+                    f"each compare method at least once); this server's cap per batch is max_batch_evaluations={cap}")
+            elif used + evaluations > cap:
+                refused[index] = BatchBudgetExceededError(
+                    f"this batch's work budget is spent: the request needs {evaluations} model evaluations and "
+                    f"{cap - used} of max_batch_evaluations={cap} are left; send it again (Retry-After: 1 s)")
+            else:
+                used += evaluations
+        if refused:
+            from .metrics import record_counters
+            record_counters(getattr(self, "context", None), {"BatchBudgetRejected": len(refused)})
+        return refused
+
+    def compare_images(self, images: List[Prepared]) -> Dict[Tuple[int, int], Dict[str, Any]]:
+        """:meth:`compare_image` for each image, keyed by (request, position)."""
+        return {(p.request, p.position): self.compare_image(p) for p in images}
 
     def explain_images(self, images: List[Prepared]) -> Dict[Tuple[int, int], Dict[str, Any]]:
         """One preprocessing and one engine call for all ``images``; results keyed by (request, position)."""
         p = self.profile
-        start = time.perf_counter()
-        batch, crops = to_model_input([i.image for i in images], p.resize, p.crop, p.mean, p.std, self.device)
+        start = clock(self.device)
+        batch, crops = p.model_input([i.image for i in images], self.device)
         specs = [i.options.spec() for i in images]
         result = self.explainer.explain(batch, specs, layer_resolution=True)
         probabilities = torch.softmax(result.logits.float(), dim=-1)
-        engine_seconds = time.perf_counter() - start
+        engine_seconds = clock(self.device) - start
         out: Dict[Tuple[int, int], Dict[str, Any]] = {}
         seconds_by_method: Dict[str, float] = {}
         counts: Counter = Counter()
@@ -168,7 +233,8 @@ class ImageClassifierHandler(CamserveHandler):
             if explanation is not None:
                 answer["explanation"] = self.explanation_json(
                     explanation, prepared.options, crops[row:row + 1], (height, width), len(images))
-                seconds_by_method[explanation.method] = explanation.seconds
+                # each row's share of the batch's passes, summed per method (not the batch's time per row)
+                seconds_by_method[explanation.method] = seconds_by_method.get(explanation.method, 0.0) + explanation.seconds
                 counts[explanation.method] += 1
             out[(prepared.request, prepared.position)] = answer
         record_explanations(self.context, seconds_by_method, counts)
@@ -179,7 +245,7 @@ class ImageClassifierHandler(CamserveHandler):
     def compare_image(self, prepared: Prepared) -> Dict[str, Any]:
         """Explain one image with each compared method (one engine call each) and correlate the maps."""
         p = self.profile
-        batch, crops = to_model_input([prepared.image], p.resize, p.crop, p.mean, p.std, self.device)
+        batch, crops = p.model_input([prepared.image], self.device)
         comparison = compare(self.explainer, batch, prepared.options.compare, output_size=(p.crop, p.crop))
         width, height = image_size(prepared.image)
         probabilities = torch.softmax(comparison.logits.float(), dim=-1)
@@ -190,7 +256,10 @@ class ImageClassifierHandler(CamserveHandler):
                              for e in comparison.explanations],
             "comparison": comparison_json(comparison),
         }
-        record_explanations(self.context, {e.method: e.seconds for e in comparison.explanations},
+        seconds: Dict[str, float] = {}
+        for e in comparison.explanations:  # each method's own call (a method named twice: both)
+            seconds[e.method] = seconds.get(e.method, 0.0) + e.seconds
+        record_explanations(self.context, seconds,
                             Counter(e.method for e in comparison.explanations))
         logger.info("camserve comparison of %s in %.3f s", comparison.methods, sum(comparison.seconds))
         return answer
@@ -216,6 +285,7 @@ class ImageClassifierHandler(CamserveHandler):
             "options": dict(explanation.options),
             "passes": dict(explanation.passes),
             "seconds": round(explanation.seconds, 4),
+            "batch_seconds": round(getattr(explanation, "batch_seconds", 0.0) or explanation.seconds, 4),
             "batch_size": batch_size,
         })
         return body

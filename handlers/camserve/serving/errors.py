@@ -35,8 +35,20 @@ class InvalidImageError(RequestError):
     """The bytes are not a readable JPEG/PNG/WebP/… image."""
 
 
+class ImageShapeError(InvalidImageError):
+    """The image has no pixels, or an aspect ratio beyond ``MAX_ASPECT_RATIO`` (its resize would be huge)."""
+
+
 class ImageTooLargeError(RequestError):
     """The image has more pixels than the handler's ``max_pixels``."""
+
+    status = 413
+    phrase = "Payload Too Large"
+
+
+class AnswerTooLargeError(RequestError):
+    """The answer would exceed the frontend's ``max_response_size`` (``handler.max_response_bytes``):
+    sent, it would kill the worker and fail its whole batch; answered 413 for this request alone."""
 
     status = 413
     phrase = "Payload Too Large"

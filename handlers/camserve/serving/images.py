@@ -1,8 +1,8 @@
 """Image decoding with limits: bytes or base64 text → ``uint8`` ``(3, H, W)`` tensor (RGB).
 
-Two guards protect the worker: ``max_pixels`` (``W·H`` read from the header, before any pixel is
-decoded → :class:`ImageTooLargeError`) and PIL's own decompression-bomb check
-(:class:`DecompressionBombError`). EXIF orientation is applied so the crop box refers to the image
+Three guards protect the worker: ``max_pixels`` (``W·H`` read from the header, before any pixel is
+decoded → :class:`ImageTooLargeError`), the aspect ratio (:data:`MAX_ASPECT_RATIO`, also from the
+header → :class:`ImageShapeError`) and PIL's own decompression-bomb check (:class:`DecompressionBombError`). EXIF orientation is applied so the crop box refers to the image
 as a viewer shows it.
 """
 
@@ -18,9 +18,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import DecompressionBombError, ImageTooLargeError, InvalidBase64Error, InvalidImageError
+from .errors import DecompressionBombError, ImageShapeError, ImageTooLargeError, InvalidBase64Error, InvalidImageError
 
 DEFAULT_MAX_PIXELS = 40_000_000
+#: longest side / shortest side. The model sees the central square of the shorter side, and the
+#: resize to its input scales the longer side with it: a 1x40000 strip (40,000 pixels) would become
+#: 256x10,240,000 floats (31 GB) before the crop. Beyond this ratio → 400 :class:`ImageShapeError`.
+MAX_ASPECT_RATIO = 50
 
 
 def b64decode(text: Union[str, bytes], what: str = "image") -> bytes:
@@ -43,8 +47,10 @@ def b64decode(text: Union[str, bytes], what: str = "image") -> bytes:
         raise InvalidBase64Error(f"{what}: invalid base64 ({error})") from None
 
 
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, what: str = "image") -> torch.Tensor:
-    """Encoded image bytes → RGB ``uint8`` tensor ``(3, H, W)`` (on the CPU; moved by preprocessing)."""
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, what: str = "image",
+                 max_aspect_ratio: float = MAX_ASPECT_RATIO) -> torch.Tensor:
+    """Encoded image bytes → RGB ``uint8`` tensor ``(3, H, W)`` (on the CPU; moved by preprocessing).
+    Size and shape are checked from the header, before any pixel is decoded."""
     if not data:
         raise InvalidImageError(f"{what}: empty body, expected JPEG/PNG/WebP bytes")
     try:
@@ -55,13 +61,24 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, what: str = 
             if width * height > max_pixels:
                 raise ImageTooLargeError(
                     f"{what}: {width}x{height} = {width * height} pixels exceeds the limit of {max_pixels} pixels")
+            if min(width, height) < 1:
+                raise ImageShapeError(f"{what}: {width}x{height} has no pixels")
+            if max(width, height) > max_aspect_ratio * min(width, height):
+                raise ImageShapeError(
+                    f"{what}: {width}x{height} has an aspect ratio of {max(width, height) / min(width, height):.0f}:1, "
+                    f"more than {max_aspect_ratio}:1 (the model sees only the central square of the shorter side)")
             image.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise DecompressionBombError(f"{what}: rejected as a decompression bomb ({error})") from None
-    except ImageTooLargeError:
+    except (ImageTooLargeError, ImageShapeError):
         raise
     except UnidentifiedImageError:
-        raise InvalidImageError(f"{what}: not a decodable image (expected JPEG, PNG, WebP, …)") from None
+        hint = ""
+        if data.lstrip()[:1] in (b"{", b"["):
+            hint = "; the body looks like JSON: send it with Content-Type: application/json"
+        elif data.lstrip()[:2] == b"--" or b"Content-Disposition" in data[:512]:
+            hint = "; the body looks like a multipart form: send it with its multipart/form-data Content-Type"
+        raise InvalidImageError(f"{what}: not a decodable image (expected JPEG, PNG, WebP, …){hint}") from None
     except (OSError, SyntaxError, ValueError) as error:
         raise InvalidImageError(f"{what}: corrupt or truncated image ({error})") from None
     try:

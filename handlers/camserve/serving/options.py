@@ -24,17 +24,20 @@ from .settings import HandlerSettings
 #: Names that are never method options.
 SERVING_OPTIONS = {"explain", "method", "compare", "layer", "target", "format", "colormap", "overlay", "alpha",
                    "topk", "model_name"}  # model_name: the /invocations route's own query parameter
+#: the serving options a plain prediction (no explanation) uses
+PLAIN_OPTIONS = {"explain", "method", "compare", "topk", "model_name"}
 FORMATS = ("png", "array")
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
 
 
-def as_text(value: Any) -> Any:
+def as_text(value: Any, name: Optional[str] = None) -> Any:
     """Query and multipart values arrive as bytes; JSON values keep their type."""
     if isinstance(value, (bytes, bytearray)):
         try:
             return bytes(value).decode("utf-8").strip()
         except UnicodeDecodeError:
-            raise InvalidRequestOptionError("option values must be UTF-8 text") from None
+            where = f"option {name!r}: " if name else ""
+            raise InvalidRequestOptionError(f"{where}option values must be UTF-8 text") from None
     return value.strip() if isinstance(value, str) else value
 
 
@@ -77,6 +80,8 @@ class ExplainOptions:
     target: Any = None
     format: str = "png"
     colormap: Optional[str] = None
+    #: the overlay's colormap when the request names none: the archive's ``handler.colormap``
+    default_colormap: str = "jet"
     overlay: bool = False
     alpha: float = 0.5
     topk: int = 5
@@ -92,7 +97,7 @@ class ExplainOptions:
 
 def parse_options(raw: Mapping[str, Any], settings: HandlerSettings, explain_route: bool) -> ExplainOptions:
     """Validate the serving options of one image; method options are validated by the engine."""
-    raw = {str(k).lower(): as_text(v) for k, v in raw.items()}
+    raw = {str(k).lower(): as_text(v, str(k)) for k, v in raw.items()}
     method = raw.get("explain", raw.get("method"))
     compare = raw.get("compare")
     if compare in (None, ""):
@@ -108,14 +113,21 @@ def parse_options(raw: Mapping[str, Any], settings: HandlerSettings, explain_rou
         method = str(method).strip().lower() or None
     if method is None and explain_route and compare is None:
         method = settings.default_method
-    options = ExplainOptions(topk=settings.topk, alpha=settings.overlay_alpha)
+    options = ExplainOptions(topk=settings.topk, alpha=settings.overlay_alpha,
+                             default_colormap=parse_colormap(settings.colormap or "jet"))
     options.method = method
     if "topk" in raw:
         options.topk = parse_int("topk", raw["topk"], 1, settings.max_topk)
     if method is None and compare is None:
-        stray = sorted(k for k in raw if k in ("layer", "target", "format", "colormap", "overlay"))
+        # a plain prediction: every other option would be ignored, so each is a 400
+        stray = sorted(k for k in raw if k in SERVING_OPTIONS - PLAIN_OPTIONS)
         if stray:
             raise InvalidRequestOptionError(f"options {stray} need an explanation: add explain=<method>")
+        unknown = sorted(k for k in raw if k not in SERVING_OPTIONS)
+        if unknown:
+            raise InvalidRequestOptionError(f"unknown option(s) {unknown} for a plain prediction (serving options: "
+                                            f"{sorted(SERVING_OPTIONS - {'model_name'})}; method options need "
+                                            f"explain=<method>)")
         return options
     requested_layer = raw.get("layer") or None
     options.layer = settings.layer_for(method, requested_layer) if method is not None else requested_layer
