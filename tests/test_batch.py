@@ -142,17 +142,23 @@ def test_overlay_places_the_map_in_the_crop_box():
     assert max(small.shape[:2]) == 30
 
 
-def test_parquet_when_pyarrow_is_installed(tmp_path):
-    pq = pytest.importorskip("pyarrow.parquet")
+def test_parquet_records(tmp_path):
+    import pyarrow.parquet as pq  # requirements-extras.txt (run_tests.sh installs it): missing must fail, not skip
+
     store = RecordStore(tmp_path / "records.jsonl")
     store.append([{"key": "a", "status": "done", "target": "top1", "topk": [{"class": 1, "prob": 0.5}]},
                   {"key": "b", "status": "failed", "target": 3, "error": "x"}])
-    table = pq.read_table(store.write_parquet())
+    path = store.write_parquet()
+    assert path is not None and path.exists(), "write_parquet wrote nothing although pyarrow imports"
+    table = pq.read_table(path)
     assert table.num_rows == 2 and set(table.column_names) >= {"key", "status", "topk", "error"}
+    rows = {r["key"]: r for r in table.to_pylist()}
+    assert rows["a"]["status"] == "done" and rows["b"]["error"] == "x" and rows["a"]["error"] is None
+    assert json.loads(rows["a"]["topk"]) == [{"class": 1, "prob": 0.5}]        # nested fields as JSON text
+    assert {json.loads(rows["a"]["target"]), json.loads(rows["b"]["target"])} == {"top1", 3}  # mixed types too
 
 
 def test_scores(photo_folder, tmp_path):
-    pytest.importorskip("camserve.engine.metrics")
     out = tmp_path / "out"
     assert main(["batch", str(photo_folder), "--out", str(out), "--limit", "2", "--scores",
                  "--score-steps", "4", *SETTINGS]) == 0

@@ -19,7 +19,9 @@ be read or decoded is recorded as ``failed`` with its reason and the run goes on
 
 Locally the engine runs on the GPU when there is one (``--device``); with ``--server`` each image is
 POSTed to TorchServe's classifier endpoint (``batch-size`` requests in flight, the server batches),
-and the returned heatmap is rendered here the same way.
+and the returned heatmap is rendered here the same way. With ``--ray [ADDRESS]`` the same run is a
+Ray Data pipeline (CPU decoding tasks, engine actors, records written per block by the driver), on a
+local Ray cluster or a running one: see :mod:`camserve.cli.batch_ray`.
 """
 
 from __future__ import annotations
@@ -76,6 +78,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--retry-failed", action="store_true", help="try again the inputs recorded as failed")
     parser.add_argument("--no-report", action="store_true", help="do not (re)write report.html")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    from .model_args import add_model_arguments
+
+    add_model_arguments(parser)  # --source/--arch/--weights/…: any model an archive accepts (local runs)
+    ray = parser.add_argument_group("Ray Data (camserve[ray])")
+    ray.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                     help="run on Ray Data: bare --ray starts a local Ray cluster on this machine (or joins "
+                          "$RAY_ADDRESS when set); --ray ADDRESS joins a running one (host:port, ray://host:port, "
+                          "auto). Put it after the inputs, or write --ray=ADDRESS")
+    ray.add_argument("--workers", type=int, default=1, help="--ray: explaining actors, each holding an engine (default: 1)")
+    ray.add_argument("--gpus-per-worker", type=float, default=0.0,
+                     help="--ray: GPUs per actor (default: 0; 1 = one GPU each, so --workers = number of GPUs)")
+    ray.add_argument("--cpus-per-worker", type=float, default=1.0,
+                     help="--ray: CPUs reserved per actor; also its torch threads (default: 1)")
+    ray.add_argument("--ray-cpus", type=int, default=None,
+                     help="--ray without an address: CPUs of the local cluster "
+                          "(default: this machine's, at least workers × cpus-per-worker + 1)")
 
 
 def parse_options(pairs: Sequence[str]) -> Dict[str, str]:
@@ -218,13 +236,35 @@ class LocalBackend:
             self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         else:
             self.device = torch.device(args.device)
+        self._explainer = None
+        self.description = f"local:{self.device}"
+        self.spec = None
+        if getattr(args, "source", None) or getattr(args, "spec", None):
+            from .model_args import load_for_cli, spec_from_args
+
+            self.spec, _config = spec_from_args(args)
+            loaded = load_for_cli(self.spec, self.device)
+            self.profile = loaded.profile
+            self._load = lambda: loaded.module
+            self._names = None
+            self.model_name = args.model if args.model != DEFAULT_MODEL else (self.spec.arch or self.spec.class_name
+                                                                            or self.spec.source)
+            self.model_version = spec_model_version(self.spec)
+            return
         self.profile = profile_for(args.model)
         self._load = lambda: load_model(args.model, device=self.device)
-        self._explainer = None
-        self.names = class_names()
+        self._names = class_names()
         self.model_name = args.model
         self.model_version = local_model_version(args.model)
-        self.description = f"local:{self.device}"
+
+    @property
+    def names(self) -> List[str]:
+        """Class names: the spec's label map (or ImageNet's / indices), known once the model is loaded."""
+        if self._names is None:
+            from ..engine.models import labels_for
+
+            self._names = labels_for(self.spec, os.getcwd(), self.explainer.num_classes)
+        return self._names
 
     @property
     def explainer(self):
@@ -232,9 +272,11 @@ class LocalBackend:
         if self._explainer is None:
             from ..engine import Explainer
 
+            from ..engine.models import profile_with_layers
+
             model = self._load()
-            self._explainer = Explainer(model, (self.profile.crop, self.profile.crop),
-                                        default_layer=self.profile.default_layer)
+            self._explainer = Explainer(model, self.profile.input_size, default_layer=self.profile.default_layer)
+            self.profile = profile_with_layers(self.profile, self._explainer.catalog)
         return self._explainer
 
     @property
@@ -246,24 +288,27 @@ class LocalBackend:
         import torch
 
         from ..engine import ExplainSpec
-        from ..engine.preprocess import crop_box, to_model_input
+        from ..engine.preprocess import crop_box
 
+        explainer = self.explainer
         p = self.profile
-        start = time.perf_counter()
-        batch, _crops = to_model_input([it.image for it in items], p.resize, p.crop, p.mean, p.std, self.device)
-        prep = time.perf_counter() - start
+        from ..engine.timing import clock
+
+        start = clock(self.device)  # CUDA: synchronised, so the times are the work, not the launches
+        batch, _crops = p.model_input([it.image for it in items], self.device)
+        prep = clock(self.device) - start
         spec = ExplainSpec(settings.method, settings.layer, settings.target, dict(settings.options))
-        result = self.explainer.explain(batch, [spec] * len(items))
+        result = explainer.explain(batch, [spec] * len(items))
         probs = torch.softmax(result.logits.float(), dim=-1)
         top_p, top_i = probs.topk(min(settings.topk, probs.shape[-1]), dim=-1)
         top_p, top_i = top_p.cpu().tolist(), top_i.cpu().tolist()
-        total = time.perf_counter() - start
+        total = clock(self.device) - start
         results = []
         for n, (item, explanation) in enumerate(zip(items, result.explanations)):
             topk = [{"class": c, "name": self.names[c] if c < len(self.names) else str(c), "prob": round(pr, 6)}
                     for c, pr in zip(top_i[n], top_p[n])]
             seconds = {"preprocess": prep / len(items), "forward_batch": result.forward_seconds,
-                       "explain_batch": explanation.seconds, "batch_size": len(items),
+                       "explain_batch": explanation.batch_seconds or explanation.seconds, "batch_size": len(items),
                        "per_image": total / len(items)}
             results.append(Result(topk, explanation.targets, explanation.maps,
                                   crop_box(item.hw, p.resize, p.crop), explanation.layer, seconds, batch[n]))
@@ -416,6 +461,14 @@ def local_model_version(model: str) -> str:
     return f"torchvision=={metadata.version('torchvision')}+random-init"
 
 
+def spec_model_version(spec) -> str:
+    """``<source>:<arch or class>+w<sha256[:8] of the weights file>`` (``+random-init`` without one)."""
+    name = f"{spec.source}:{spec.arch or spec.class_name or spec.path or 'model'}"
+    if spec.weights and os.path.isfile(spec.weights):
+        return f"{name}+w{hashlib.sha256(Path(spec.weights).read_bytes()).hexdigest()[:8]}"
+    return f"{name}+random-init"
+
+
 def class_names() -> List[str]:
     from ..engine.models import imagenet_class_names
 
@@ -528,6 +581,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         raise SystemExit("camserve batch: --batch-size must be ≥ 1")
+    if getattr(args, "ray", None):
+        from .batch_ray import run_ray  # needs camserve[ray]; imported only when asked for
+
+        return run_ray(args)
     if args.token_file and not args.server:
         raise SystemExit("camserve batch: --token-file only makes sense with --server")
     metrics = None
@@ -547,8 +604,8 @@ def run(args: argparse.Namespace) -> int:
     backend = ServerBackend(args) if args.server else LocalBackend(args)
     layer = args.layer
     if layer is None:
-        layer = backend.profile.default_layer if backend.profile is not None else ""
-    settings = Settings(model=args.model, model_version=backend.model_version, method=args.method.lower(),
+        layer = (backend.profile.default_layer or "") if backend.profile is not None else ""
+    settings = Settings(model=backend.model_name, model_version=backend.model_version, method=args.method.lower(),
                         layer=layer, target=str(args.target), options=parse_options(args.option),
                         topk=args.topk, colormap=args.colormap, alpha=args.alpha,
                         overlay_max_side=args.overlay_max_side, scores=bool(args.scores),
@@ -650,22 +707,37 @@ def run(args: argparse.Namespace) -> int:
 def finish_item(item: Item, result: Result, settings: Settings, sid: str, backend, out: Path, metrics,
                 encode_png, to_uint8) -> dict:
     """Write the PNGs of one explained image, then return its record."""
+    start = time.perf_counter()
+    thumb_name = f"images/{item.sha256[:16]}-thumb.jpg"
+    files, record = render_item(item, result, settings, sid, backend, encode_png, to_uint8,
+                                thumbnail=not (out / thumb_name).exists())
+    for name, data in files:
+        write_atomic(out / name, data)
+    record["seconds"]["render"] = round(time.perf_counter() - start, 6)
+    return record
+
+
+def render_item(item: Item, result: Result, settings: Settings, sid: str, backend, encode_png, to_uint8,
+                thumbnail: bool = True) -> Tuple[List[Tuple[str, bytes]], dict]:
+    """The files of one explained image as ``[(relative name, bytes)]`` (heatmap and overlay PNGs per
+    target, the thumbnail when asked) and its record; nothing is written (``--ray`` workers render,
+    the driver writes)."""
     stem = f"{item.sha256[:16]}-{sid}"
-    heatmaps, overlays = [], []
+    heatmaps, overlays, files = [], [], []
     start = time.perf_counter()
     for k, heat in enumerate(result.maps):
         suffix = "" if k == 0 else f"-t{k}"
         heat_name = f"images/{stem}-heatmap{suffix}.png"
-        write_atomic(out / heat_name, encode_png(to_uint8(heat)))
+        files.append((heat_name, encode_png(to_uint8(heat))))
         over = placed_overlay(item.image, heat, result.crop_box, settings.colormap, settings.alpha,
                               settings.overlay_max_side)
         over_name = f"images/{stem}-overlay{suffix}.png"
-        write_atomic(out / over_name, encode_png(over))
+        files.append((over_name, encode_png(over)))
         heatmaps.append(heat_name)
         overlays.append(over_name)
     thumb_name = f"images/{item.sha256[:16]}-thumb.jpg"
-    if not (out / thumb_name).exists():
-        write_atomic(out / thumb_name, thumbnail_jpeg(item.image))
+    if thumbnail:
+        files.append((thumb_name, thumbnail_jpeg(item.image)))
     seconds = dict(result.seconds)
     seconds["read_decode"] = item.read_seconds
     seconds["render"] = time.perf_counter() - start
@@ -680,7 +752,7 @@ def finish_item(item: Item, result: Result, settings: Settings, sid: str, backen
     if result.scores is not None:
         record["scores"] = result.scores
         record["seconds"]["scores_batch"] = round(result.seconds.get("scores_batch", 0.0), 6)
-    return record
+    return files, record
 
 
 def base_record(item: Item, settings: Settings, sid: str, backend) -> dict:
