@@ -97,11 +97,10 @@ def check_servable(spec, section: Dict[str, Any]) -> str:
                           default_layer=section.get("default_layer") or loaded.profile.default_layer)
     profile = profile_with_layers(loaded.profile, explainer.catalog)
     method = section.get("default_method", "shallowcam")
-    plan = getattr(explainer, "validate", None) or (lambda s: explainer._plan(0, s))
     layers = dict(section.get("method_layers") or {})
     for name, layer in [(method, layers.get(method) or section.get("default_layer"))] + list(layers.items()):
         try:
-            plan(ExplainSpec(name, layer=layer))
+            explainer.validate(ExplainSpec(name, layer=layer))
         except Exception as error:  # noqa: BLE001 - reported as the archive's configuration error
             raise SystemExit(f"default method {name!r} at layer {layer or explainer.default_layer!r} cannot serve "
                              f"this model: {error}") from None

@@ -31,21 +31,20 @@ import contextlib
 import copy
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .captum_methods import (DEFAULT_LIMITS, CaptumLimits, CaptumMethod, display_name, is_captum, resolve)
+from .explanation import ExplainResult, ExplainSpec, Explanation, check_images
 from .errors import (ExplanationInputError, InvalidOptionError, InvalidReferenceError, InvalidTargetError, UnknownLayerError,
                      UnsupportedModelError)
 from .render import prepare_maps
 from .targets import resolve_targets, validate_target
 from .timing import clock
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .explainer import Explainer, ExplainResult, ExplainSpec
 
 
 class UnsupportedModelError(ExplanationInputError):
@@ -291,11 +290,11 @@ class _CaptumRow:
         return (self.method.name, self.layer, tuple(sorted(self.options.items())))
 
 
-def plan_row(explainer: "Explainer", index: int, spec: "ExplainSpec") -> _CaptumRow:
+def plan_row(explainer: Any, index: int, spec: ExplainSpec) -> _CaptumRow:
     """Validate one Captum spec against the explainer's model before any forward: method and options
-    (within ``explainer.captum_limits`` if the server set it, else :data:`DEFAULT_LIMITS`), layer
+    (within ``explainer.captum_limits``), layer
     (layer methods; default: the explainer's), LayerLRP support, target."""
-    method, options = resolve(spec.method, spec.options, getattr(explainer, "captum_limits", DEFAULT_LIMITS))
+    method, options = resolve(spec.method, spec.options, explainer.captum_limits)
     layer = None
     if method.uses_layer:
         layer = explainer.catalog.resolve(spec.layer) if spec.layer else explainer.default_layer
@@ -311,7 +310,7 @@ def plan_row(explainer: "Explainer", index: int, spec: "ExplainSpec") -> _Captum
     return _CaptumRow(index, method, options, layer, target, [])
 
 
-def explain_with_captum(explainer: "Explainer", images: torch.Tensor, specs: Sequence[Optional["ExplainSpec"]],
+def explain_with_captum(explainer: Any, images: torch.Tensor, specs: Sequence[Optional[ExplainSpec]],
                         output_size=None, layer_resolution: bool = False, dtype: torch.dtype = torch.float32
                         ) -> "ExplainResult":
     """The :meth:`Explainer.explain` of a batch where some rows ask for Captum methods.
@@ -321,7 +320,6 @@ def explain_with_captum(explainer: "Explainer", images: torch.Tensor, specs: Seq
     resolve the Captum rows' targets; then each group of Captum rows with the same method, layer and
     options is attributed in one Captum call per target round (top-k: k rounds).
     """
-    from .explainer import Explanation, check_images
 
     check_images(images)
     if len(specs) != images.shape[0]:

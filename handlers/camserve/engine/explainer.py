@@ -26,8 +26,11 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from . import captum_adapter
 from .capture import ForwardCapture
-from .errors import InvalidInputError, InvalidTargetError, UnsupportedModelError
+from .captum_methods import DEFAULT_LIMITS, CaptumLimits
+from .explanation import ExplainResult, ExplainSpec, Explanation, check_images, model_device
+from .errors import InvalidTargetError, UnsupportedModelError
 from .layers import LayerCatalog
 from .lean_gradient import trace_conv_geometries
 from .methods import Captured, get_method
@@ -36,47 +39,6 @@ from .relevance.rules import stabilize
 from .render import prepare_maps
 from .targets import TargetSpec, contrastive_seed, one_hot_seed, resolve_targets, validate_target
 from .timing import clock
-
-
-@dataclass
-class ExplainSpec:
-    """What one request asks for: a method, a layer (``None`` = the explainer's default), a
-    target (``None``/``"top1"``, a class index, ``"topK"`` or a list) and method options."""
-
-    method: str
-    layer: Optional[str] = None
-    target: TargetSpec = None
-    options: Mapping[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class Explanation:
-    """The maps of one image: ``maps`` ``(k, H, W)`` in [0, 1] for the ``k`` explained targets.
-
-    ``seconds`` is this image's share of the batch's work: the shared forward divided by the batch's
-    images, each backward pass divided by the rows it served, each method's map computation divided
-    by its rows, plus its own normalisation/upsampling; ``batch_seconds`` is the whole batched call
-    (what the image waited for). Timers synchronise CUDA first (:func:`camserve.engine.timing.clock`).
-    """
-
-    method: str
-    layer: str
-    targets: List[int]
-    maps: torch.Tensor
-    layer_shape: Tuple[int, int]
-    options: Dict[str, Any]
-    seconds: float
-    passes: Dict[str, int]
-    batch_seconds: float = 0.0
-
-
-@dataclass
-class ExplainResult:
-    """Logits ``(N, classes)`` of the single forward and, per image, its :class:`Explanation` or ``None``."""
-
-    logits: torch.Tensor
-    explanations: List[Optional[Explanation]]
-    forward_seconds: float = 0.0
 
 
 @dataclass
@@ -93,26 +55,6 @@ class _Row:
         return (self.method.name, self.layer, tuple(sorted(self.options.items())))
 
 
-def check_images(images: torch.Tensor, channels: int = 3) -> None:
-    """A finite float batch ``(N, channels, H, W)`` with ``N ≥ 1``; else :class:`InvalidInputError`."""
-    if not isinstance(images, torch.Tensor):
-        raise InvalidInputError(f"images must be a tensor, got {type(images).__name__}")
-    if images.dim() != 4:
-        raise InvalidInputError(f"images must be 4-D (N, C, H, W), got shape {tuple(images.shape)}")
-    if images.shape[0] == 0 or images.shape[1] != channels:
-        raise InvalidInputError(f"images must have N ≥ 1 and {channels} channels, got shape {tuple(images.shape)}")
-    if not images.is_floating_point():
-        raise InvalidInputError(f"images must be floating point, got {images.dtype}")
-    if not torch.isfinite(images).all():
-        raise InvalidInputError("images contain NaN or infinite values")
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter (CPU for a parameter-free model)."""
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
-
-
 class Explainer:
     """Explanations for an image classifier, batched, in the forward that predicts.
 
@@ -122,12 +64,16 @@ class Explainer:
     that the aliases ``stage1`` … name; ``composite`` chooses the LRP rules. A request's layer may
     be a module path or a stage alias; token (ViT) and channels-last (Swin) layers are converted to
     ``(N, C, h, w)`` maps with :meth:`LayerCatalog.as_map` before a method sees them.
+    ``captum_limits`` caps the Captum baselines' work (:class:`CaptumLimits`, e.g. from the archive's
+    ``handler.captum``); it is read-only after construction, like everything here.
     """
 
     def __init__(self, model: nn.Module, input_size: Tuple[int, int] = (224, 224),
                  default_layer: Optional[str] = None, composite: Optional[Composite] = None,
-                 max_topk: int = 5, stages: Optional[Sequence[str]] = None):
+                 max_topk: int = 5, stages: Optional[Sequence[str]] = None,
+                 captum_limits: Optional[CaptumLimits] = None):
         self.model = model.eval()
+        self.captum_limits = captum_limits or DEFAULT_LIMITS
         self.input_size = tuple(input_size)
         self._disable_inplace()
         self.catalog = LayerCatalog.trace(model, self.input_size).with_stages(stages)
@@ -169,7 +115,6 @@ class Explainer:
         input's size) unless ``layer_resolution``; they stay on the model's device.
         """
         # -- Captum rows (captum.*) are answered by the Captum adapter, which calls back here -----
-        from . import captum_adapter
         if captum_adapter.wants_captum(specs):
             return captum_adapter.explain_with_captum(self, images, specs, output_size, layer_resolution, dtype)
         # -- end Captum dispatch --------------------------------------------------------------------
@@ -216,9 +161,13 @@ class Explainer:
         return ExplainResult(logits.detach(), explanations, forward_seconds)
 
     # -- planning -----------------------------------------------------------------------------
+    def validate(self, spec: ExplainSpec) -> None:
+        """Check a spec against the model before any forward (method, layer or alias, target,
+        options, Captum caps); raises the :class:`ExplanationInputError` a request would get."""
+        self._plan(0, spec)
+
     def _plan(self, index: int, spec: ExplainSpec) -> _Row:
-        from . import captum_adapter  # Captum rows (captum.*) are validated by the Captum adapter
-        if captum_adapter.is_captum(spec.method):
+        if captum_adapter.is_captum(spec.method):  # Captum rows (captum.*) are validated by the adapter
             return captum_adapter.plan_row(self, index, spec)
         method = get_method(spec.method)
         options = method.options(spec.options)

@@ -74,11 +74,12 @@ def image_bytes(payload: Any, what: str = "image") -> bytes:
     raise MissingInputError(f"{what}: expected image bytes or a base64 string, got {type(payload).__name__}")
 
 
-def build_explainer(model, profile: ModelProfile, default_layer: Optional[str], max_targets: int) -> Explainer:
+def build_explainer(model, profile: ModelProfile, default_layer: Optional[str], max_targets: int,
+                    limits: Optional[CaptumLimits] = None) -> Explainer:
     """The explainer at the profile's input size; default layer: the archive's, else the profile's, else
     the one discovered by the explainer's probe forward."""
     return Explainer(model, profile.input_size, default_layer=default_layer or profile.default_layer,
-                     max_topk=max_targets, stages=profile.stages or None)
+                     max_topk=max_targets, stages=profile.stages or None, captum_limits=limits)
 
 
 def captum_limits(section: Any) -> CaptumLimits:
@@ -110,10 +111,9 @@ class ImageClassifierHandler(CamserveHandler):
         loaded = load_spec(spec, self.model_dir, self.device, self.manifest.get("model", {}).get("serializedFile"))
         self.model = loaded.module
         self.explainer = build_explainer(self.model, loaded.profile, self.settings.default_layer,
-                                         self.settings.max_targets)
+                                         self.settings.max_targets, captum_limits(self.settings.extra.get("captum")))
         self.profile = profile_with_layers(loaded.profile, self.explainer.catalog)
         self.labels = labels_for(spec, self.model_dir, self.explainer.num_classes)
-        self.explainer.captum_limits = captum_limits(self.settings.extra.get("captum"))
 
     # -- per image ----------------------------------------------------------------------------
     def prepare(self, index: int, request: ParsedRequest) -> List[Prepared]:
@@ -123,7 +123,7 @@ class ImageClassifierHandler(CamserveHandler):
             pixels = decode_image(image_bytes(item.payloads["image"], what), self.settings.max_pixels, what)
             options = parse_options(item.options, self.settings, request.explain_route)
             for spec in options.compare or [s for s in [options.spec()] if s is not None]:
-                self.explainer._plan(0, spec)  # the engine's own validation, before any forward
+                self.explainer.validate(spec)  # the engine's own validation, before any forward
             if options.compare:
                 self.check_compare_target(options.target)
             prepared.append(Prepared(index, position, pixels, options))
@@ -163,7 +163,7 @@ class ImageClassifierHandler(CamserveHandler):
         (non-Captum methods 1); CAM-family rows 0 (they share the batch's one forward/backward)."""
         compared = bool(prepared.options.compare)
         specs = prepared.options.compare or [s for s in [prepared.options.spec()] if s is not None]
-        limits = getattr(self.explainer, "captum_limits", None) or CaptumLimits()
+        limits = self.explainer.captum_limits
         total = 0
         for spec in specs:
             if not is_captum(spec.method):
@@ -180,7 +180,7 @@ class ImageClassifierHandler(CamserveHandler):
     def budget(self, images: Sequence[Prepared]) -> Dict[int, Exception]:
         """Admit requests in batch order while their evaluations fit ``max_batch_evaluations``; the
         others get a 503 (:class:`BatchBudgetExceededError`), a request over the cap on its own a 400."""
-        limits = getattr(self.explainer, "captum_limits", None) or CaptumLimits()
+        limits = self.explainer.captum_limits
         cap = limits.max_batch_evaluations
         cost: Dict[int, int] = {}
         refused: Dict[int, Exception] = {}
