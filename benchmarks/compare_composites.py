@@ -53,7 +53,8 @@ def table(runs) -> str:
     lines = ["# LRP composite for the relevance methods (EfficientNet-Lite0)", "",
              f"Overall = AUC(insertion) − AUC(deletion), mean ± SEM over {first['images']} photographs "
              f"(every 41st sample), {first['steps']} steps, RISE as in `faithfulness.md` (higher is better; best "
-             "composite per layer and method in bold). `shallowcam[rel]` = Shallow-CAM's default options.", "",
+             "composite per layer and method in bold). `shallowcam[rel]` = Shallow-CAM's default options "
+             "(whose start was contrastive until issue 15 and is plain since).", "",
              "| layer | method | " + " | ".join(runs) + " |", "|---|---|" + "---:|" * len(runs)]
     rows = {c: {(r["layer"], r["method"]): r for r in run["summary"]} for c, run in runs.items()}
     wins = {c: 0 for c in runs}

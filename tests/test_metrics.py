@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from camserve.engine.errors import InvalidInputError
-from camserve.engine.metrics import (auc, classifier_score, deletion_insertion, endpoint_scores, gaussian_blur,
-                                     pixel_ranks, random_maps, similarity_score, step_counts)
+from camserve.engine.metrics import (auc, average_ranks, classifier_score, deletion_insertion, endpoint_scores,
+                                     gaussian_blur, paired, perturbation_curves, pixel_ranks, random_maps,
+                                     similarity_score, spearman, step_counts)
 
 
 def test_auc_is_the_trapezoid_rule_on_unit_axis():
@@ -23,7 +24,8 @@ def test_auc_is_the_trapezoid_rule_on_unit_axis():
 
 def test_ranks_and_step_counts():
     maps = torch.tensor([[[0.1, 0.9], [0.5, 0.5]]])
-    assert pixel_ranks(maps).tolist() == [[3, 0, 1, 2]]         # ties keep pixel order
+    assert pixel_ranks(maps, tie_seed=None).tolist() == [[3, 0, 1, 2]]   # legacy: ties keep pixel order
+    assert pixel_ranks(maps)[0, :2].tolist() == [3, 0] and sorted(pixel_ranks(maps)[0, 2:].tolist()) == [1, 2]
     assert step_counts(64, 4).tolist() == [0, 16, 32, 48, 64]
     assert step_counts(10, 3).tolist() == [0, 4, 7, 10]
 
@@ -113,3 +115,60 @@ def test_similarity_variant_tracks_cosine_to_the_reference(effnet, effnet_batch)
                                 random_maps(1, (224, 224)), steps=2, batch_size=4)
     assert curves.deletion[0, 0].item() == pytest.approx(1.0, abs=1e-4)   # query == reference at step 0
     assert curves.deletion[0, -1].item() < 0.9                             # an all-zero image is far from it
+
+
+def test_ties_are_broken_at_random_not_top_row_first():
+    """A map that is flat zero except one pixel: the plateau must be deleted in a seeded random
+    order, so after half the steps about half of the top rows survive (raster order: none)."""
+    maps = torch.zeros(1, 32, 32)
+    maps[0, 31, 31] = 1.0
+    ranks = pixel_ranks(maps, tie_seed=0)
+    assert ranks[0, 32 * 32 - 1].item() == 0                        # the salient pixel first
+    assert sorted(ranks[0].tolist()) == list(range(32 * 32))        # a permutation
+    first_half = (ranks[0] < 512).view(32, 32)
+    top_rows = first_half[:16].float().mean().item()
+    assert 0.4 < top_rows < 0.6, top_rows                           # raster order would give 1.0
+    assert torch.equal(ranks, pixel_ranks(maps, tie_seed=0))        # seeded: reproducible
+    assert not torch.equal(ranks, pixel_ranks(maps, tie_seed=1))
+    legacy = (pixel_ranks(maps, tie_seed=None)[0] < 512).view(32, 32)
+    assert legacy[:15].all()                                        # raster order: the top rows go first
+
+
+def test_blur_deletion_and_perturbation_curves_agree_with_deletion_insertion():
+    torch.manual_seed(0)
+    images = torch.randn(3, 3, 8, 8)
+    maps = torch.rand(3, 8, 8)
+    weights = torch.randn(3, 8, 8)
+
+    def score(batch, owners):
+        return (batch * weights).sum(dim=(1, 2, 3))
+
+    def score2(batch, owners):
+        s = score(batch, owners)
+        return torch.stack([s, -s], 1)
+
+    blurred = gaussian_blur(images)
+    zero = deletion_insertion(score, images, maps, steps=5, batch_size=4, blurred=blurred)
+    blur = deletion_insertion(score, images, maps, steps=5, batch_size=4, blurred=blurred, deletion_fill="blur")
+    curves = perturbation_curves(score2, images, maps, steps=5, batch_size=7, blurred=blurred)
+    assert torch.allclose(curves["deletion_zero"][..., 0], zero.deletion, atol=1e-5)
+    assert torch.allclose(curves["deletion_blur"][..., 0], blur.deletion, atol=1e-5)
+    assert torch.allclose(curves["insertion_blur"][..., 0], zero.insertion, atol=1e-5)
+    assert torch.allclose(curves["deletion_zero"][..., 1], -zero.deletion, atol=1e-5)
+    assert torch.allclose(blur.deletion[:, -1], score(blurred, None), atol=1e-5)   # deleted to the blur
+    assert torch.allclose(blur.insertion, zero.insertion)
+
+
+def test_spearman_and_paired_statistics():
+    a = torch.tensor([[1.0, 2.0, 2.0, 3.0, 0.0], [1.0, 1.0, 1.0, 1.0, 1.0]])
+    b = torch.tensor([[2.0, 4.0, 4.0, 9.0, -1.0], [1.0, 2.0, 3.0, 4.0, 5.0]])
+    assert average_ranks(a)[0].tolist() == [2.0, 3.5, 3.5, 5.0, 1.0]
+    rho = spearman(a, b)
+    assert rho[0].item() == pytest.approx(1.0) and rho[1].item() == 0.0       # constant row → 0
+    scipy_stats = pytest.importorskip("scipy.stats")
+    x, y = torch.rand(4, 50).round(decimals=1), torch.rand(4, 50)
+    for i in range(4):
+        assert spearman(x[i:i + 1], y[i:i + 1]).item() == pytest.approx(scipy_stats.spearmanr(x[i], y[i])[0], abs=1e-9)
+    p = paired([0.5, 0.4, 0.3, 0.2], [0.4, 0.4, 0.1, 0.3])
+    assert p["diff"] == pytest.approx(0.05) and p["wins"] == 2 and p["losses"] == 1 and p["ties"] == 1
+    assert p["sem"] == pytest.approx(torch.tensor([0.1, 0.0, 0.2, -0.1], dtype=torch.float64).std().item() / 2)

@@ -2,9 +2,34 @@
 
 Reconstruction of "Shallow class activation mapping based on spatial weights and inter-layer
 correlation" (Computer Science 52(6A), 2025; the paper gives no code). Relevance is propagated by
-LRP from the class score with contrastive initial relevance (``+1`` on the target logit, ``−1/N``
-on the others) down through the layer ``l+1`` above the target layer ``l`` and one step further to
-``l``; the relevance that ``l``'s channels receive from ``l+1`` gives the inter-layer weights.
+LRP from the class score down through the layer ``l+1`` above the target layer ``l`` and one step
+further to ``l``; the relevance that ``l``'s channels receive from ``l+1`` gives the inter-layer
+weights.
+
+Initial relevance (issue 15): the paper's contrastive start (``+1`` on the target logit, ``−1/N``
+on the others) is an option, no longer the default. Measured (``benchmarks/results/
+shallowcam_variants.md``): with each class's ``−1/N`` handed through the ε-rule of the linear head
+by its own logit, classes whose logit is near 0 amplify it (ΣR⁺ ≈ 24× |ΣR| at ResNet-20's
+``layer3``, ≈ 117× at EfficientNet-Lite0's ``_conv_head``) and the maps follow that noise; normalised
+as one output (the margin ``y_t − Σ_{c≠t} y_c / N``) the contrastive start gives the plain start's
+maps (Spearman ≥ 0.99999), because the head's rows nearly sum to zero. The plain start was more
+faithful on the choose half of the ResNet-20 evaluation at every stage and passed the
+randomisation test where the contrastive one failed.
+
+Because the paper gives no code, the readings that differ are options (issue 15; every one is
+measured in ``benchmarks/results/shallowcam_variants.md``):
+
+- ``beta``: ``signed`` (``β_k = Σ_ij R^l_kij / max_k |Σ_ij R^l_kij|``, the sign kept),
+  ``positive`` (``ReLU`` of it: a channel with negative relevance is dropped rather than flipped),
+  ``one`` (``β ≡ 1``: with ``spatial=gradient`` this is exactly LayerCAM, the bar to clear);
+- ``beta_from``: ``layer`` (the LRP relevance at ``l``, i.e. what ``l``'s channels receive from
+  ``l+1``) or ``above`` (the spatial relevance of ``l+1``, ``R̃_ij = Σ_k R^{l+1}_kij``, brought to
+  ``l``'s grid sum-preservingly and propagated one step to ``l``'s channels in proportion to their
+  activation: ``β_k = Σ_ij R̃_ij · A^l_kij / Σ_k' A^l_k'ij``);
+- ``spatial``: ``gradient`` (``ReLU(∂y_c/∂A^l)``, LayerCAM-style) or ``relevance``
+  (``ReLU(R^l / A^l)``, gradient-free);
+- ``contrastive``: plain (``+1`` on the target only, the default) or contrastive initial relevance;
+- ``refine``: coarse-to-fine, the map multiplied by the min-max-normalised map of ``l+1``.
 """
 
 import torch
@@ -14,40 +39,79 @@ from .base import CamMethod, Captured
 
 
 class ShallowCAM(CamMethod):
-    """``β_k = Σ_ij R^l_kij / max_k |Σ_ij R^l_kij|`` (sign kept);
-    spatial weights ``S = ReLU(∂y_c/∂A^l)`` (``spatial="gradient"``, LayerCAM-style, the paper's
-    reading) or the gradient-free ``S = ReLU(R^l / A^l)`` (``spatial="relevance"``, the default,
-    chosen by the deletion/insertion evaluation);
-    ``map_l = ReLU(Σ_k β_k · S_k ⊙ A^l_k)``.
-    With ``refine=True`` (coarse-to-fine) the map is multiplied by the min-max-normalised map of
-    layer ``l+1``, computed the same way and upsampled bilinearly to ``l``'s resolution.
+    """``map_l = ReLU(Σ_k β_k · S_k ⊙ A^l_k)``, ``β`` and ``S`` as the options say (module docstring).
+
+    Defaults: ``beta=signed, beta_from=layer, spatial=relevance, contrastive=0, refine=0``.
+    With ``refine=True`` the map is multiplied by the min-max-normalised map of layer ``l+1``,
+    computed the same way (with ``beta_from=layer``) and upsampled bilinearly to ``l``'s resolution.
     """
 
     name = "shallowcam"
     needs_relevance = True
     option_choices = {
-        # default chosen by measurement (benchmarks/results/faithfulness.md): the gradient-free
-        # spatial weights had the best mean overall score over the 8 stages (0.327 vs 0.267) and
-        # need no ordinary backward pass; refining with l+1 did not help on average.
+        # defaults chosen by measurement: spatial=relevance (benchmarks/results/faithfulness.md;
+        # needs no ordinary backward pass), contrastive=0 (issue 15, the choose half of
+        # benchmarks/results/faithfulness_cifar-resnet20_choose.md: +0.20 / +0.24 / +0.03 paired
+        # overall over contrastive=1 at layer1/2/3); refining with l+1 did not help on average.
         "spatial": ("relevance", ("gradient", "relevance")),
         "refine": (False, None),
-        "contrastive": (True, None),
+        "contrastive": (False, None),
+        "beta": ("signed", ("signed", "positive", "one")),
+        "beta_from": ("layer", ("layer", "above")),
     }
     eps = 1e-12
+    #: options added for issue 15: left out of the resolved options while at their defaults, so
+    #: that an explanation's echoed options (and its grouping key) are what they were before
+    QUIET_DEFAULTS = {"beta": "signed", "beta_from": "layer"}
+
+    def options(self, given):
+        resolved = super().options(given)
+        for key, default in self.QUIET_DEFAULTS.items():
+            if resolved[key] == default:
+                del resolved[key]
+        return resolved
+
+    @classmethod
+    def _get(cls, options, key):
+        return options.get(key, cls.QUIET_DEFAULTS.get(key))
 
     def needs_gradient_for(self, options) -> bool:
         """Only the gradient spatial weights need an ordinary backward pass."""
         return options["spatial"] == "gradient"
 
-    def layers(self, layer, catalog, options):
-        """``l`` and, for the coarse-to-fine variant, ``l+1``."""
-        return [layer, catalog.layer_above(layer)] if options["refine"] else [layer]
+    def needs_relevance_for(self, options) -> bool:
+        """``beta=one`` with gradient spatial weights reads no relevance (it is LayerCAM)."""
+        return not (self._get(options, "beta") == "one" and options["spatial"] == "gradient")
 
-    def _single(self, layer: str, captured: Captured, options) -> torch.Tensor:
+    def _needs_above(self, options) -> bool:
+        return bool(options["refine"]) or (self._get(options, "beta_from") == "above"
+                                           and self._get(options, "beta") != "one")
+
+    def layers(self, layer, catalog, options):
+        """``l`` and, for the coarse-to-fine variant or ``beta_from=above``, ``l+1``."""
+        return [layer, catalog.layer_above(layer)] if self._needs_above(options) else [layer]
+
+    def _beta(self, layer: str, captured: Captured, options, above) -> torch.Tensor:
         activations = captured.activations[layer]
-        relevance = captured.relevance(layer)
-        beta = relevance.sum(dim=(2, 3))
+        beta_kind = self._get(options, "beta")
+        if beta_kind == "one":
+            return torch.ones(activations.shape[:2], device=activations.device, dtype=activations.dtype)
+        if above is not None and self._get(options, "beta_from") == "above":
+            spatial_relevance = captured.relevance(above).sum(dim=1, keepdim=True)  # (n, 1, h', w')
+            h, w = activations.shape[-2:]
+            scale = spatial_relevance.shape[-2] * spatial_relevance.shape[-1] / (h * w)
+            spread = F.interpolate(spatial_relevance, size=(h, w), mode="nearest") * scale  # Σ kept
+            total = activations.sum(dim=1, keepdim=True)
+            total = total + torch.where(total >= 0, self.eps, -self.eps)
+            beta = (spread * activations / total).sum(dim=(2, 3))
+        else:
+            beta = captured.relevance(layer).sum(dim=(2, 3))
         beta = beta / beta.abs().amax(dim=1, keepdim=True).clamp_min(self.eps)
+        return torch.relu(beta) if beta_kind == "positive" else beta
+
+    def _single(self, layer: str, captured: Captured, options, above=None) -> torch.Tensor:
+        activations = captured.activations[layer]
+        beta = self._beta(layer, captured, options, above)
         if options["spatial"] == "gradient":
             spatial = torch.relu(captured.gradients[layer])
         else:
@@ -56,10 +120,11 @@ class ShallowCAM(CamMethod):
 
     def compute(self, layer, captured: Captured, options) -> torch.Tensor:
         """The map at ``l`` (optionally refined by ``l+1``), shape ``(n, h, w)``."""
-        cam = self._single(layer, captured, options)
+        above = [name for name in captured.activations if name != layer]
+        above = above[0] if above else None
+        cam = self._single(layer, captured, options, above)
         if options["refine"]:
-            above = [name for name in captured.activations if name != layer][0]
-            coarse = self._single(above, captured, options)
+            coarse = self._single(above, captured, options)  # l+1's own β (no l+2 to read from)
             coarse = F.interpolate(coarse[:, None], size=cam.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
             low = coarse.amin(dim=(1, 2), keepdim=True)
             coarse = (coarse - low) / (coarse.amax(dim=(1, 2), keepdim=True) - low + 1e-7)
