@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from camserve.engine import Explainer, ExplainSpec
-from camserve.engine.captum_adapter import (UnsupportedModelError, attribute, reduce_channels, shadow_copy,
+from camserve.engine.captum.adapter import (UnsupportedModelError, attribute, reduce_channels, shadow_copy,
                                             similarity_forward)
-from camserve.engine.captum_methods import CaptumLimits, resolve
+from camserve.engine.captum.methods import CaptumLimits, resolve
 from camserve.engine.compare import average_ranks, compare, spearman, spearman_matrix
 from camserve.engine.errors import ExplanationInputError, InvalidOptionError, UnknownMethodError
 from camserve.engine.render import prepare_maps

@@ -461,7 +461,7 @@ def test_contrastive_start_normalised_by_the_margin_gives_the_plain_maps(resnet2
     (the head's rows sum to ≈ 0: ``|Σ_c W_c|`` is 1.6 % of a row's norm for ResNet-20), while
     the served contrastive start (each ``−1/N`` divided by its own logit) gives other maps."""
     from camserve.cli.evaluate_faithfulness import make_explainer
-    from camserve.engine.metrics import spearman
+    from camserve.engine.evaluation.metrics import spearman
 
     model, x = resnet20
     by_margin, served = make_explainer(model, (32, 32), "epsilon_plus", seed_norm="margin"), Explainer(model, (32, 32))

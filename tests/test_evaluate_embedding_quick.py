@@ -9,7 +9,7 @@ import torch
 
 from camserve.cli.evaluate_embedding import DifferentiableEmbedding
 from camserve.cli.main import main
-from camserve.engine.embedding import load_effnet_lite0_embedding
+from camserve.engine.similarity.embedding import load_effnet_lite0_embedding
 
 
 def test_differentiable_embedding_equals_the_embedding_model(effnet, effnet_batch):

@@ -12,11 +12,11 @@ import torch
 from torch import nn
 
 from conftest import SAMPLES, load_uint8
-from camserve.engine.embedding import EmbeddingModel, load_effnet_lite0_embedding
+from camserve.engine.similarity.embedding import EmbeddingModel, load_effnet_lite0_embedding
 from camserve.engine.errors import (InvalidInputError, InvalidOptionError, InvalidReferenceError,
                                     UnknownMethodError)
-from camserve.engine.fam import FamExplainer, FamSpec
-from camserve.engine.gallery import Gallery
+from camserve.engine.similarity.fam import FamExplainer, FamSpec
+from camserve.engine.similarity.gallery import Gallery
 from camserve.engine.models import EFFNET_LITE0
 from camserve.engine.preprocess import to_model_input
 

@@ -1,4 +1,4 @@
-"""RISE deletion/insertion (engine/metrics.py): AUC math, ranking, constructed cases, the real model."""
+"""RISE deletion/insertion (engine/evaluation/metrics.py): AUC math, ranking, constructed cases, the real model."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from camserve.engine.errors import InvalidInputError
-from camserve.engine.metrics import (auc, average_ranks, classifier_score, deletion_insertion, endpoint_scores,
+from camserve.engine.evaluation.metrics import (auc, average_ranks, classifier_score, deletion_insertion, endpoint_scores,
                                      gaussian_blur, paired, perturbation_curves, pixel_ranks, random_maps,
                                      similarity_score, spearman, step_counts)
 
@@ -105,7 +105,7 @@ def test_real_model_good_map_beats_random_beats_inverted(effnet, effnet_batch):
 
 
 def test_similarity_variant_tracks_cosine_to_the_reference(effnet, effnet_batch):
-    from camserve.engine.embedding import load_effnet_lite0_embedding
+    from camserve.engine.similarity.embedding import load_effnet_lite0_embedding
 
     embedding = load_effnet_lite0_embedding(normalize=True, backbone=effnet)
     query = effnet_batch[0][:1]

@@ -86,7 +86,7 @@ def check_servable(spec, section: Dict[str, Any]) -> str:
     """Load the model as a worker would and check the defaults; returns a one-line summary."""
     from ..engine.explainer import ExplainSpec, Explainer
     from ..engine.models import embedding_model_for, load_spec, profile_with_layers
-    from ..engine.fam import FamExplainer
+    from ..engine.similarity.fam import FamExplainer
 
     loaded = load_spec(spec, os.getcwd())
     if spec.task == "embed":

@@ -521,7 +521,7 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 # -- scores -----------------------------------------------------------------------------------
 def score_function():
-    """:mod:`camserve.engine.metrics` (RISE deletion/insertion), or ``None`` if not installed."""
+    """:mod:`camserve.engine.evaluation.metrics` (RISE deletion/insertion), or ``None`` if not installed."""
     try:
         from ..engine import metrics
     except ImportError:
@@ -531,7 +531,7 @@ def score_function():
 
 def compute_scores(metrics, model, results: Sequence[Result], steps: int) -> List[Dict[str, float]]:
     """Deletion and insertion AUC (and ``insertion − deletion``) of each result's first map, for the
-    class it explains, scored on the model input in one batched call (see :mod:`camserve.engine.metrics`)."""
+    class it explains, scored on the model input in one batched call (see :mod:`camserve.engine.evaluation.metrics`)."""
     import torch
 
     from ..engine.render import upsample
@@ -593,7 +593,7 @@ def run(args: argparse.Namespace) -> int:
             raise SystemExit("camserve batch: --scores needs the model in this process; not available with --server")
         metrics = score_function()
         if metrics is None:
-            raise SystemExit("camserve batch: --scores is not implemented yet: camserve.engine.metrics "
+            raise SystemExit("camserve batch: --scores is not implemented yet: camserve.engine.evaluation.metrics "
                              "(deletion/insertion) is not available in this installation")
     out: Path = args.out
     (out / "images").mkdir(parents=True, exist_ok=True)

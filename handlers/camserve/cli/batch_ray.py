@@ -397,7 +397,7 @@ def run_ray(args: argparse.Namespace) -> int:
         raise SystemExit("camserve batch: --out must be a folder of the driver's machine (the driver writes "
                          "every record and file); inputs may be URIs")
     if args.scores and batch_module.score_function() is None:
-        raise SystemExit("camserve batch: --scores is not implemented yet: camserve.engine.metrics "
+        raise SystemExit("camserve batch: --scores is not implemented yet: camserve.engine.evaluation.metrics "
                          "(deletion/insertion) is not available in this installation")
 
     out: Path = Path(args.out)

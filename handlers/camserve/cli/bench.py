@@ -126,8 +126,8 @@ def classifier_cases(model, explainer, quick: bool, ig_max_batch: int = 1) -> Di
 
 def fam_cases(model, images: torch.Tensor) -> Dict[str, Callable]:
     """8 query/reference pairs (16 images) — plain embedding vs FAM routes."""
-    from ..engine.embedding import load_effnet_lite0_embedding
-    from ..engine.fam import FamExplainer, FamSpec
+    from ..engine.similarity.embedding import load_effnet_lite0_embedding
+    from ..engine.similarity.fam import FamExplainer, FamSpec
 
     embedding = load_effnet_lite0_embedding(normalize=True, backbone=model)
     fam = FamExplainer(embedding)

@@ -3,7 +3,7 @@
 For every stage of EfficientNet-Lite0 (shallow to deep) and every method (the four Shallow-CAM
 variants, LayerCAM, Grad-CAM, Grad-CAM++, Relevance-CAM, Captum IG when the Captum adapter is
 installed, and a random map as the floor) the maps of N real photographs are scored with
-:func:`camserve.engine.metrics.deletion_insertion`. Layer-free methods (random, IG) are computed
+:func:`camserve.engine.evaluation.metrics.deletion_insertion`. Layer-free methods (random, IG) are computed
 once and reported at every layer. Writes ``faithfulness.{csv,json,md}``, ``faithfulness_bars.png``
 and ``faithfulness_curves.png`` into ``--out``.
 """
@@ -23,7 +23,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from ..engine.metrics import mean_and_sem
+from ..engine.evaluation.metrics import mean_and_sem
 
 #: evaluation name → (engine method, options); a method name expands to all its variants.
 SHALLOWCAM_VARIANTS = OrderedDict([
@@ -133,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from ..engine import Explainer
-    from ..engine.metrics import classifier_score, deletion_insertion, endpoint_scores, gaussian_blur, random_maps
+    from ..engine.evaluation.metrics import classifier_score, deletion_insertion, endpoint_scores, gaussian_blur, random_maps
     from ..engine.models import EFFNET_LITE0, load_effnet_lite0
     from ..engine.relevance.composites import get_composite
 

@@ -2,7 +2,7 @@
 
 The classifier metric of :mod:`camserve.cli.evaluate`, with the score swapped for the cosine
 similarity of the (modified) query's embedding to the fixed embedding of its reference
-(:func:`camserve.engine.metrics.similarity_score`): pixels of the **query** are ranked by its map;
+(:func:`camserve.engine.evaluation.metrics.similarity_score`): pixels of the **query** are ranked by its map;
 deletion sets them to 0 (normalised space), insertion starts from the blurred query and restores
 them; ``overall = AUC(insertion) − AUC(deletion)`` of the similarity curve.
 
@@ -20,7 +20,7 @@ Methods, each explaining the query's similarity to its reference:
 * ``fam`` — FAM, pooled route (no backward): ``ReLU(Σ_k w_k A_k)``, ``w ∝ q_k r_k``;
 * ``gradcam_similarity`` — Grad-CAM on the similarity: ``α_k = mean_ij ∂s/∂A_kij``;
 * ``captum.integrated_gradients`` — Captum IG of the cosine similarity
-  (:func:`~camserve.engine.captum_adapter.similarity_forward`), zero baseline in normalised space,
+  (:func:`~camserve.engine.captum.adapter.similarity_forward`), zero baseline in normalised space,
   ``|attribution|`` summed over channels (the adapter's default reduction);
 * ``random`` — uniform noise, the floor.
 
@@ -42,7 +42,7 @@ from typing import Dict, List, Tuple
 import torch
 from torch import nn
 
-from ..engine.metrics import mean_and_sem
+from ..engine.evaluation.metrics import mean_and_sem
 from .evaluate import write_result_files
 
 PAIR_KINDS = ("flip", "zoom", "neighbour")
@@ -81,7 +81,7 @@ def parse_list(text: str, allowed, what: str) -> List[str]:
 
 
 class DifferentiableEmbedding(nn.Module):
-    """``e = GAP(A)/‖GAP(A)‖`` of an :class:`~camserve.engine.embedding.EmbeddingModel`, with autograd
+    """``e = GAP(A)/‖GAP(A)‖`` of an :class:`~camserve.engine.similarity.embedding.EmbeddingModel`, with autograd
     (its ``forward`` runs under ``no_grad``; Captum needs the gradient w.r.t. the input)."""
 
     def __init__(self, embedding_model):
@@ -153,9 +153,9 @@ def build_pairs(args, profile, model, device) -> Tuple[Dict[str, dict], List[dic
 
 def method_maps(method: str, fam, ig_model, queries, references, ref_embeddings, args, device) -> torch.Tensor:
     """Query maps ``(n, H, W)`` in [0, 1] at input resolution explaining ``cos(E(query), E(reference))``."""
-    from ..engine.captum_adapter import attribute, similarity_forward
-    from ..engine.fam import FamSpec
-    from ..engine.metrics import random_maps
+    from ..engine.captum.adapter import attribute, similarity_forward
+    from ..engine.similarity.fam import FamSpec
+    from ..engine.evaluation.metrics import random_maps
 
     n = queries.shape[0]
     if method == "random":
@@ -177,9 +177,9 @@ def method_maps(method: str, fam, ig_model, queries, references, ref_embeddings,
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from ..engine.embedding import load_effnet_lite0_embedding
-    from ..engine.fam import FamExplainer
-    from ..engine.metrics import deletion_insertion, endpoint_scores, gaussian_blur, similarity_score
+    from ..engine.similarity.embedding import load_effnet_lite0_embedding
+    from ..engine.similarity.fam import FamExplainer
+    from ..engine.evaluation.metrics import deletion_insertion, endpoint_scores, gaussian_blur, similarity_score
     from ..engine.models import EFFNET_LITE0
 
     if args.threads:

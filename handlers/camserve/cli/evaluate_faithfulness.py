@@ -4,7 +4,7 @@ For each stage of a model and each method or Shallow-CAM variant it measures, pe
 half of a fixed image set, paired with every other method on the same images:
 
 * **faithfulness** — RISE curves with ``--steps`` steps (default 16), ties in the pixel order
-  broken by a seeded random permutation (:func:`camserve.engine.metrics.pixel_ranks`): deletion to
+  broken by a seeded random permutation (:func:`camserve.engine.evaluation.metrics.pixel_ranks`): deletion to
   zeros (``del0``) and to the blurred image (``delB``), insertion from the blur (``ins``);
   ``overall0 = AUC(ins) − AUC(del0)`` and ``overallB = AUC(ins) − AUC(delB)``, softmax probability
   of the class predicted on the clean image;
@@ -240,7 +240,7 @@ def layer_maps(explainer, images, method: Optional[str], options: Dict, layer: s
 
 # -- one (layer, method) -----------------------------------------------------------------------
 def evaluate_one(explainer, rand_explainers, model, images, top2, layer, name, args) -> dict:
-    from ..engine.metrics import auc, class_probabilities, perturbation_curves, spearman
+    from ..engine.evaluation.metrics import auc, class_probabilities, perturbation_curves, spearman
     from ..engine.render import prepare_maps
 
     method, options = VARIANTS[name]
@@ -284,7 +284,7 @@ KEYS = ("overall0", "overallB", "del0", "delB", "ins", "rho12", "cds", "oma", "r
 
 
 def summarise(results: Dict[Tuple[str, str], dict]) -> Tuple[List[dict], List[dict]]:
-    from ..engine.metrics import mean_and_sem, paired
+    from ..engine.evaluation.metrics import mean_and_sem, paired
 
     summary, comparisons = [], []
     for (layer, name), r in results.items():
@@ -505,7 +505,7 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
         raise SystemExit(f"unknown methods {unknown}; choose from {list(VARIANTS)}")
     started = time.time()
-    from ..engine.metrics import gaussian_blur
+    from ..engine.evaluation.metrics import gaussian_blur
 
     with torch.inference_mode():
         logits = torch.cat([model(images[i:i + 256]) for i in range(0, len(images), 256)])

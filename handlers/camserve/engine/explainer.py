@@ -26,9 +26,9 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from . import captum_adapter
+from .captum.adapter import explain_with_captum, is_captum, plan_row, wants_captum
 from .capture import ForwardCapture
-from .captum_methods import DEFAULT_LIMITS, CaptumLimits
+from .captum.methods import DEFAULT_LIMITS, CaptumLimits
 from .explanation import ExplainResult, ExplainSpec, Explanation, check_images, model_device
 from .errors import InvalidTargetError, UnsupportedModelError
 from .layers import LayerCatalog
@@ -115,8 +115,8 @@ class Explainer:
         input's size) unless ``layer_resolution``; they stay on the model's device.
         """
         # -- Captum rows (captum.*) are answered by the Captum adapter, which calls back here -----
-        if captum_adapter.wants_captum(specs):
-            return captum_adapter.explain_with_captum(self, images, specs, output_size, layer_resolution, dtype)
+        if wants_captum(specs):
+            return explain_with_captum(self, images, specs, output_size, layer_resolution, dtype)
         # -- end Captum dispatch --------------------------------------------------------------------
         check_images(images)
         if len(specs) != images.shape[0]:
@@ -167,8 +167,8 @@ class Explainer:
         self._plan(0, spec)
 
     def _plan(self, index: int, spec: ExplainSpec) -> _Row:
-        if captum_adapter.is_captum(spec.method):  # Captum rows (captum.*) are validated by the adapter
-            return captum_adapter.plan_row(self, index, spec)
+        if is_captum(spec.method):  # Captum rows (captum.*) are validated by the adapter
+            return plan_row(self, index, spec)
         method = get_method(spec.method)
         options = method.options(spec.options)
         layer = self.catalog.resolve(spec.layer) if spec.layer else self.default_layer

@@ -23,8 +23,8 @@ def main(argv=None) -> int:
     parser.add_argument("out", type=Path)
     parser.add_argument("--count", type=int, default=12)
     args = parser.parse_args(argv)
-    from ..engine.embedding import load_effnet_lite0_embedding
-    from ..engine.gallery import Gallery
+    from ..engine.similarity.embedding import load_effnet_lite0_embedding
+    from ..engine.similarity.gallery import Gallery
     from ..engine.models import EFFNET_LITE0 as p
     from ..engine.preprocess import to_model_input
     from .images import decode_image

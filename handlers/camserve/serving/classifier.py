@@ -16,7 +16,7 @@ its answer carries ``explanations`` (one per method, maps at the model input's s
 ``comparison`` (methods, target, seconds, Spearman ρ matrix over pixels).
 
 Captum baselines (``captum.*``) are capped by the ``handler.captum`` section of ``model-config.yaml``
-(:class:`~camserve.engine.captum_methods.CaptumLimits`: ``max_steps``, ``max_samples``,
+(:class:`~camserve.engine.captum.methods.CaptumLimits`: ``max_steps``, ``max_samples``,
 ``max_internal_batch_size``, ``max_evaluations``); a request beyond a cap is a 400. The batch as a
 whole is bounded by ``max_batch_evaluations`` (:meth:`ImageClassifierHandler.budget`): requests are
 admitted in batch order while their model evaluations (a Captum row: evaluations × targets; a
@@ -36,7 +36,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..engine.captum_methods import CaptumLimits, is_captum, resolve
+from ..engine.captum.methods import CaptumLimits, is_captum, resolve
 from ..engine.compare import compare, comparison_json
 from ..engine.explainer import Explainer
 from ..engine.models import EFFNET_LITE0, ModelProfile, labels_for, load_spec, profile_with_layers

@@ -23,8 +23,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..engine.fam import METHODS as FAM_METHODS, SIMILARITIES, FamExplainer, FamSpec
-from ..engine.gallery import Gallery
+from ..engine.similarity.fam import METHODS as FAM_METHODS, SIMILARITIES, FamExplainer, FamSpec
+from ..engine.similarity.gallery import Gallery
 from ..engine.models import EFFNET_LITE0, ModelProfile, embedding_model_for, load_spec
 from ..engine.preprocess import crop_box
 from ..engine.render import overlay, to_uint8

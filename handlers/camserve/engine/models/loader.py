@@ -1,5 +1,5 @@
 """From a :class:`ModelSpec` to what a worker serves: the module on its device, its profile, its
-labels, and for ``embed`` the :class:`~camserve.engine.embedding.EmbeddingModel`.
+labels, and for ``embed`` the :class:`~camserve.engine.similarity.embedding.EmbeddingModel`.
 
 Layers are discovered once, by the probe forward the explainer runs anyway
 (:meth:`ModelProfile`'s ``default_layer`` and ``stages`` come from that catalog, see
@@ -101,7 +101,7 @@ def embedding_model_for(loaded: LoadedModel, catalog: Optional[LayerCatalog] = N
     gradient-free; the model's own head is ignored); ``output`` — the model's output is the
     embedding and FAM takes the Jacobian route through whatever lies between ``A`` and it; ``auto`` —
     pooled when the output equals ``GAP(A)`` on a probe, else output."""
-    from ..embedding import EmbeddingModel, load_effnet_lite0_embedding
+    from ..similarity.embedding import EmbeddingModel, load_effnet_lite0_embedding
 
     spec = loaded.spec
     if spec.source == "effnet_lite0" and spec.feature_layer is None and spec.embedding in ("auto", "pooled"):

@@ -30,8 +30,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional, Tuple
 
-from .errors import InvalidOptionError, UnknownMethodError
-from .methods.base import parse_bool
+from ..errors import InvalidOptionError, UnknownMethodError
+from ..methods.base import parse_bool
 
 PREFIX = "captum."
 REDUCTIONS = ("abs", "positive", "sum")

@@ -35,7 +35,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from .errors import InvalidInputError
+from ..errors import InvalidInputError
 
 #: ``score_fn(step_images (B, 3, H, W), owners (B,) index of the source image) → scores (B,)``
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .capture import ForwardCapture
-from .errors import NotAFeatureMapError, UnknownLayerError
+from ..capture import ForwardCapture
+from ..errors import NotAFeatureMapError, UnknownLayerError
 
 NORM_EPS = 1e-12
 
@@ -180,7 +180,7 @@ def load_effnet_lite0_embedding(normalize: bool = True, projection: Optional[nn.
     """The bundled default: pretrained EfficientNet-Lite0 without its classifier, D = 1280.
 
     ``backbone`` reuses an already loaded EfficientNet-Lite0 (weights are shared, not copied)."""
-    from .models import load_effnet_lite0
+    from ..models import load_effnet_lite0
 
     model = backbone if backbone is not None else load_effnet_lite0(device=device)
     embedding = EmbeddingModel.from_classifier(model, normalize=normalize, projection=projection)

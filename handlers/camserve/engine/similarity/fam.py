@@ -32,9 +32,9 @@ Routes (recorded in ``FamExplanation.route`` and ``.method``):
 
 Public API (everything a handler or a benchmark needs)::
 
-    from camserve.engine.embedding import load_effnet_lite0_embedding
-    from camserve.engine.fam import FamExplainer, FamSpec
-    from camserve.engine.gallery import Gallery
+    from camserve.engine.similarity.embedding import load_effnet_lite0_embedding
+    from camserve.engine.similarity.fam import FamExplainer, FamSpec
+    from camserve.engine.similarity.gallery import Gallery
 
     model = load_effnet_lite0_embedding(normalize=True)          # D = 1280, pooled route
     gallery = Gallery.load("gallery.npz")                        # or Gallery.build(model, images, labels)
@@ -67,11 +67,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .embedding import EmbeddingModel, EmbeddingTrace
-from .errors import InvalidInputError, InvalidOptionError, InvalidReferenceError, UnknownMethodError
-from .explainer import check_images
+from ..errors import InvalidInputError, InvalidOptionError, InvalidReferenceError, UnknownMethodError
+from ..explainer import check_images
 from .gallery import Gallery
-from .render import prepare_maps
-from .timing import clock
+from ..render import prepare_maps
+from ..timing import clock
 
 SIMILARITIES = ("cosine", "dot", "euclidean")
 METHODS = ("fam", "gradcam_similarity")

@@ -3,7 +3,7 @@
 ``attribute(forward, images, targets, "captum.integrated_gradients", options)`` runs one Captum
 algorithm over a whole batch (one target per row) and returns :class:`CaptumOutput`: the raw Captum
 attribution, the ``(n, H, W)`` maps in [0, 1] (the channel ``reduction`` of
-:mod:`camserve.engine.captum_methods`, then :func:`render.prepare_maps` — normalised at the
+:mod:`camserve.engine.captum.methods`, then :func:`render.prepare_maps` — normalised at the
 attribution's own resolution and bilinearly upsampled, exactly as the CAM methods), the seconds,
 and the model passes Captum made.
 
@@ -37,13 +37,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .captum_methods import (DEFAULT_LIMITS, CaptumLimits, CaptumMethod, display_name, is_captum, resolve)
-from .explanation import ExplainResult, ExplainSpec, Explanation, check_images
-from .errors import (ExplanationInputError, InvalidOptionError, InvalidReferenceError, InvalidTargetError, UnknownLayerError,
+from .methods import (DEFAULT_LIMITS, CaptumLimits, CaptumMethod, display_name, is_captum, resolve)
+from ..explanation import ExplainResult, ExplainSpec, Explanation, check_images
+from ..errors import (ExplanationInputError, InvalidOptionError, InvalidReferenceError, InvalidTargetError, UnknownLayerError,
                      UnsupportedModelError)
-from .render import prepare_maps
-from .targets import resolve_targets, validate_target
-from .timing import clock
+from ..render import prepare_maps
+from ..targets import resolve_targets, validate_target
+from ..timing import clock
 
 
 

@@ -21,7 +21,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 import torch
 
-from .errors import InvalidReferenceError
+from ..errors import InvalidReferenceError
 
 FEATURE_MAP_DTYPE = torch.float16
 

@@ -1,0 +1,1 @@
+"""Captum attributions as baselines answering the same specs as the CAM methods."""

@@ -1,0 +1,1 @@
+"""Faithfulness metrics: deletion/insertion curves, class sensitivity, sanity checks."""

@@ -1,0 +1,1 @@
+"""Similarity explanation for embedding models: the embedding wrapper, FAM and galleries."""
