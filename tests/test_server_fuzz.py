@@ -525,3 +525,31 @@ def test_an_answer_over_max_response_size_fails_alone(samples):
     finally:
         server.stop()
         shutil.rmtree(server.workdir, ignore_errors=True)
+
+
+@pytest.mark.parametrize("classifier,embed", [("tv_resnet18", "tv_resnet18_embed"), ("timm_vit", "tv_resnet18_proj")])
+def test_malformed_requests_to_bring_your_own_archives(torchserve_server, classifier, embed):
+    """The same malformed requests sent to archives built by ``camserve archive`` (a torchvision CNN
+    and a 512-d pooled embedder; a timm ViT and a 128-d projection-head embedder): each a 4xx with a
+    message (the words may differ: the embedding size, the layer names), the workers alive after."""
+    def retarget(path: str) -> str:
+        return path.replace(f"/{EMBED}", f"/{embed}").replace(f"/{CLASSIFIER}", f"/{classifier}")
+
+    malformed = [Case(c.name, retarget(c.path), c.kwargs, c.status, None, c.method, c.auth, c.empty_body)
+                 for c in cases() if c.good is None]
+    models = (classifier, embed)
+
+    def pids():
+        return {m: sorted(w.get("pid") for w in requests.get(f"{torchserve_server.management_url}/models/{m}",
+                                                               headers=torchserve_server.headers("management"),
+                                                               timeout=30).json()[0]["workers"]) for m in models}
+    before = pids()
+    with ThreadPoolExecutor(max_workers=WORKERS) as pool:
+        responses = list(pool.map(lambda c: send(torchserve_server, c), malformed))
+    failures = [f"{case.name}: {why}" for case, response in zip(malformed, responses)
+                if (why := check(case, response, None)) is not None]
+    assert not failures, "\n".join(failures)
+    assert pids() == before, "a worker died and was restarted during the fuzz"
+    good = requests.post(f"{torchserve_server.url}/predictions/{classifier}", headers=torchserve_server.headers(),
+                         files={"data": photo(GOOD), "explain": (None, "gradcam")}, timeout=240)
+    assert good.status_code == 200 and good.json()["explanation"]["method"] == "gradcam", good.text[:300]

@@ -521,12 +521,10 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 # -- scores -----------------------------------------------------------------------------------
 def score_function():
-    """:mod:`camserve.engine.evaluation.metrics` (RISE deletion/insertion), or ``None`` if not installed."""
-    try:
-        from ..engine import metrics
-    except ImportError:
-        return None
-    return metrics if hasattr(metrics, "deletion_insertion") else None
+    """:mod:`camserve.engine.evaluation.metrics` (RISE deletion/insertion)."""
+    from ..engine.evaluation import metrics
+
+    return metrics
 
 
 def compute_scores(metrics, model, results: Sequence[Result], steps: int) -> List[Dict[str, float]]:
@@ -592,9 +590,6 @@ def run(args: argparse.Namespace) -> int:
         if args.server:
             raise SystemExit("camserve batch: --scores needs the model in this process; not available with --server")
         metrics = score_function()
-        if metrics is None:
-            raise SystemExit("camserve batch: --scores is not implemented yet: camserve.engine.evaluation.metrics "
-                             "(deletion/insertion) is not available in this installation")
     out: Path = args.out
     (out / "images").mkdir(parents=True, exist_ok=True)
     paths = discover_inputs(args.inputs)

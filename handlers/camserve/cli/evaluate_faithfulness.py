@@ -168,7 +168,7 @@ def make_explainer(model, input_size, composite: str, fold: str = "none", seed_n
       linear head sees one virtual output ``W_t − mean W_c`` (the served explainer divides each
       class's ``−1/N`` by its own logit, which explodes where a logit is near 0).
     """
-    from ..engine import explainer as explainer_module
+    import camserve.engine.explainer as explainer_module
     from ..engine.relevance.composites import get_composite
     from ..engine.relevance.folding import fold_batchnorm
     from ..engine.relevance.rules import stabilize
