@@ -37,6 +37,7 @@ from .errors import PHRASES, AnswerTooLargeError, RequestError, error_body, is_c
 from .metrics import record_counters
 from .requests import IMAGE_FIELDS, ParsedRequest, is_json_part, parse_request
 from .audit import AuditLog, record_answers
+from .malloc import tune_malloc
 from .settings import HandlerSettings
 
 logger = logging.getLogger(__name__)
@@ -92,6 +93,7 @@ class CamserveHandler(BaseHandler):
     payload_fields = IMAGE_FIELDS
 
     def initialize(self, context) -> None:
+        tune_malloc()  # glibc: large tensors mmap-ed, heap trimmed, 2 arenas (serving/malloc.py, README Soak)
         props = context.system_properties
         self.manifest = context.manifest
         self.model_name = getattr(context, "model_name", None) or self.manifest["model"].get("modelName", "model")
