@@ -49,11 +49,15 @@ class _Mode:
     C++ autograd objects the garbage collector cannot traverse — every request's graph would leak.
     """
 
-    __slots__ = ("value", "suspended")
+    __slots__ = ("value", "suspended", "release")
 
     def __init__(self) -> None:
         self.value = "gradient"
         self.suspended = False
+        #: the running backward is the graph's last (``retain_graph=False``): switches drop their
+        #: reference to ``y`` once read — autograd frees saved tensors then, but not ``ctx``'s
+        #: attributes, and the graph itself stays alive as long as the logits do
+        self.release = False
 
     def call_unhooked(self, module: nn.Module, params: dict, x: torch.Tensor) -> torch.Tensor:
         """Run ``module`` with substituted parameters without re-entering the capture's hooks."""
@@ -79,16 +83,21 @@ class _Switch(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, y, x, rule, modules, mode, lean, geometry):
+    def forward(ctx, y, x, rule, modules, mode, lean, geometry, copy=False):
         ctx.mode, ctx.rule, ctx.modules, ctx.lean, ctx.geometry = mode, rule, modules, lean, geometry
         ctx.y, ctx.y_version = y, y._version  # an input: no reference cycle through the node
         ctx.save_for_backward(x)
         ctx.set_materialize_grads(False)  # no gradient arrived (a segment absorbed this output): skip
-        return y.detach()
+        # ``copy``: a later in-place op overwrites this output (known from the model's probe); it
+        # gets a copy, so ``y`` stays as it was and the backward need not recompute the segment
+        return y.clone() if copy else y.detach()
 
     @staticmethod
     def backward(ctx, grad):
-        none = (None,) * 7
+        none = (None,) * 8
+        kept = ctx.y
+        if ctx.mode.release:  # the graph's last backward: y is read below at most once
+            ctx.y = None
         if grad is None:
             return none
         relevance = ctx.mode.value == "relevance"
@@ -98,8 +107,8 @@ class _Switch(torch.autograd.Function):
             return none
         (x,) = ctx.saved_tensors
         mode = ctx.mode
-        y = ctx.y.detach()
-        if ctx.y._version != ctx.y_version and (relevance or ctx.lean.reads_output):
+        y = kept.detach()
+        if kept._version != ctx.y_version and (relevance or ctx.lean.reads_output):
             with torch.no_grad():
                 y = x
                 for module in ctx.modules:
@@ -154,12 +163,22 @@ class ForwardCapture:
     With gradient passes, ``conv_geometry`` (``{name: ConvGeometry}``, see
     :func:`camserve.engine.lean_gradient.trace_conv_geometries`) lets segments whose gradient
     needs only ``x`` and ``y`` drop their graph as well.
+
+    ``overwritten``: modules whose output a later in-place op changes (torchvision's
+    ``out += identity``; found by the same probe). A switch ending there whose backward reads ``y``
+    (a rule's ``R_y`` — unless ``relevance_passes=False`` promises none —, a lean activation mask)
+    hands on a copy: one copy instead of re-running the segment in the backward.
     """
 
     def __init__(self, model: nn.Module, layers: Iterable[str], rules: Optional[Mapping[str, Rule]] = None,
                  grad_from: Optional[str] = None, gradient_passes: bool = True,
-                 conv_geometry: Optional[Mapping[str, ConvGeometry]] = None):
+                 conv_geometry: Optional[Mapping[str, ConvGeometry]] = None, overwritten: Iterable[str] = (),
+                 relevance_passes: bool = True):
         self.model = model
+        #: ``False`` promises that no relevance backward will run (only gradient passes)
+        self.relevance_passes = relevance_passes
+        #: modules whose output a later in-place op changes (probe-verified): their switches copy
+        self.overwritten = frozenset(overwritten)
         self.grad_from = grad_from
         self.gradient_passes = gradient_passes
         self.conv_geometry = dict(conv_geometry or {})
@@ -182,7 +201,7 @@ class ForwardCapture:
         self._thread = threading.get_ident()
         try:
             for name, rule in self.rules.items():  # rules first: capture sees the switched output
-                hook = self._rule_hook(rule, self.conv_geometry.get(name))
+                hook = self._rule_hook(rule, self.conv_geometry.get(name), name in self.overwritten)
                 self._handles.append(modules[name].register_forward_hook(hook))
             for name in self.layers:
                 self._handles.append(modules[name].register_forward_hook(self._capture_hook(name)))
@@ -212,6 +231,17 @@ class ForwardCapture:
         self._mode.value = value
 
     @property
+    def release_graph(self) -> bool:
+        """Set while running the graph's last backward (``retain_graph=False``): the switches then
+        drop their references to the forward's tensors as they run, so that nothing of the graph
+        outlives that pass (autograd frees only the saved tensors)."""
+        return self._mode.release
+
+    @release_graph.setter
+    def release_graph(self, value: bool) -> None:
+        self._mode.release = bool(value)
+
+    @property
     def active_hooks(self) -> int:
         """Number of hooks this capture still holds on the model (0 after exit)."""
         return len(self._handles)
@@ -237,7 +267,7 @@ class ForwardCapture:
             return None
         return hook
 
-    def _rule_hook(self, rule: Rule, geometry: Optional[ConvGeometry]):
+    def _rule_hook(self, rule: Rule, geometry: Optional[ConvGeometry], overwritten: bool = False):
         mode = self._mode  # the switch gets the small mode object, never the capture
 
         def hook(module, args, output):
@@ -259,8 +289,11 @@ class ForwardCapture:
             if not output.requires_grad or (detach_output and not x.requires_grad):
                 self._last = None
                 return None
+            # a copy pays off only where the backward reads y (a rule's R_y, or a lean activation mask)
+            copy = overwritten and ((self.relevance_passes and head.reads_output_relevance)
+                                    or (lean is not None and lean.reads_output))
             switched = _Switch.apply(output.detach() if detach_output else output, x, head, modules, mode, lean,
-                                     head_geometry)
+                                     head_geometry, copy)
             self.switches += 1
             self.lean += lean is not None
             self._last = (_Segment(switched, x, head, modules, lean, head_geometry)

@@ -86,7 +86,10 @@ class Explainer:
         self._rules = self.composite.assign(model.named_modules())
         self.max_topk = max_topk
         # read-only after this: which convs' gradient the capture may compute from x and y alone
-        self._conv_geometry, probe = trace_conv_geometries(model, self.input_size)
+        # and whose outputs a later in-place op overwrites (their switches hand on a copy)
+        overwritten: set = set()
+        self._conv_geometry, probe = trace_conv_geometries(model, self.input_size, overwritten)
+        self._overwritten = frozenset(overwritten)
         self.num_classes = int(probe.shape[-1])
 
     def _disable_inplace(self) -> None:
@@ -135,8 +138,11 @@ class Explainer:
         floor = min(layers, key=lambda name: self.catalog.get(name).exited)  # no gradient needed below it
         start = clock(device)
         gradient_passes = any(row.method.needs_gradient_for(row.options) for row in rows)
+        relevance_passes = any(row.method.needs_relevance_for(row.options) for row in rows)
         with ForwardCapture(self.model, layers, rules, grad_from=floor, gradient_passes=gradient_passes,
-                            conv_geometry=self._conv_geometry) as capture, torch.enable_grad():
+                            conv_geometry=self._conv_geometry, overwritten=self._overwritten,
+                            relevance_passes=relevance_passes) as capture, \
+                torch.enable_grad():
             with torch.no_grad():  # the capture switches grad on at ``floor``; this block restores the mode
                 logits = self.model(images)
             forward_seconds = clock(device) - start
@@ -231,8 +237,10 @@ class Explainer:
             for r in active:
                 targets[r.index] = r.targets[round_index]
             last = round_index == rounds - 1
+            relevance_follows = any(r.method.needs_relevance_for(r.options) for r in active)
             since = clock(device)
-            gradients = self._pass(capture, logits, targets, active, "gradient", passes, retain=not last)
+            gradients = self._pass(capture, logits, targets, active, "gradient", passes,
+                                   retain=not last or relevance_follows)
             charge([r for r in active if r.method.needs_gradient_for(r.options)] or active, since)
             since = clock(device)
             relevance = self._pass(capture, logits, targets, active, "relevance", passes, retain=not last)
@@ -243,13 +251,17 @@ class Explainer:
             for group_rows in groups.values():
                 since = clock(device)
                 first = group_rows[0]
-                idx = torch.tensor([r.index for r in group_rows], device=logits.device)
+                indices = [r.index for r in group_rows]
+                idx = torch.tensor(indices, device=logits.device)
+                # a group of the whole batch in order reads the tensors themselves: no copy of a
+                # (shallow, large) layer's activations and gradients; methods never write to them
+                rows_of = (lambda t: t) if indices == list(range(logits.shape[0])) else (lambda t: t[idx])
                 names = first.method.layers(first.layer, self.catalog, first.options)
                 as_map = self.catalog.as_map  # (N, C, h, w): NCHW as is, NHWC permuted, tokens on the grid
                 captured = Captured(
-                    activations={n: as_map(n, capture.activations[n].detach()[idx]) for n in names},
-                    gradients={n: as_map(n, gradients[n][idx]) for n in names if n in gradients},
-                    relevance_gradients={n: as_map(n, relevance[n][idx]) for n in names if n in relevance},
+                    activations={n: as_map(n, rows_of(capture.activations[n].detach())) for n in names},
+                    gradients={n: as_map(n, rows_of(gradients[n])) for n in names if n in gradients},
+                    relevance_gradients={n: as_map(n, rows_of(relevance[n])) for n in names if n in relevance},
                     targets=targets[idx], logits=logits.detach()[idx], model=self.model, catalog=self.catalog)
                 with torch.no_grad():
                     cams = first.method.compute(first.layer, captured, first.options)
@@ -278,11 +290,13 @@ class Explainer:
                 seed = contrastive_seed(logits, targets, contrastive) * mask
                 seed = seed / stabilize(logits.detach(), 1e-12)  # so that R_logits = logits ⊙ g = seed
         capture.mode = mode
+        capture.release_graph = not retain  # the graph's last pass: nothing of it outlives this backward
         try:
             grads = torch.autograd.grad(logits, [capture.activations[n] for n in names], seed,
-                                        retain_graph=retain or mode == "gradient", allow_unused=True)
+                                        retain_graph=retain, allow_unused=True)
         finally:
             capture.mode = "gradient"
+            capture.release_graph = False
         for r in needing:
             passes[r.index]["backward" if mode == "gradient" else "relevance"] += 1
         return {n: (g if g is not None else torch.zeros_like(capture.activations[n])) for n, g in zip(names, grads)}

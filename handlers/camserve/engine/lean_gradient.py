@@ -24,7 +24,7 @@ instead of BatchNorm's and the activation's backward kernels.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -89,16 +89,22 @@ def _supported_conv(module: nn.Module) -> bool:
             and not isinstance(module.padding, str))
 
 
-def trace_conv_geometries(model: nn.Module, input_size: Tuple[int, int]) -> Tuple[Dict[str, ConvGeometry], torch.Tensor]:
+def trace_conv_geometries(model: nn.Module, input_size: Tuple[int, int],
+                          overwritten: Optional[Set[str]] = None) -> Tuple[Dict[str, ConvGeometry], torch.Tensor]:
     """``{name: geometry}`` for every 2-D conv whose output one probe forward reproduces, and the
     model's output for that probe (the caller needs no other forward to learn, e.g., the class count).
 
     The probe is a seeded random image (:func:`camserve.engine.layers.probe_forward`); each conv's
     recorded input is fed to the candidate geometries (the module's own padding, then a
     ``ZeroPad2d`` child's first) and the first that matches the recorded output within float
-    tolerance is kept."""
+    tolerance is kept.
+
+    ``overwritten`` (a set, filled in): the same probe also names every module whose output a later
+    in-place op changes (torchvision's ``out += identity`` on ``bn2``'s output) — a switch there
+    hands on a copy so that the backward need not recompute the segment (see capture.py)."""
     modules = {name: m for name, m in model.named_modules() if _supported_conv(m)}
     seen: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
+    outputs: list = []  # (name, output, its version when the module returned)
 
     def register(handles):
         for name, module in modules.items():
@@ -106,8 +112,16 @@ def trace_conv_geometries(model: nn.Module, input_size: Tuple[int, int]) -> Tupl
                 if name not in seen and isinstance(args[0], torch.Tensor) and args[0].dim() == 4:
                     seen[name] = (args[0], output)
             handles.append(module.register_forward_hook(hook))
+        if overwritten is not None:
+            for name, module in model.named_modules():
+                def record(mod, args, output, name=name):
+                    if isinstance(output, torch.Tensor):
+                        outputs.append((name, output, output._version))
+                handles.append(module.register_forward_hook(record))
 
     output = probe_forward(model, input_size, register, seed=0)
+    if overwritten is not None:
+        overwritten.update(name for name, tensor, version in outputs if tensor._version != version)
     geometries = {}
     with torch.no_grad():
         for name, (x, y) in seen.items():
