@@ -8,7 +8,7 @@ import torch
 
 from camserve.engine import (Explainer, ExplainSpec, ExplanationInputError, InvalidInputError, InvalidOptionError,
                              InvalidTargetError, NotAFeatureMapError, UnknownLayerError, UnknownMethodError)
-from camserve.engine.capture import ForwardCapture
+from camserve.engine.classifier.capture import ForwardCapture
 from camserve.engine.render import colorize
 
 

@@ -2,7 +2,7 @@
 architectures at every stage.
 
 The engine realises each rule as a modified gradient ``g`` with ``R_t = t ⊙ g_t`` (see
-``camserve.engine.relevance.rules``); relevance at a layer is read from a :class:`ForwardCapture`
+``camserve.engine.classifier.relevance.rules``); relevance at a layer is read from a :class:`ForwardCapture`
 as ``A ⊙ g`` and at the input as ``x ⊙ g_x``.
 """
 
@@ -15,13 +15,13 @@ import torch
 from torch import nn
 
 from camserve.engine import Explainer, ExplainSpec
-from camserve.engine.capture import ForwardCapture
+from camserve.engine.classifier.capture import ForwardCapture
 from camserve.engine.models import EFFNET_LITE0, TORCHVISION_PROFILES, load_torchvision
 from camserve.engine.preprocess import to_model_input
-from camserve.engine.relevance.composites import epsilon_alpha2_beta1, epsilon_plus
-from camserve.engine.relevance.folding import batchnorm_pairs, fold_batchnorm
-from camserve.engine.relevance.rules import stabilize
-from camserve.engine.targets import contrastive_seed
+from camserve.engine.classifier.relevance.composites import epsilon_alpha2_beta1, epsilon_plus
+from camserve.engine.classifier.relevance.folding import batchnorm_pairs, fold_batchnorm
+from camserve.engine.classifier.relevance.rules import stabilize
+from camserve.engine.classifier.targets import contrastive_seed
 
 from conftest import SAMPLES, load_uint8
 
@@ -389,7 +389,7 @@ def test_shallowcam_readings_follow_their_definitions(resnet20):
     """``beta=one`` + gradient spatial weights is LayerCAM exactly; ``beta=positive`` is the ReLU of
     the signed β; ``beta_from=above`` spreads l+1's spatial relevance over l's channels in
     proportion to their activation; the default options are unchanged."""
-    from camserve.engine.methods import get_method
+    from camserve.engine.classifier.methods import get_method
     from camserve.engine.render import normalise
 
     model, x = resnet20

@@ -84,7 +84,7 @@ def handler_section(args, spec, base: Dict[str, Any]) -> Dict[str, Any]:
 
 def check_servable(spec, section: Dict[str, Any]) -> str:
     """Load the model as a worker would and check the defaults; returns a one-line summary."""
-    from ..engine.explainer import ExplainSpec, Explainer
+    from ..engine.classifier.explainer import ExplainSpec, Explainer
     from ..engine.models import embedding_model_for, load_spec, profile_with_layers
     from ..engine.similarity.fam import FamExplainer
 

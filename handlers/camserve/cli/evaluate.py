@@ -135,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
     from ..engine import Explainer
     from ..engine.evaluation.metrics import classifier_score, deletion_insertion, endpoint_scores, gaussian_blur, random_maps
     from ..engine.models import EFFNET_LITE0, load_effnet_lite0
-    from ..engine.relevance.composites import get_composite
+    from ..engine.classifier.relevance.composites import get_composite
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -33,7 +33,7 @@ Models: ``--model cifar-resnet --weights PATH --depth 20|56`` (the project's own
 
 ``--conservation`` measures instead, per stage, the positive and negative parts of the relevance
 ``R^l = A^l ⊙ g^l`` against the initial relevance, for the plain (one-hot) and contrastive starts,
-with and without BatchNorm folded into the convolutions (``engine/relevance/folding.py``).
+with and without BatchNorm folded into the convolutions (``engine/classifier/relevance/folding.py``).
 
 Writes ``<stem>.json`` (meta, summary, paired comparisons, per-image values), ``<stem>.csv``
 (summary) and ``<stem>.md`` into ``--out``; results are rewritten after every (layer, method).
@@ -161,17 +161,17 @@ def make_explainer(model, input_size, composite: str, fold: str = "none", seed_n
     """The engine's explainer with two evaluation-local switches the served explainer does not have yet:
 
     * ``fold``: ``bias`` / ``nobias`` fold each BatchNorm into the conv before it for the
-      relevance path (``engine/relevance/folding.py``; ``nobias`` drops the folded shift from the
+      relevance path (``engine/classifier/relevance/folding.py``; ``nobias`` drops the folded shift from the
       z⁺ denominator so it cannot absorb relevance);
     * ``seed_norm="margin"``: the contrastive start divides the whole seed by the margin
       ``z' = y_t − Σ_{c≠t} y_c / N`` instead of each logit by itself, i.e. LRP-ε through the
       linear head sees one virtual output ``W_t − mean W_c`` (the served explainer divides each
       class's ``−1/N`` by its own logit, which explodes where a logit is near 0).
     """
-    import camserve.engine.explainer as explainer_module
-    from ..engine.relevance.composites import get_composite
-    from ..engine.relevance.folding import fold_batchnorm
-    from ..engine.relevance.rules import stabilize
+    import camserve.engine.classifier.explainer as explainer_module
+    from ..engine.classifier.relevance.composites import get_composite
+    from ..engine.classifier.relevance.folding import fold_batchnorm
+    from ..engine.classifier.relevance.rules import stabilize
 
     class EvaluationExplainer(explainer_module.Explainer):
         def _pass(self, *a, **k):
@@ -379,7 +379,7 @@ def write(out: Path, stem: str, meta, results) -> None:
 def conservation(args, model, input_size, layers, images) -> int:
     """Positive / negative / net relevance per stage, relative to the initial relevance."""
     from ..engine import ExplainSpec
-    from ..engine.methods import METHODS, CamMethod
+    from ..engine.classifier.methods import METHODS, CamMethod
 
     sums: List[torch.Tensor] = []
 

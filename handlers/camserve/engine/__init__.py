@@ -8,7 +8,7 @@ Public entry points: :class:`Explainer` (classifiers: CAM family and Shallow-CAM
 from .errors import (ExplanationInputError, InvalidInputError, InvalidOptionError, InvalidReferenceError,
                      InvalidTargetError, NotAFeatureMapError, UnknownLayerError, UnknownMethodError,
                      UnsupportedModelError)
-from .explainer import ExplainResult, ExplainSpec, Explainer, Explanation
+from .classifier.explainer import ExplainResult, ExplainSpec, Explainer, Explanation
 
 __all__ = ["Explainer", "ExplainSpec", "ExplainResult", "Explanation", "ExplanationInputError",
            "InvalidInputError", "InvalidOptionError", "InvalidReferenceError", "InvalidTargetError",

@@ -10,7 +10,7 @@ Batch flow (:meth:`ClassifierHandler.run_batch`):
    overlay over the crop), crop box in original pixels, passes and time.
 
 An image asking ``compare=<m1>,<m2>`` is validated the same way (every method, layer, option and
-target before any forward) but runs outside the batched call: :func:`camserve.engine.compare.compare`
+target before any forward) but runs outside the batched call: :func:`camserve.engine.classifier.compare.compare`
 explains it with each method in its own call (each explanation's ``seconds`` is its whole cost) and
 its answer carries ``explanations`` (one per method, maps at the model input's size) and
 ``comparison`` (methods, target, seconds, Spearman ρ matrix over pixels).
@@ -37,11 +37,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ..engine.captum.methods import CaptumLimits, is_captum, resolve
-from ..engine.compare import compare, comparison_json
-from ..engine.explainer import Explainer
+from ..engine.classifier.compare import compare, comparison_json
+from ..engine.classifier.explainer import Explainer
 from ..engine.models import EFFNET_LITE0, ModelProfile, labels_for, load_spec, profile_with_layers
 from ..engine.preprocess import crop_box
-from ..engine.targets import validate_target
+from ..engine.classifier.targets import validate_target
 from ..engine.timing import clock
 from .base import BatchBudgetExceededError, CamserveHandler
 from .encode import heatmap_fields, top_predictions

@@ -15,8 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional
 
-from ..engine.compare import parse_methods, split_options
-from ..engine.explainer import ExplainSpec
+from ..engine.classifier.compare import parse_methods, split_options
+from ..engine.classifier.explainer import ExplainSpec
 from ..engine.render import COLORMAPS
 from .errors import InvalidRequestOptionError
 from .settings import HandlerSettings

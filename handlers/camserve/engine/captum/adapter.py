@@ -38,11 +38,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .methods import (DEFAULT_LIMITS, CaptumLimits, CaptumMethod, display_name, is_captum, resolve)
-from ..explanation import ExplainResult, ExplainSpec, Explanation, check_images
+from ..classifier.explanation import ExplainResult, ExplainSpec, Explanation, check_images
 from ..errors import (ExplanationInputError, InvalidOptionError, InvalidReferenceError, InvalidTargetError, UnknownLayerError,
                      UnsupportedModelError)
 from ..render import prepare_maps
-from ..targets import resolve_targets, validate_target
+from ..classifier.targets import resolve_targets, validate_target
 from ..timing import clock
 
 

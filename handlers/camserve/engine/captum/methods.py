@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 from ..errors import InvalidOptionError, UnknownMethodError
-from ..methods.base import parse_bool
+from ..classifier.methods.base import parse_bool
 
 PREFIX = "captum."
 REDUCTIONS = ("abs", "positive", "sum")

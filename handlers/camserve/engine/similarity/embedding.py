@@ -8,7 +8,7 @@ Two kinds, one interface (:class:`EmbeddingModel`):
   as a callable (``model.extract_features`` for EfficientNet) or as a module path of a classifier
   whose output at that layer is captured (:meth:`EmbeddingModel.from_classifier`).
 * **User embedding model** — its ``forward`` already returns embeddings; the feature map of a named
-  layer is captured with :class:`~camserve.engine.capture.ForwardCapture` during the same forward
+  layer is captured with :class:`~camserve.engine.classifier.capture.ForwardCapture` during the same forward
   (:meth:`EmbeddingModel.from_embedding_model`). What lies between that map and the embedding is
   unknown, so FAM explains it through the Jacobian route.
 
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..capture import ForwardCapture
+from ..classifier.capture import ForwardCapture
 from ..errors import NotAFeatureMapError, UnknownLayerError
 
 NORM_EPS = 1e-12

@@ -68,7 +68,7 @@ import torch
 
 from .embedding import EmbeddingModel, EmbeddingTrace
 from ..errors import InvalidInputError, InvalidOptionError, InvalidReferenceError, UnknownMethodError
-from ..explainer import check_images
+from ..classifier.explainer import check_images
 from .gallery import Gallery
 from ..render import prepare_maps
 from ..timing import clock

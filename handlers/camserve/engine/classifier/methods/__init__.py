@@ -6,7 +6,7 @@ same method. Captum attributions and FAM register under their own names in their
 
 from typing import Dict
 
-from ..errors import UnknownMethodError
+from ...errors import UnknownMethodError
 from .base import CamMethod, Captured
 from .cam import CAM
 from .gradcam import GradCAM

@@ -13,7 +13,7 @@ from typing import List, Sequence, Union
 
 import torch
 
-from .errors import InvalidTargetError
+from ..errors import InvalidTargetError
 
 TargetSpec = Union[None, int, str, Sequence[int]]
 _TOPK = re.compile(r"^top(\d+)$")

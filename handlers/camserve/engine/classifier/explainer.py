@@ -26,19 +26,19 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .captum.adapter import explain_with_captum, is_captum, plan_row, wants_captum
+from ..captum.adapter import explain_with_captum, is_captum, plan_row, wants_captum
 from .capture import ForwardCapture
-from .captum.methods import DEFAULT_LIMITS, CaptumLimits
+from ..captum.methods import DEFAULT_LIMITS, CaptumLimits
 from .explanation import ExplainResult, ExplainSpec, Explanation, check_images, model_device
-from .errors import InvalidTargetError, UnsupportedModelError
-from .layers import LayerCatalog
+from ..errors import InvalidTargetError, UnsupportedModelError
+from ..layers import LayerCatalog
 from .lean_gradient import trace_conv_geometries
 from .methods import Captured, get_method
 from .relevance.composites import Composite, epsilon_plus
 from .relevance.rules import stabilize
-from .render import prepare_maps
+from ..render import prepare_maps
 from .targets import TargetSpec, contrastive_seed, one_hot_seed, resolve_targets, validate_target
-from .timing import clock
+from ..timing import clock
 
 
 @dataclass

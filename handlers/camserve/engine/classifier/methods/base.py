@@ -14,8 +14,8 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
-from ..errors import InvalidOptionError
-from ..layers import LayerCatalog
+from ...errors import InvalidOptionError
+from ...layers import LayerCatalog
 
 
 @dataclass

@@ -25,7 +25,7 @@ from typing import Dict, Mapping, Tuple
 import torch
 from torch import nn
 
-from ..layers import probe_forward
+from ...layers import probe_forward
 from .composites import BATCH_NORMS, CONVOLUTIONS
 from .rules import EpsilonRule, Rule, stabilize
 

@@ -20,7 +20,7 @@ recorded layer output is never absorbed (its relevance is read there).
 
 Gradient passes can drop the module graphs too: given the verified geometry of the model's convs
 (``conv_geometry``), a segment whose ordinary gradient follows from its input and output alone
-(:mod:`camserve.engine.lean_gradient`: conv, eval BatchNorm, ReLU/ReLU6) gets a detached output,
+(:mod:`camserve.engine.classifier.lean_gradient`: conv, eval BatchNorm, ReLU/ReLU6) gets a detached output,
 and its switch computes that gradient itself in ``"gradient"`` mode.
 
 Isolation: every hook checks that it runs in the thread that opened the capture, so concurrent
@@ -161,7 +161,7 @@ class ForwardCapture:
     module's own graph is then dropped (its switch keeps ``x`` and ``y`` only), which frees what
     the module saved for an ordinary backward (e.g. the padded input of a same-padding conv).
     With gradient passes, ``conv_geometry`` (``{name: ConvGeometry}``, see
-    :func:`camserve.engine.lean_gradient.trace_conv_geometries`) lets segments whose gradient
+    :func:`camserve.engine.classifier.lean_gradient.trace_conv_geometries`) lets segments whose gradient
     needs only ``x`` and ``y`` drop their graph as well.
 
     ``overwritten``: modules whose output a later in-place op changes (torchvision's

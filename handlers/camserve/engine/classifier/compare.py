@@ -17,9 +17,9 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 
-from .errors import InvalidInputError, InvalidOptionError, InvalidTargetError
-from .render import upsample
-from .timing import clock
+from ..errors import InvalidInputError, InvalidOptionError, InvalidTargetError
+from ..render import upsample
+from ..timing import clock
 
 
 def average_ranks(values: torch.Tensor) -> torch.Tensor:
@@ -65,7 +65,7 @@ def spearman_matrix(maps: Sequence[torch.Tensor]) -> List[List[Optional[float]]]
 def parse_methods(value, max_methods: int = 4) -> List[str]:
     """``"shallowcam,captum.integrated_gradients"`` (or a list) → the method names, each known,
     no duplicates, 2 to ``max_methods`` of them."""
-    from .captum.methods import check_name, is_captum
+    from ..captum.methods import check_name, is_captum
     from .methods import get_method
 
     names = [n.strip().lower() for n in (value.split(",") if isinstance(value, str) else list(value or []))
@@ -82,7 +82,7 @@ def parse_methods(value, max_methods: int = 4) -> List[str]:
 def split_options(methods: Sequence[str], options: Mapping[str, Any]) -> List[Dict[str, Any]]:
     """Give each method of a comparison the options it accepts (an option several accept goes to
     each); an option no method accepts is an :class:`InvalidOptionError`."""
-    from .captum.methods import accepted_options, is_captum
+    from ..captum.methods import accepted_options, is_captum
     from .methods import get_method
 
     options = dict(options or {})

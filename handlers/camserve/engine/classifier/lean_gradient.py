@@ -1,6 +1,6 @@
 """The ordinary gradient of a captured segment from its input and output alone.
 
-A *segment* (see :mod:`camserve.engine.capture`) is a ruled module followed by the element-wise
+A *segment* (see :mod:`camserve.engine.classifier.capture`) is a ruled module followed by the element-wise
 modules absorbed into its switch, e.g. ``conv → BatchNorm → ReLU6``. Autograd would keep, for a
 gradient pass, the conv's (padded) input, the BatchNorm's input and the activation's input. When
 every part of the segment has a derivative that needs nothing beyond the segment's input ``x``
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import probe_forward
+from ..layers import probe_forward
 
 #: ``(g, y) → g_x`` for an element-wise module; ``y`` is ignored by constant derivatives
 Derivative = Callable[[torch.Tensor, Optional[torch.Tensor]], torch.Tensor]

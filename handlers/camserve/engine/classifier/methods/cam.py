@@ -5,8 +5,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..errors import NotAFeatureMapError, UnsupportedModelError
-from ..layers import LayerCatalog
+from ...errors import NotAFeatureMapError, UnsupportedModelError
+from ...layers import LayerCatalog
 from .base import CamMethod, Captured
 
 

@@ -3,7 +3,7 @@
 A composite is an ordered list of ``(module types, rule)`` pairs; the first pair whose types
 match a leaf module decides its rule. Layers that match nothing keep their plain gradient, which
 is already exact LRP for linear bias-free maps (sums, padding, average pooling, flatten, dropout
-in eval) — see :mod:`camserve.engine.relevance.rules`.
+in eval) — see :mod:`camserve.engine.classifier.relevance.rules`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Dict, Iterable, List, Optional, Tuple, Type
 
 from torch import nn
 
-from ..errors import InvalidOptionError
+from ...errors import InvalidOptionError
 from .rules import (AlphaBetaRule, EpsilonRule, GradientRule, PassRule, ProportionalPoolRule, Rule,
                     ZPlusRule)
 

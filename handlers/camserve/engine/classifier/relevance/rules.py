@@ -4,7 +4,7 @@ Convention (Montavon et al., "Layer-wise relevance propagation: an overview", 20
 the relevance of any tensor ``t`` of the forward pass is ``R_t = t ⊙ g_t``, where ``g_t`` is the
 gradient that flows back to ``t`` when every hooked layer replaces its output ``y = f(x)`` by a
 *modified* tensor of the same value whose derivative implements the rule. Each rule below states
-that modified tensor; :mod:`camserve.engine.capture` applies its derivative during relevance
+that modified tensor; :mod:`camserve.engine.classifier.capture` applies its derivative during relevance
 backward passes.
 
 Why this convention: a residual addition ``out = a + b`` needs no canonizer. Its ordinary gradient
@@ -70,7 +70,7 @@ class Rule:
     passes_relevance = False
     #: whether :meth:`relevance_grad` reads ``y`` and ``grad`` only through ``R_y = y ⊙ grad``: then
     #: pass-through layers right after the module can be absorbed into it (``R_y`` is the same at
-    #: their output), see :mod:`camserve.engine.capture`
+    #: their output), see :mod:`camserve.engine.classifier.capture`
     reads_output_relevance = False
 
     def modified(self, module: nn.Module, x: torch.Tensor, y: torch.Tensor, call: ModuleCall) -> torch.Tensor:
