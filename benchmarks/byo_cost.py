@@ -75,15 +75,9 @@ def case_fn(explainer, method, layer):
     return lambda x: explainer.explain(x, [ExplainSpec(method, layer=layer)] * x.shape[0])
 
 
-def status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
-
-
 def memory_child(name: str, case: str, device: torch.device) -> dict:
+    from camserve.cli.bench import status_kib
+
     explainer, _profile, batch, _ = load(name, device)
     label, method, layer = next(c for c in CASES if c[0] == case)
     fn = case_fn(explainer, method, layer)

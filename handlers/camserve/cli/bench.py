@@ -187,7 +187,8 @@ def load_batch(n: int, device) -> torch.Tensor:
 
 
 # -- memory -----------------------------------------------------------------------------------------
-def _status_kib(field: str) -> int:
+def status_kib(field: str) -> int:
+    """A ``/proc/self/status`` field in KiB (``VmRSS``, ``VmHWM``); 0 if absent."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
@@ -220,9 +221,9 @@ def memory_child(case: str, batch: int, device_name: str) -> dict:
             f.write("5")
     except OSError:
         pass
-    before = _status_kib("VmRSS")
+    before = status_kib("VmRSS")
     fn(x)
-    return {"case": case, "peak_mib": (_status_kib("VmHWM") - before) / 1024, "kind": "RSS high-water mark delta",
+    return {"case": case, "peak_mib": (status_kib("VmHWM") - before) / 1024, "kind": "RSS high-water mark delta",
             "hwm_before_mib": before / 1024}
 
 
