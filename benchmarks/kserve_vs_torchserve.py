@@ -30,11 +30,8 @@ import base64
 import json
 import os
 import platform
-import re
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -48,7 +45,7 @@ import requests
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 from conftest import SAMPLES  # noqa: E402
-from serverkit import VENV_BIN, free_port, start_server  # noqa: E402
+from serverkit import start_kserve, start_server  # noqa: E402
 
 MODEL = "effnet_lite0"
 RESULTS = REPO / "benchmarks" / "results"
@@ -103,44 +100,6 @@ def load(url: str, headers: Dict[str, str], payloads: List[bytes], clients: int,
             "rps": round(len(latencies) / wall, 3), "p50_s": round(percentile(latencies, 0.5), 3),
             "p99_s": round(percentile(latencies, 0.99), 3), "mean_s": round(statistics.fmean(latencies), 3)
             if latencies else None}
-
-
-def metric(url: str, series: str) -> float:
-    text = requests.get(f"{url}/metrics", timeout=30).text
-    return sum(float(m.group(1)) for m in re.finditer(rf"^{series}\{{[^}}]*model=\"{MODEL}\"[^}}]*\}} (\S+)$", text, re.M))
-
-
-class KServePredictor:
-    def __init__(self, workdir: Path):
-        self.port = free_port()
-        self.log = open(workdir / "kserve.log", "wb")
-        self.process = subprocess.Popen(
-            [str(VENV_BIN / "camserve"), "kserve", "--mar", str(REPO / "model_store" / f"{MODEL}.mar"),
-             "--http-port", str(self.port), "--host", "127.0.0.1", "--device", "cpu"],
-            cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT)
-        self.url = f"http://127.0.0.1:{self.port}"
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"camserve kserve exited: {(workdir / 'kserve.log').read_text()[-2000:]}")
-            try:
-                if requests.get(f"{self.url}/v2/models/{MODEL}/ready", timeout=3).status_code == 200:
-                    return
-            except requests.RequestException:
-                pass
-            time.sleep(1)
-        self.stop()
-        raise TimeoutError("camserve kserve not ready")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.log.close()
 
 
 def machine() -> Dict:
@@ -279,16 +238,17 @@ def run_config(args, payloads, work: Path, threads: str) -> Dict:
                 url, headers, stop = f"{server.url}/v1/models/{MODEL}:explain", server.headers(), server.stop
                 base = None
             else:
-                predictor = KServePredictor(work)
+                predictor = start_kserve(MODEL, ["--mar", str(REPO / "model_store" / f"{MODEL}.mar")], work)
                 url, headers, stop = f"{predictor.url}/v1/models/{MODEL}:explain", {}, predictor.stop
-                base = predictor.url
+                base = predictor
             try:
                 load(url, headers, payloads, min(args.warmup, args.clients), 1)  # warm-up (not counted)
-                before = (metric(base, "camserve_batches_total"), metric(base, "camserve_model_forwards_total")) if base else None
+                counted = ("camserve_batches_total", "camserve_model_forwards_total")
+                before = [base.metric(series, model=MODEL) for series in counted] if base else None
                 result = load(url, headers, payloads, args.clients, args.requests)
                 if base:
-                    result["batches"] = metric(base, "camserve_batches_total") - before[0]
-                    result["forwards"] = metric(base, "camserve_model_forwards_total") - before[1]
+                    result["batches"], result["forwards"] = (base.metric(series, model=MODEL) - b
+                                                             for series, b in zip(counted, before))
                 result["loadavg_after"] = os.getloadavg()
             finally:
                 stop()

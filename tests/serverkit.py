@@ -7,13 +7,19 @@ model store, starts ``torchserve --foreground`` in a temporary working directory
 ``./setup.sh``), waits for ``/ping`` and every model, and stops it at the end with
 ``torchserve --stop`` (asserting the process exited). Also usable outside pytest:
 ``python tests/serverkit.py`` starts one and prints how to reach it.
+
+``KServe`` is the same for camserve's KServe predictor: ``camserve kserve …`` in a subprocess on a
+free loopback port, ready on ``/v2/models/<name>/ready``, stopped with SIGTERM (tests/test_kserve.py,
+benchmarks/kserve_vs_torchserve.py).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -21,7 +27,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import pytest
 import requests
@@ -30,6 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = REPO / ".venv" / "bin"
 MODELS = {"effnet_lite0": "effnet_lite0.mar", "effnet_lite0_embed": "effnet_lite0_embed.mar"}
 READY_TIMEOUT_S = float(os.environ.get("CAMSERVE_SERVER_TIMEOUT", "420"))
+KSERVE_READY_S = 300
 
 
 def free_port() -> int:
@@ -191,6 +198,78 @@ def start_server(models: Dict[str, str] = MODELS, workdir: Optional[Path] = None
         models.update(build_byo_archives(REPO / "model_store", workdir / "byo"))
     ports = {name: free_port() for name in ("inference", "management", "metrics", "grpc_inference", "grpc_management")}
     return TorchServe(workdir, ports, dict(models)).start(overrides=overrides)
+
+
+class KServe:
+    """``camserve kserve …`` in a subprocess on a free loopback port; always stopped."""
+
+    def __init__(self, name: str, args: List[str], workdir: Path):
+        self.name = name
+        self.port = free_port()
+        self.workdir = workdir
+        self.log = workdir / f"kserve-{name}.log"
+        cmd = [str(VENV_BIN / "camserve"), "kserve", "--name", name, "--http-port", str(self.port),
+               "--host", "127.0.0.1", "--device", "cpu", *args]
+        env = dict(os.environ, PATH=f"{VENV_BIN}:{os.environ.get('PATH', '')}")
+        self.out = open(self.log, "wb")
+        self.process = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self.out, stderr=subprocess.STDOUT)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:]) if self.log.exists() else ""
+
+    def wait_ready(self, timeout: float = KSERVE_READY_S) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"camserve kserve exited with {self.process.returncode}\n{self.tail()}")
+            try:
+                if requests.get(f"{self.url}/v2/models/{self.name}/ready", timeout=3).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(1.0)
+        raise TimeoutError(f"camserve kserve {self.name} not ready after {timeout:.0f} s\n{self.tail()}")
+
+    def stop(self) -> Optional[int]:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=30)
+        self.out.close()
+        return self.process.returncode
+
+    def post(self, path: str, timeout: float = 300, **kwargs) -> requests.Response:
+        return requests.post(f"{self.url}{path}", timeout=timeout, **kwargs)
+
+    def metric(self, series: str, **labels) -> float:
+        """The sum of a Prometheus series' samples whose labels include ``labels``."""
+        total = 0.0
+        for line in requests.get(f"{self.url}/metrics", timeout=30).text.splitlines():
+            match = re.match(r"^([a-zA-Z_:][\w:]*)(\{[^}]*\})? (\S+)$", line)
+            if not match or match.group(1) != series:
+                continue
+            found = dict(re.findall(r'(\w+)="([^"]*)"', match.group(2) or ""))
+            if all(found.get(k) == v for k, v in labels.items()):
+                total += float(match.group(3))
+        return total
+
+
+def start_kserve(name: str, args: List[str], workdir: Path, timeout: float = KSERVE_READY_S) -> KServe:
+    """One :class:`KServe`, ready; stopped again if it never becomes ready."""
+    server = KServe(name, args, workdir)
+    try:
+        server.wait_ready(timeout)
+    except BaseException:
+        server.stop()
+        raise
+    return server
 
 
 def pytest_configure(config):

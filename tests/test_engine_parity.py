@@ -17,12 +17,10 @@ from camserve.engine import Explainer, ExplainSpec
 from camserve.engine.render import normalise, upsample
 
 # grad-cam is pinned in requirements.txt: a missing peer is an import error, not a skip
-from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, LayerCAM  # noqa: E402
-from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa: E402
+from gradcam_reference import REFERENCES, grad_cam_per_layer, no_hooks
 
 TOLERANCE = 1e-3
 LAYERS = ("_blocks.2", "_conv_head")
-REFERENCES = {"gradcam": GradCAM, "gradcampp": GradCAMPlusPlus, "layercam": LayerCAM}
 IMAGES = 4
 
 
@@ -38,32 +36,6 @@ def photos(effnet_batch):
     return batch[:IMAGES], labels[:IMAGES]
 
 
-def _no_hooks(model: torch.nn.Module) -> bool:
-    return all(not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks
-               for m in model.modules())
-
-
-def _grad_cam_per_layer(reference, model, layer, images, targets) -> np.ndarray:
-    """pytorch-grad-cam's map after its ReLU, min-max at layer resolution and cv2 resize (its
-    ``compute_cam_per_layer``, i.e. before the multi-layer aggregation re-normalises)."""
-    module = dict(model.named_modules())[layer]
-    with reference(model=model, target_layers=[module]) as cam:
-        wrapped = [ClassifierOutputTarget(t) for t in targets]
-        per_layer = None
-
-        original = cam.compute_cam_per_layer
-
-        def keep(*args, **kwargs):
-            nonlocal per_layer
-            per_layer = original(*args, **kwargs)
-            return per_layer
-
-        cam.compute_cam_per_layer = keep
-        final = cam(input_tensor=images, targets=wrapped)
-    assert _no_hooks(model)
-    return per_layer[0][:, 0], final
-
-
 @pytest.mark.parametrize("layer", LAYERS)
 @pytest.mark.parametrize("method", sorted(REFERENCES))
 def test_cam_family_matches_pytorch_grad_cam(explainer, effnet, photos, method, layer):
@@ -73,7 +45,8 @@ def test_cam_family_matches_pytorch_grad_cam(explainer, effnet, photos, method, 
     assert ours.shape == (IMAGES, 224, 224)
     assert [e.targets for e in result.explanations] == [[t] for t in targets]
 
-    per_layer, final = _grad_cam_per_layer(REFERENCES[method], effnet, layer, images, targets)
+    module = dict(effnet.named_modules())[layer]
+    per_layer, final = grad_cam_per_layer(REFERENCES[method], effnet, module, images, targets)
     error = np.abs(ours - per_layer).max()
     print(f"parity {method} {layer}: per-layer {error:.2e}")
     assert error < TOLERANCE, f"{method} at {layer}: max abs difference {error:.2e}"
@@ -95,7 +68,7 @@ def test_gradcam_matches_captum_layer_gradcam(explainer, effnet, photos, layer):
 
     module = dict(effnet.named_modules())[layer]
     attribution = LayerGradCam(effnet, module).attribute(images, target=list(targets), relu_attributions=True)
-    assert _no_hooks(effnet)
+    assert no_hooks(effnet)
     theirs = upsample(normalise(attribution.detach()[:, 0]), (224, 224))
     error = (ours - theirs).abs().max().item()
     print(f"parity captum {layer}: {error:.2e}")

@@ -14,13 +14,10 @@ import base64
 import json
 import os
 import re
-import shutil
-import signal
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import pytest
 import requests
@@ -28,7 +25,7 @@ import yaml
 
 from byo_archives import CIFAR_CLASSES, RESNET20
 from conftest import decode_png, photo_bytes as photo
-from serverkit import REPO, VENV_BIN, free_port
+from serverkit import REPO, VENV_BIN, KServe, free_port
 
 pytestmark = pytest.mark.server
 MODEL = "effnet_lite0"
@@ -45,67 +42,6 @@ DELAY_MS = 400
 
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
-
-
-class KServe:
-    """``camserve kserve …`` in a subprocess on a free loopback port; always stopped."""
-
-    def __init__(self, name: str, args: List[str], workdir: Path):
-        self.name = name
-        self.port = free_port()
-        self.workdir = workdir
-        self.log = workdir / f"kserve-{name}.log"
-        cmd = [str(VENV_BIN / "camserve"), "kserve", "--name", name, "--http-port", str(self.port),
-               "--host", "127.0.0.1", "--device", "cpu", *args]
-        env = dict(os.environ, PATH=f"{VENV_BIN}:{os.environ.get('PATH', '')}")
-        self.out = open(self.log, "wb")
-        self.process = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self.out, stderr=subprocess.STDOUT)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def tail(self, lines: int = 40) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:]) if self.log.exists() else ""
-
-    def wait_ready(self, timeout: float = READY_S) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"camserve kserve exited with {self.process.returncode}\n{self.tail()}")
-            try:
-                if requests.get(f"{self.url}/v2/models/{self.name}/ready", timeout=3).status_code == 200:
-                    return
-            except requests.RequestException:
-                pass
-            time.sleep(1.0)
-        raise TimeoutError(f"camserve kserve {self.name} not ready after {timeout:.0f} s\n{self.tail()}")
-
-    def stop(self) -> Optional[int]:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=30)
-        self.out.close()
-        return self.process.returncode
-
-    def post(self, path: str, timeout: float = 300, **kwargs) -> requests.Response:
-        return requests.post(f"{self.url}{path}", timeout=timeout, **kwargs)
-
-    def metric(self, series: str, **labels) -> float:
-        """The sum of a Prometheus series' samples whose labels include ``labels``."""
-        total = 0.0
-        for line in requests.get(f"{self.url}/metrics", timeout=30).text.splitlines():
-            match = re.match(r"^([a-zA-Z_:][\w:]*)(\{[^}]*\})? (\S+)$", line)
-            if not match or match.group(1) != series:
-                continue
-            found = dict(re.findall(r'(\w+)="([^"]*)"', match.group(2) or ""))
-            if all(found.get(k) == v for k, v in labels.items()):
-                total += float(match.group(3))
-        return total
 
 
 @pytest.fixture(scope="module")

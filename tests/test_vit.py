@@ -18,16 +18,9 @@ from camserve.engine.render import normalise
 
 pytest.importorskip("pytorch_grad_cam")
 timm = pytest.importorskip("timm")
-from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, LayerCAM  # noqa: E402
-from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa: E402
+from gradcam_reference import REFERENCES, grad_cam_per_layer, no_hooks  # noqa: E402
 
 TOLERANCE = 1e-3
-REFERENCES = {"gradcam": GradCAM, "gradcampp": GradCAMPlusPlus, "layercam": LayerCAM}
-
-
-def _no_hooks(model: torch.nn.Module) -> bool:
-    return all(not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks
-               for m in model.modules())
 
 
 def vit_reshape_transform(tensor, height=14, width=14):
@@ -40,23 +33,6 @@ def vit_reshape_transform(tensor, height=14, width=14):
 def nhwc_reshape_transform(tensor):
     """The channels-last transform for torchvision's Swin (``(N, H, W, C)`` outputs)."""
     return tensor.permute(0, 3, 1, 2)
-
-
-def _reference(reference, model, module, images, targets, reshape_transform) -> np.ndarray:
-    """pytorch-grad-cam's per-layer map: ReLU, min-max at layer resolution, cv2 resize."""
-    with reference(model=model, target_layers=[module], reshape_transform=reshape_transform) as cam:
-        per_layer = None
-        original = cam.compute_cam_per_layer
-
-        def keep(*args, **kwargs):
-            nonlocal per_layer
-            per_layer = original(*args, **kwargs)
-            return per_layer
-
-        cam.compute_cam_per_layer = keep
-        cam(input_tensor=images, targets=[ClassifierOutputTarget(t) for t in targets])
-    assert _no_hooks(model)
-    return per_layer[0][:, 0]
 
 
 @pytest.fixture(scope="module")
@@ -106,13 +82,14 @@ def test_vit_cam_family_matches_pytorch_grad_cam(vit_explainer, vit, photos, met
     logits = vit(photos).detach()
     targets = [int(logits[0].argmax()), 7]
     result = vit_explainer.explain(photos, [ExplainSpec(method, None, t) for t in targets])
-    assert _no_hooks(vit)
+    assert no_hooks(vit)
     ours = torch.stack([e.maps[0] for e in result.explanations]).numpy()
     assert ours.shape == (2, 224, 224)
     assert all(e.layer == "blocks.11.norm1" and e.layer_shape == (14, 14) for e in result.explanations)
     assert torch.equal(result.logits, logits)  # the prediction comes from the explaining forward
 
-    theirs = _reference(REFERENCES[method], vit, vit.blocks[-1].norm1, photos, targets, vit_reshape_transform)
+    theirs, _ = grad_cam_per_layer(REFERENCES[method], vit, vit.blocks[-1].norm1, photos, targets,
+                                   vit_reshape_transform)
     error = np.abs(ours - theirs).max()
     print(f"parity vit {method}: {error:.2e}")
     assert error < TOLERANCE, f"{method} on the ViT: max abs difference {error:.2e}"
@@ -143,7 +120,7 @@ def _refused(explainer, images, spec, error, *fragments):
     for fragment in fragments:
         assert fragment in str(info.value), str(info.value)
     assert calls == [], "refused before the forward"
-    assert _no_hooks(explainer.model)
+    assert no_hooks(explainer.model)
 
 
 @pytest.mark.parametrize("method", ["shallowcam", "relevancecam"])
@@ -172,11 +149,12 @@ def test_swin_layers_are_channels_last(swin_explainer):
 def test_swin_cam_family_matches_pytorch_grad_cam(swin_explainer, swin, small_photos, method):
     targets = [3, 11]
     result = swin_explainer.explain(small_photos, [ExplainSpec(method, "stage2", t) for t in targets])
-    assert _no_hooks(swin)
+    assert no_hooks(swin)
     assert all(e.layer == "features.3" and e.layer_shape == (14, 14) for e in result.explanations)
     ours = torch.stack([e.maps[0] for e in result.explanations]).numpy()
     assert ours.shape == (2, 112, 112)
-    theirs = _reference(REFERENCES[method], swin, swin.features[3], small_photos, targets, nhwc_reshape_transform)
+    theirs, _ = grad_cam_per_layer(REFERENCES[method], swin, swin.features[3], small_photos, targets,
+                                   nhwc_reshape_transform)
     error = np.abs(ours - theirs).max()
     print(f"parity swin {method}: {error:.2e}")
     assert error < TOLERANCE, f"{method} on Swin: max abs difference {error:.2e}"
