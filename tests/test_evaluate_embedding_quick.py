@@ -1,15 +1,19 @@
-"""Quick mode of `camserve evaluate-embedding` (similarity deletion/insertion, FAM vs baselines) end to end."""
+"""Quick mode of `camserve evaluate-embedding` (similarity deletion/insertion, FAM vs baselines) end to end,
+on the bundled EfficientNet-Lite0 and on user embedding specs (the flags of `camserve archive`)."""
 
 from __future__ import annotations
 
 import csv
 import json
+import math
 
+import pytest
 import torch
 
 from camserve.cli.evaluate_embedding import DifferentiableEmbedding
 from camserve.cli.main import main
-from camserve.engine.similarity.embedding import load_effnet_lite0_embedding
+from camserve.engine.similarity.embedding import EmbeddingModel, load_effnet_lite0_embedding
+from conftest import SAMPLES, load_uint8, sample_rows
 
 
 def test_differentiable_embedding_equals_the_embedding_model(effnet, effnet_batch):
@@ -19,6 +23,20 @@ def test_differentiable_embedding_equals_the_embedding_model(effnet, effnet_batc
         assert torch.allclose(DifferentiableEmbedding(model)(images), model(images), atol=1e-6)
     x = images.clone().requires_grad_()
     DifferentiableEmbedding(model)(x)[:, 0].sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_differentiable_embedding_of_a_user_embedding_model_is_its_output():
+    """The Jacobian route's embedding (the model's own output) with autograd, for Captum IG."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    embedding = EmbeddingModel.from_embedding_model(model, "1", normalize=True)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(DifferentiableEmbedding(embedding)(x), torch.nn.functional.normalize(model(x)), atol=1e-6)
+    x.requires_grad_()
+    DifferentiableEmbedding(embedding)(x)[:, 0].sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
 
 
@@ -47,3 +65,77 @@ def test_evaluate_embedding_quick_writes_every_output(tmp_path):
         # step 0 of deletion and step S of insertion are the clean query: the same similarity
         assert abs(r["mean_deletion_curve"][0] - r["mean_insertion_curve"][-1]) < 1e-5
     assert "| flip |" in (out / "fam_faithfulness.md").read_text()
+
+
+@pytest.fixture
+def resnet18_embedding_weights(tmp_path):
+    """A torchvision ResNet-18 with random weights (seeded), ``fc`` removed, saved as a state dict."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18()
+    model.fc = torch.nn.Identity()
+    path = tmp_path / "resnet18_embed.pt"
+    torch.save(model.state_dict(), path)
+    return model.eval(), path
+
+
+def test_evaluate_embedding_user_model_torchvision_pooled(tmp_path, resnet18_embedding_weights):
+    """`camserve evaluate-embedding` on a user ResNet-18 embedding (--task embed, --num-classes 0, 64×64):
+    FAM's pooled route at the discovered layer4, the spec's weights and preprocessing (the clean flip
+    similarity is the one this test computes itself), finite curves for every (pairs, method)."""
+    model, weights = resnet18_embedding_weights
+    out = tmp_path / "fam"
+    code = main(["evaluate-embedding", "--source", "torchvision", "--arch", "resnet18", "--num-classes", "0",
+                 "--weights", str(weights), "--preprocess", "crop=64", "--limit", "2", "--pool-limit", "6",
+                 "--steps", "4", "--ig-steps", "4", "--batch-size", "16", "--no-progress", "--out", str(out)])
+    assert code == 0
+    data = json.loads((out / "fam_faithfulness.json").read_text())
+    meta = data["meta"]
+    assert meta["complete"] and meta["images"] == 2
+    assert meta["model"] == "torchvision resnet18 embedding (GAP of layer4's map, L2-normalised, D=512)"
+    assert meta["embedding"] == {"model": meta["model"], "route": "pooled", "feature_layer": "layer4", "dim": 512}
+    assert meta["spec"]["task"] == "embed" and meta["spec"]["weights"] == str(weights)
+    assert meta["input_size"] == [64, 64]
+    assert meta["pairs"]["zoom"]["reference_files"][0].endswith("(resize 80, crop 64)")  # 1.25 × resize 64
+    # the flip pairs' clean similarity, recomputed from the saved model with the spec's preprocessing
+    from camserve.engine.preprocess import to_model_input
+
+    rows = sample_rows()[::31][:2]
+    assert meta["query_files"] == [r["file"] for r in rows]
+    x, _ = to_model_input([load_uint8(SAMPLES / r["file"]) for r in rows], 64, 64, (0.485, 0.456, 0.406),
+                          (0.229, 0.224, 0.225), torch.device("cpu"))
+    with torch.no_grad():
+        e, f = (torch.nn.functional.normalize(model(v)) for v in (x, x.flip(-1)))
+    assert meta["pairs"]["flip"]["clean_similarity"] == pytest.approx((e * f).sum(1).tolist(), abs=1e-4)
+    table = list(csv.DictReader(open(out / "fam_faithfulness.csv")))
+    assert {(r["pairs"], r["method"]) for r in table} == {
+        (k, m) for k in ("flip", "zoom", "neighbour", "all")
+        for m in ("fam", "gradcam_similarity", "captum.integrated_gradients", "random")}
+    for r in table:
+        assert int(r["n"]) == (6 if r["pairs"] == "all" else 2)
+        values = [float(r[k]) for k in ("deletion_auc", "insertion_auc", "overall")]
+        assert all(math.isfinite(v) for v in values)
+        assert values[2] == pytest.approx(values[1] - values[0], abs=1e-6)
+    for r in data["per_map"]:
+        assert len(r["mean_deletion_curve"]) == 5
+        assert abs(r["mean_deletion_curve"][0] - r["mean_insertion_curve"][-1]) < 1e-5
+    assert "torchvision resnet18 embedding" in (out / "fam_faithfulness.md").read_text()
+
+
+def test_evaluate_embedding_user_model_jacobian_route(tmp_path):
+    """A ResNet-18 whose ``fc`` is a 32-d projection (--embedding output): FAM's Jacobian route and
+    Captum IG through the model's own output, at a stage alias given as --feature-layer."""
+    out = tmp_path / "jac"
+    code = main(["evaluate-embedding", "--source", "torchvision", "--arch", "resnet18", "--num-classes", "32",
+                 "--embedding", "output", "--feature-layer", "stage4", "--preprocess", "crop=64", "--limit", "2",
+                 "--pairs", "flip", "--methods", "fam,captum.integrated_gradients,random", "--steps", "4",
+                 "--ig-steps", "4", "--no-progress", "--out", str(out)])
+    assert code == 0
+    meta = json.loads((out / "fam_faithfulness.json").read_text())["meta"]
+    assert meta["embedding"]["route"] == "jacobian" and meta["embedding"]["dim"] == 32
+    assert meta["embedding"]["feature_layer"] == "layer3" == meta["stages"]["stage4"]
+    table = {r["method"]: r for r in csv.DictReader(open(out / "fam_faithfulness.csv"))}
+    assert set(table) == {"fam", "captum.integrated_gradients", "random"}
+    assert all(math.isfinite(float(r["overall"])) and int(r["n"]) == 2 for r in table.values())
+    assert float(table["captum.integrated_gradients"]["explain_seconds"]) > 0

@@ -1,13 +1,23 @@
-"""Quick modes of `camserve evaluate` and `camserve bench` run end to end and write their files."""
+"""Quick modes of `camserve evaluate` and `camserve bench` run end to end and write their files,
+on the bundled EfficientNet-Lite0 and on user model specs (the flags of `camserve archive`)."""
 
 from __future__ import annotations
 
 import csv
 import json
+import math
 
 import pytest
 
 from camserve.cli.main import main
+from conftest import REPO, SHARED, sample_rows
+
+CIFAR = SHARED / "data" / "cifar10-test"
+RESNET20 = SHARED / "models" / "cifar-resnet" / "resnet20-12fca82f.th"
+CIFAR_CLASSES = "airplane automobile bird cat deer dog frog horse ship truck".split()
+CIFAR_RESNET20 = ["--source", "eager", "--model-file", str(REPO / "examples" / "cifar_resnet" / "model.py"),
+                  "--class-name", "CifarResNet", "--kwargs", '{"depth": 20}', "--weights", str(RESNET20),
+                  "--preprocess", "crop=32"]
 
 
 def test_evaluate_quick_writes_every_output(tmp_path):
@@ -82,3 +92,111 @@ def test_evaluate_faithfulness_quick_cifar_resnet(tmp_path):
         assert all(c["ties"] == 6 for c in same)
         assert rows[(layer, "random")]["rho12"] < 0.2       # two independent random maps barely correlate
     assert "| layercam |" in (out / "q.md").read_text() and (out / "q.csv").stat().st_size > 0
+
+
+def test_image_rows_interleave_class_folders():
+    """A class-folder data set is read class-interleaved (a balanced sample for --stride/--limit),
+    class index = sorted folder position; a LABELS.tsv folder keeps its rows."""
+    from camserve.cli.image_folders import default_data_dir, image_rows
+
+    rows = image_rows(CIFAR, stride=1, limit=20)
+    assert [r["file"] for r in rows[:10]] == [f"{c}/0000.jpg" for c in CIFAR_CLASSES]
+    assert [r["file"] for r in rows[10:]] == [f"{c}/0002.jpg" for c in CIFAR_CLASSES]
+    assert [int(r["class_index"]) for r in rows[:10]] == list(range(10))
+    assert [r["file"] for r in image_rows(CIFAR, stride=10, limit=3)] == [
+        "airplane/0000.jpg", "airplane/0002.jpg", "airplane/0004.jpg"]
+    imagenet = image_rows(default_data_dir(), stride=5, limit=3)
+    assert imagenet == sample_rows()[::5][:3] and imagenet[1]["class_index"] == "10"
+
+
+def test_evaluate_user_model_cifar_resnet20_stage_aliases(tmp_path):
+    """`camserve evaluate` on the pretrained CIFAR ResNet-20 (eager source, 32×32, class folders):
+    the stage aliases resolve to module paths, the weights and preprocessing are the spec's (most of
+    10 CIFAR test images right, one per class), every score is a finite AUC."""
+    out = tmp_path / "cifar"
+    code = main(["evaluate", *CIFAR_RESNET20, "--data", str(CIFAR), "--limit", "10", "--stride", "1",
+                 "--steps", "8", "--layers", "stage1,stage2", "--methods", "layercam,gradcam,random",
+                 "--batch-size", "64", "--no-progress", "--out", str(out)])
+    assert code == 0
+    data = json.loads((out / "faithfulness.json").read_text())
+    meta = data["meta"]
+    assert meta["complete"] and meta["model"] == "eager CifarResNet(depth=20)"
+    assert meta["spec"]["source"] == "eager" and meta["spec"]["kwargs"] == {"depth": 20}
+    assert meta["input_size"] == [32, 32] and meta["preprocess"]["crop"] == 32
+    assert meta["layers"] == ["layer1", "layer2"]
+    assert meta["stages"] == {"stage1": "layer1", "stage2": "layer2", "stage3": "layer3"}
+    assert meta["images"] == 10 and {f.split("/")[0] for f in meta["files"]} == set(CIFAR_CLASSES)
+    assert meta["top1_accuracy_on_these_images"] >= 0.5  # pretrained (79.5 % on 1,000); random weights ≈ 0.1
+    rows = list(csv.DictReader(open(out / "faithfulness.csv")))
+    assert {(r["layer"], r["method"]) for r in rows} == {
+        (l, m) for l in ("layer1", "layer2") for m in ("layercam", "gradcam", "random")}
+    for r in rows:
+        assert int(r["n"]) == 10
+        values = [float(r[k]) for k in ("deletion_auc", "insertion_auc", "overall")]
+        assert all(math.isfinite(v) for v in values)
+        assert 0.0 <= values[0] <= 1.0 and 0.0 <= values[1] <= 1.0
+        assert values[2] == pytest.approx(values[1] - values[0], abs=1e-6)
+    assert all(len(m["mean_deletion_curve"]) == 9 for m in data["per_map"])
+    # the layer maps differ between the stages (each was computed at its own layer)
+    per = {(m["layer"], m["method"]): m for m in data["per_map"]}
+    assert per[("layer1", "layercam")]["deletion_auc"] != per[("layer2", "layercam")]["deletion_auc"]
+    text = (out / "faithfulness.md").read_text()
+    assert "| layer1 |" in text and "| layer2 |" in text and "eager CifarResNet(depth=20)" in text
+
+
+def test_evaluate_unknown_stage_alias_lists_the_stages(tmp_path):
+    with pytest.raises(SystemExit, match="3 stages.*stage1 = 'layer1'"):
+        main(["evaluate", *CIFAR_RESNET20, "--data", str(CIFAR), "--limit", "2", "--layers", "stage9",
+              "--no-progress", "--out", str(tmp_path)])
+
+
+def test_bench_quick_user_model_torchvision(tmp_path):
+    """`camserve bench --quick` on a torchvision ResNet-18 (random weights, 32×32): the head CAMs at
+    its discovered default layer (layer3: layer4's map is 1×1 at this size), the shallow ones at a
+    stage alias, the FAM pair on its pooled map (memory children: see the next test)."""
+    out = tmp_path / "bench"
+    assert main(["bench", "--quick", "--source", "torchvision", "--arch", "resnet18", "--num-classes", "10",
+                 "--preprocess", "crop=32", "--shallow-layer", "stage3", "--no-memory", "--out", str(out)]) == 0
+    data = json.loads((out / "cost_quick.json").read_text())
+    meta = data["meta"]
+    assert meta["model"] == "torchvision resnet18 (random weights), 32×32, real photographs"
+    assert meta["spec"] == {"source": "torchvision", "arch": "resnet18", "num_classes": 10, "task": "classify",
+                            "preprocess": {"crop": 32}}
+    assert meta["layers"] == {"head": "layer3", "shallow": "layer2"} and meta["stages"]["stage3"] == "layer2"
+    cases = {(r["case"], r["batch"]): r for r in data["timings"]}
+    for batch in (1, 2):
+        for name in ("plain inference", "camserve gradcam @layer3", "camserve shallowcam[grad] @layer2",
+                     "pytorch-grad-cam GradCAM @layer3"):
+            assert (name, batch) in cases
+    assert ("camserve fam (pooled), 8 pairs", 8) in cases
+    bases = {(r["group"], r["batch"]): r for r in data["timings"] if r["case"].startswith("plain ")}
+    for r in data["timings"]:
+        assert math.isfinite(r["median_s"]) and r["median_s"] > 0
+        assert r["ratio"] == pytest.approx(r["median_s"] / bases[(r["group"], r["batch"])]["median_s"], rel=1e-9)
+    assert data["memory"] == {}
+    text = (out / "cost_quick.md").read_text()
+    assert "torchvision resnet18 32×32" in text and "| camserve gradcam @layer3 |" in text and "≤ 1.3×" in text
+
+
+def test_bench_memory_child_gets_the_same_model():
+    """A memory child's command line parses back to the parent's spec, layers, images and threads."""
+    import argparse
+
+    from camserve.cli import bench
+    from camserve.cli.model_args import spec_from_args
+
+    def parse(argv):
+        parser = argparse.ArgumentParser()
+        bench.add_arguments(parser)
+        return parser.parse_args(argv)
+
+    parent = parse([*CIFAR_RESNET20, "--preprocess", "resize=36", "--shallow-layer", "stage1", "--data", str(CIFAR),
+                    "--threads", "1", "--device", "cpu"])
+    command = bench.memory_command("camserve shallowcam[grad] @layer1", 8, parent)
+    assert command[1:5] == ["-m", "camserve.cli.main", "bench", "--memory-child"]
+    child = parse(command[4:])
+    assert child.memory_child == "camserve shallowcam[grad] @layer1" and child.memory_batch == 8
+    assert spec_from_args(child)[0] == spec_from_args(parent)[0]
+    assert spec_from_args(child)[0].preprocess == {"crop": 32, "resize": 36}
+    assert (child.shallow_layer, child.head_layer, child.data, child.threads, child.device) == \
+        ("stage1", None, str(CIFAR), 1, "cpu")

@@ -1,21 +1,17 @@
 """``camserve evaluate``: RISE deletion/insertion faithfulness per layer × method.
 
-For every stage of EfficientNet-Lite0 (shallow to deep) and every method (the four Shallow-CAM
-variants, LayerCAM, Grad-CAM, Grad-CAM++, Relevance-CAM, Captum IG when the Captum adapter is
-installed, and a random map as the floor) the maps of N real photographs are scored with
-:func:`camserve.engine.evaluation.metrics.deletion_insertion`. Layer-free methods (random, IG) are computed
-once and reported at every layer. Writes ``faithfulness.{csv,json,md}``, ``faithfulness_bars.png``
-and ``faithfulness_curves.png`` into ``--out``.
+For every stage of the model (shallow to deep; default: the bundled EfficientNet-Lite0, or any
+classifier spec ``camserve archive`` accepts, ``--layers`` as module paths or stage aliases) and
+every method (the four Shallow-CAM variants, LayerCAM, Grad-CAM, Grad-CAM++, Relevance-CAM, Captum
+IG when the Captum adapter is installed, and a random map as the floor) the maps of N real images
+are scored with :func:`camserve.engine.evaluation.metrics.deletion_insertion`. Layer-free methods
+(random, IG) are computed once and reported at every layer. Writes ``faithfulness.{csv,json,md}``,
+``faithfulness_bars.png`` and ``faithfulness_curves.png`` into ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import json
-import os
-import platform
-import sys
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -24,6 +20,10 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from ..engine.evaluation.metrics import mean_and_sem
+from .evaluation_args import add_evaluation_arguments, start_run
+from .evaluation_report import command_line, machine_summary, write_result_files
+from .image_folders import default_data_dir, load_images
+from .local_model import load_local_model
 
 #: evaluation name → (engine method, options); a method name expands to all its variants.
 SHALLOWCAM_VARIANTS = OrderedDict([
@@ -44,24 +44,13 @@ DEFAULT_METHODS = "shallowcam,layercam,gradcam,gradcampp,relevancecam," + IG_NAM
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", default=None, help="folder with LABELS.tsv and photos "
-                        "(default ../shared/data/imagenet-samples next to the repository)")
-    parser.add_argument("--limit", type=int, default=100, help="number of photographs (default 100)")
-    parser.add_argument("--stride", type=int, default=5, help="take every k-th photograph (default 5)")
-    parser.add_argument("--steps", type=int, default=25, help="deletion/insertion steps S (default 25)")
-    parser.add_argument("--batch-size", type=int, default=64, help="step images per forward (default 64)")
-    parser.add_argument("--explain-batch", type=int, default=16, help="images per explanation pass")
-    parser.add_argument("--layers", default=None, help="comma list (default: every stage of the model)")
+    add_evaluation_arguments(parser, limit=100, stride=5, steps=25, batch_size=64, explain_batch=16)
+    parser.add_argument("--layers", default=None, help="comma list of module paths or stage aliases "
+                        "(stage1 …; default: every stage of the model)")
     parser.add_argument("--methods", default=DEFAULT_METHODS,
                         help="comma list; 'shallowcam' expands to its 4 variants, e.g. shallowcam[rel+refine]")
-    parser.add_argument("--ig-steps", type=int, default=16, help="Captum IG steps (default 16)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random-map floor")
     parser.add_argument("--composite", default="epsilon_plus",
                         help="LRP composite of the relevance methods: epsilon_plus (default), epsilon_alpha2_beta1, epsilon")
-    parser.add_argument("--out", default="benchmarks/results", help="output folder")
-    parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
 
 
 def expand_methods(text: str) -> List[str]:
@@ -77,26 +66,6 @@ def expand_methods(text: str) -> List[str]:
         else:
             raise SystemExit(f"unknown method {item!r}; choose from shallowcam, {', '.join(list(LAYER_METHODS) + list(LAYER_FREE))}")
     return list(dict.fromkeys(names))
-
-
-def default_data_dir() -> Path:
-    repo = Path(__file__).resolve().parents[3]
-    return Path(os.environ.get("CAMSERVE_SHARED", repo.parent / "shared")) / "data" / "imagenet-samples"
-
-
-def load_images(data: Path, limit: int, stride: int, profile, device) -> Tuple[torch.Tensor, List[dict]]:
-    """Every ``stride``-th photograph of ``LABELS.tsv``, at most ``limit``, as normalised model input."""
-    import numpy as np
-    from PIL import Image
-
-    from ..engine.preprocess import to_model_input
-
-    with open(data / "LABELS.tsv") as f:
-        rows = list(csv.DictReader(f, delimiter="\t"))[::max(1, stride)][:limit]
-    images = [torch.from_numpy(np.array(Image.open(data / r["file"]).convert("RGB"))).permute(2, 0, 1).contiguous()
-              for r in rows]
-    batch, _ = to_model_input(images, profile.resize, profile.crop, profile.mean, profile.std, device)
-    return batch, rows
 
 
 def ig_options(explainer, images, steps: int) -> Tuple[Optional[str], Dict]:
@@ -134,24 +103,20 @@ def run(args: argparse.Namespace) -> int:
 
     from ..engine import Explainer
     from ..engine.evaluation.metrics import classifier_score, deletion_insertion, endpoint_scores, gaussian_blur, random_maps
-    from ..engine.models import EFFNET_LITE0, load_effnet_lite0
     from ..engine.classifier.relevance.composites import get_composite
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    profile = EFFNET_LITE0
-    layers = [l.strip() for l in args.layers.split(",")] if args.layers else list(profile.stages)
     methods = expand_methods(args.methods)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    device, out = start_run(args)
     started = time.time()
 
-    model = load_effnet_lite0(device=device).to(memory_format=torch.channels_last)  # ~1.5× faster on CPU
-    explainer = Explainer(model, (profile.crop, profile.crop), default_layer=profile.default_layer,
+    local = load_local_model(args, device, channels_last=True)
+    if local.spec.task != "classify":
+        raise SystemExit("camserve evaluate scores classifiers; explain an embedding model with camserve evaluate-embedding")
+    profile, model = local.profile, local.module
+    layers = local.resolve_layers([l.strip() for l in args.layers.split(",") if l.strip()] if args.layers
+                                  else profile.stages)
+    explainer = Explainer(model, profile.input_size, default_layer=profile.default_layer, stages=profile.stages,
                           composite=get_composite(args.composite))
-    for layer in layers:
-        explainer.catalog.feature_map(layer)
     images, rows = load_images(Path(args.data) if args.data else default_data_dir(), args.limit, args.stride,
                                profile, device)
     n = images.shape[0]
@@ -195,28 +160,26 @@ def run(args: argparse.Namespace) -> int:
                                     blurred=blurred, endpoints=endpoints, progress=bar.update)
         results[(layer, name)] = {"layer": layer or "input", "method": name, "n": n, **curves.record(),
                                   "explain_seconds": explain_seconds}
-        meta = run_meta(args, profile, rows, classes, labels, device, started, notes,
+        meta = run_meta(args, local, layers, rows, classes, labels, device, started, notes,
                         complete=len(results) == len(jobs))
         write_outputs(out, meta, summarise(results, layers, methods), results, layers, methods,
                       plots=len(results) == len(jobs))
     bar.close()
 
     summary = summarise(results, layers, methods)
-    meta = run_meta(args, profile, rows, classes, labels, device, started, notes, complete=True)
+    meta = run_meta(args, local, layers, rows, classes, labels, device, started, notes, complete=True)
     write_outputs(out, meta, summary, results, layers, methods, plots=True)
     print(markdown_table(summary, layers, methods, meta))
     print(f"wrote {out}/faithfulness.{{csv,json,md}}, faithfulness_bars.png, faithfulness_curves.png")
     return 0
 
 
-def run_meta(args, profile, rows, classes, labels, device, started, notes, complete: bool) -> dict:
-    argv = sys.argv[2:] if sys.argv[1:2] == ["evaluate"] else sys.argv[1:]
+def run_meta(args, local, layers, rows, classes, labels, device, started, notes, complete: bool) -> dict:
     return {
-        "command": "camserve evaluate " + " ".join(argv), "complete": complete,
-        "model": profile.name, "images": len(rows), "files": [r["file"] for r in rows], "steps": args.steps,
+        "command": command_line("evaluate"), "complete": complete, **local.meta(), "layers": list(layers),
+        "images": len(rows), "files": [r["file"] for r in rows], "steps": args.steps,
         "batch_size": args.batch_size, "device": str(device), "torch_threads": torch.get_num_threads(),
-        "composite": args.composite,
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+        "composite": args.composite, "machine": machine_summary(),
         "top1_accuracy_on_these_images": float((classes == labels).float().mean()),
         "deletion_fill": "zeros in normalised space", "insertion_start": "Gaussian blur, kernel 11, sigma 5",
         "score": "softmax probability of the class predicted on the clean image",
@@ -281,18 +244,6 @@ def markdown_table(summary, layers, methods, meta) -> str:
         lines += [""] + [f"Note: {note}" for note in meta["notes"]]
     lines += ["", f"Command: `{meta['command']}` ({meta['wall_seconds']} s on {meta['machine']}, device {meta['device']})"]
     return "\n".join(lines) + "\n"
-
-
-def write_result_files(out: Path, stem: str, meta, summary, results, markdown: str) -> None:
-    """``<stem>.csv`` (the summary rows), ``<stem>.json`` (meta, summary, every per-map record) and
-    ``<stem>.md`` (the given tables); shared by ``evaluate`` and ``evaluate-embedding``."""
-    with open(out / f"{stem}.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(summary[0].keys()))
-        writer.writeheader()
-        writer.writerows(summary)
-    with open(out / f"{stem}.json", "w") as f:
-        json.dump({"meta": meta, "summary": summary, "per_map": [dict(r) for r in results.values()]}, f, indent=1)
-    (out / f"{stem}.md").write_text(markdown)
 
 
 def write_outputs(out: Path, meta, summary, results, layers, methods, plots: bool = True) -> None:

@@ -6,14 +6,16 @@ similarity of the (modified) query's embedding to the fixed embedding of its ref
 deletion sets them to 0 (normalised space), insertion starts from the blurred query and restores
 them; ``overall = AUC(insertion) − AUC(deletion)`` of the similarity curve.
 
-Model: the pretrained EfficientNet-Lite0 embedding (``GAP`` of the 1280-channel head map,
-L2-normalised, D = 1280). Pairs, built from N photographs of ``imagenet-samples``:
+Model: by default the pretrained EfficientNet-Lite0 embedding (``GAP`` of the 1280-channel head
+map, L2-normalised, D = 1280); any ``--task embed`` spec ``camserve archive`` accepts (its
+``embedding``/``feature_layer`` choose FAM's pooled or Jacobian route, as when served). Pairs,
+built from N images of ``--data`` (default ``imagenet-samples``):
 
 * ``flip`` — reference = the query mirrored left-right (same object, same scale);
-* ``zoom`` — reference = a tighter centre crop of the same photograph (shorter side resized to
-  ``--zoom-resize`` instead of 256, then 224 cropped: same object, ×1.25 scale);
-* ``neighbour`` — reference = the most similar *other* photograph of the pool (every photo of
-  ``LABELS.tsv`` unless ``--pool-limit``): a related but different object, usually a related class.
+* ``zoom`` — reference = a tighter centre crop of the same image (shorter side resized to
+  ``--zoom-resize``, default 1.25 × the model's resize, then the model's crop: same object, ×1.25 scale);
+* ``neighbour`` — reference = the most similar *other* image of the pool (every image of the
+  folder unless ``--pool-limit``): a related but different object, usually a related class.
 
 Methods, each explaining the query's similarity to its reference:
 
@@ -31,10 +33,6 @@ Writes ``fam_faithfulness.{csv,json,md}``, ``fam_faithfulness_bars.png`` and
 from __future__ import annotations
 
 import argparse
-import csv
-import os
-import platform
-import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Tuple
@@ -43,7 +41,10 @@ import torch
 from torch import nn
 
 from ..engine.evaluation.metrics import mean_and_sem
-from .evaluate import write_result_files
+from .evaluation_args import add_evaluation_arguments, start_run
+from .evaluation_report import command_line, machine_summary, write_result_files
+from .image_folders import default_data_dir, image_rows, read_photos
+from .local_model import load_local_model
 
 PAIR_KINDS = ("flip", "zoom", "neighbour")
 METHODS = ("fam", "gradcam_similarity", "captum.integrated_gradients", "random")
@@ -51,25 +52,14 @@ OUTPUT_STEM = "fam_faithfulness"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", default=None, help="folder with LABELS.tsv and photos "
-                        "(default ../shared/data/imagenet-samples next to the repository)")
-    parser.add_argument("--limit", type=int, default=16, help="number of query photographs (default 16)")
-    parser.add_argument("--stride", type=int, default=31, help="take every k-th photograph as a query (default 31)")
+    add_evaluation_arguments(parser, limit=16, stride=31, steps=8, batch_size=56, explain_batch=8,
+                             task_default="embed")
     parser.add_argument("--pairs", default=",".join(PAIR_KINDS), help=f"comma list of {', '.join(PAIR_KINDS)}")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")
     parser.add_argument("--pool-limit", type=int, default=0,
-                        help="neighbour candidates: the first k photographs of LABELS.tsv (0 = all)")
-    parser.add_argument("--zoom-resize", type=int, default=320, help="shorter side before the 224 crop "
-                        "of the zoom reference (default 320: ×1.25)")
-    parser.add_argument("--steps", type=int, default=8, help="deletion/insertion steps S (default 8)")
-    parser.add_argument("--batch-size", type=int, default=56, help="step images per forward (default 56)")
-    parser.add_argument("--explain-batch", type=int, default=8, help="pairs per explanation call")
-    parser.add_argument("--ig-steps", type=int, default=16, help="Captum IG steps (default 16)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random-map floor")
-    parser.add_argument("--out", default="benchmarks/results", help="output folder")
-    parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+                        help="neighbour candidates: the first k images of the folder (0 = all)")
+    parser.add_argument("--zoom-resize", type=int, default=None, help="shorter side before the model's crop "
+                        "for the zoom reference (default: 1.25 × the model's resize, 320 for EfficientNet-Lite0)")
 
 
 def parse_list(text: str, allowed, what: str) -> List[str]:
@@ -81,23 +71,18 @@ def parse_list(text: str, allowed, what: str) -> List[str]:
 
 
 class DifferentiableEmbedding(nn.Module):
-    """``e = GAP(A)/‖GAP(A)‖`` of an :class:`~camserve.engine.similarity.embedding.EmbeddingModel`, with autograd
-    (its ``forward`` runs under ``no_grad``; Captum needs the gradient w.r.t. the input)."""
+    """The embedding of an :class:`~camserve.engine.similarity.embedding.EmbeddingModel`, with autograd
+    (its ``forward`` runs under ``no_grad``; Captum needs the gradient w.r.t. the input): ``head(A)``'s
+    ``e`` of a wrapped backbone, the model's own (normalised) output of a user embedding model."""
 
     def __init__(self, embedding_model):
         super().__init__()
         self.embedding_model = embedding_model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.embedding_model.output_is_embedding:
+            return self.embedding_model.trace(x, grad=True).embedding
         return self.embedding_model.head(self.embedding_model.features(x))[2]
-
-
-def read_photos(data: Path, rows: List[dict]) -> List[torch.Tensor]:
-    import numpy as np
-    from PIL import Image
-
-    return [torch.from_numpy(np.array(Image.open(data / r["file"]).convert("RGB"))).permute(2, 0, 1).contiguous()
-            for r in rows]
 
 
 def embed_all(model, images: torch.Tensor, batch: int) -> torch.Tensor:
@@ -108,15 +93,14 @@ def embed_all(model, images: torch.Tensor, batch: int) -> torch.Tensor:
 def build_pairs(args, profile, model, device) -> Tuple[Dict[str, dict], List[dict], List[str]]:
     """``{kind: {"queries": (n,3,H,W), "references": (n,3,H,W), "reference_files": [...]}}``."""
     from ..engine.preprocess import to_model_input
-    from .evaluate import default_data_dir
 
     data = Path(args.data) if args.data else default_data_dir()
-    with open(data / "LABELS.tsv") as f:
-        all_rows = list(csv.DictReader(f, delimiter="\t"))
+    all_rows = image_rows(data)
     rows = all_rows[::max(1, args.stride)][:args.limit]
     photos = read_photos(data, rows)
-    norm = (profile.mean, profile.std, device)
-    queries, _ = to_model_input(photos, profile.resize, profile.crop, *norm)
+    norm = (profile.mean, profile.std, device, profile.interpolation)
+    queries, _ = profile.model_input(photos, device)
+    zoom_resize = args.zoom_resize or int(round(1.25 * profile.resize))
     kinds = parse_list(args.pairs, PAIR_KINDS, "pair kind")
     pairs: Dict[str, dict] = {}
     notes: List[str] = []
@@ -125,15 +109,15 @@ def build_pairs(args, profile, model, device) -> Tuple[Dict[str, dict], List[dic
             pairs[kind] = {"queries": queries, "references": queries.flip(-1),
                            "reference_files": [r["file"] + " (mirrored)" for r in rows]}
         elif kind == "zoom":
-            zoomed, _ = to_model_input(photos, args.zoom_resize, profile.crop, *norm)
+            zoomed, _ = to_model_input(photos, zoom_resize, profile.crop, *norm)
             pairs[kind] = {"queries": queries, "references": zoomed,
-                           "reference_files": [r["file"] + f" (resize {args.zoom_resize}, crop {profile.crop})"
+                           "reference_files": [r["file"] + f" (resize {zoom_resize}, crop {profile.crop})"
                                                for r in rows]}
         else:
             pool_rows = all_rows[:args.pool_limit] if args.pool_limit else all_rows
             pool_embeddings, chosen = [], []
             for start in range(0, len(pool_rows), 32):  # read and embed the pool in chunks (bounded memory)
-                chunk, _ = to_model_input(read_photos(data, pool_rows[start:start + 32]), profile.resize, profile.crop, *norm)
+                chunk, _ = profile.model_input(read_photos(data, pool_rows[start:start + 32]), device)
                 pool_embeddings.append(embed_all(model, chunk, args.batch_size))
             pool = torch.cat(pool_embeddings)
             query_embeddings = embed_all(model, queries, args.batch_size)
@@ -143,7 +127,7 @@ def build_pairs(args, profile, model, device) -> Tuple[Dict[str, dict], List[dic
                     if pool_rows[j]["file"] != row["file"]:
                         chosen.append(pool_rows[j])
                         break
-            references, _ = to_model_input(read_photos(data, chosen), profile.resize, profile.crop, *norm)
+            references, _ = profile.model_input(read_photos(data, chosen), device)
             pairs[kind] = {"queries": queries, "references": references,
                            "reference_files": [r["file"] for r in chosen],
                            "same_class": [c["class_index"] == r["class_index"] for c, r in zip(chosen, rows)]}
@@ -177,23 +161,23 @@ def method_maps(method: str, fam, ig_model, queries, references, ref_embeddings,
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from ..engine.similarity.embedding import load_effnet_lite0_embedding
     from ..engine.similarity.fam import FamExplainer
     from ..engine.evaluation.metrics import deletion_insertion, endpoint_scores, gaussian_blur, similarity_score
-    from ..engine.models import EFFNET_LITE0
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    profile = EFFNET_LITE0
     methods = parse_list(args.methods, METHODS, "method")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    device, out = start_run(args)
     started = time.time()
 
-    model = load_effnet_lite0_embedding(normalize=True, device=device).to(memory_format=torch.channels_last)
-    fam = FamExplainer(model, input_size=(profile.crop, profile.crop))
+    local = load_local_model(args, device, task_default="embed", channels_last=True)
+    if local.spec.task != "embed":
+        raise SystemExit("camserve evaluate-embedding explains embedding models (--task embed); "
+                         "score a classifier with camserve evaluate")
+    profile = local.profile
+    model, route = local.embedding()
+    fam = FamExplainer(model, input_size=profile.input_size)
     ig_model = DifferentiableEmbedding(model)
+    embedding = {"model": embedding_description(local, model, route, fam.dim), "route": route,
+                 "feature_layer": model.feature_layer or profile.default_layer, "dim": fam.dim}
     pairs, rows, notes = build_pairs(args, profile, model, device)
     n = len(rows)
     per_map = 2 * n * max(args.steps - 1, 0)
@@ -224,7 +208,7 @@ def run(args: argparse.Namespace) -> int:
             results[(kind, method)] = {"pairs": kind, "method": method, "n": n, **curves.record(),
                                        "explain_seconds": round(explain_seconds, 3)}
             kinds_done = sorted({k for k, _ in results}, key=list(pairs).index)
-            meta = run_meta(args, profile, rows, pair_meta, device, started, notes,
+            meta = run_meta(args, local, embedding, rows, pair_meta, device, started, notes,
                             complete=len(results) == len(pairs) * len(methods))
             write_outputs(out, meta, summarise(results, kinds_done, methods), results, kinds_done, methods,
                           plots=meta["complete"])
@@ -236,15 +220,22 @@ def run(args: argparse.Namespace) -> int:
     return 0 if summary else 1
 
 
-def run_meta(args, profile, rows, pair_meta, device, started, notes, complete: bool) -> dict:
-    argv = sys.argv[2:] if sys.argv[1:2] == ["evaluate-embedding"] else sys.argv[1:]
+def embedding_description(local, model, route: str, dim: int) -> str:
+    """``efficientnet-lite0 embedding (GAP of _conv_head's map, L2-normalised, D=1280)`` and the like."""
+    layer = model.feature_layer or local.profile.default_layer
+    norm = ", L2-normalised" if model.normalize else ""
+    if route == "pooled":
+        return f"{local.name} embedding (GAP of {layer}'s map{norm}, D={dim})"
+    return f"{local.name} embedding (the model's output{norm}, D={dim}; FAM's Jacobian route from {layer}'s map)"
+
+
+def run_meta(args, local, embedding, rows, pair_meta, device, started, notes, complete: bool) -> dict:
     return {
-        "command": "camserve evaluate-embedding " + " ".join(argv), "complete": complete,
-        "model": profile.name + " embedding (GAP of _conv_head's map, L2-normalised, D=1280)",
+        "command": command_line("evaluate-embedding"), "complete": complete,
+        **local.meta(), "model": embedding["model"], "embedding": embedding,
         "images": len(rows), "query_files": [r["file"] for r in rows], "pairs": pair_meta,
         "steps": args.steps, "ig_steps": args.ig_steps, "batch_size": args.batch_size, "device": str(device),
-        "torch_threads": torch.get_num_threads(),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+        "torch_threads": torch.get_num_threads(), "machine": machine_summary(),
         "deletion_fill": "zeros in normalised space (query)",
         "insertion_start": "Gaussian blur of the query, kernel 11, sigma 5",
         "score": "cosine similarity of the modified query's embedding to the reference's embedding",

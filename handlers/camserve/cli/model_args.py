@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import yaml
 
@@ -87,6 +87,23 @@ def spec_from_args(args: argparse.Namespace, task_default: str = "classify") -> 
     except (TypeError, ValueError) as error:
         raise SystemExit(f"model spec: {error}") from None
     return spec, config
+
+
+#: the single-valued spec flags, by their argparse dest
+SPEC_FLAGS = ("spec", "source", "arch", "weights", "num_classes", "model_file", "class_name", "kwargs", "hf_dir",
+              "task", "embedding", "feature_layer", "labels")
+
+
+def model_argv(args: argparse.Namespace) -> List[str]:
+    """The spec flags of ``args`` as a command line again (to hand the same model to a child process)."""
+    argv: List[str] = []
+    for dest in SPEC_FLAGS:
+        value = getattr(args, dest, None)
+        if value is not None:
+            argv += ["--" + dest.replace("_", "-"), str(value)]
+    for item in getattr(args, "preprocess", None) or []:
+        argv += ["--preprocess", str(item)]
+    return argv
 
 
 def load_for_cli(spec: ModelSpec, device=None):
