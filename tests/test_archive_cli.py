@@ -98,3 +98,11 @@ def test_layers_prints_stages_and_default(work):
     assert done.returncode == 0, done.stderr
     assert "default layer: layer4" in done.stdout
     assert "stage1=relu, stage2=layer1, stage3=layer2, stage4=layer3, stage5=layer4" in done.stdout
+
+
+def test_layers_names_what_is_wrong_with_a_spec_without_a_traceback(work):
+    done = camserve("layers", "--source", "eager", "--model-file", str(REPO / "examples" / "cifar_resnet" / "model.py"),
+                    cwd=work)
+    assert done.returncode != 0
+    assert "defines 3 nn.Module classes" in done.stderr and "class_name" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from .model_args import add_model_arguments, load_for_cli, spec_from_args
+from .model_args import add_model_arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,17 +22,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..engine.layers import LayerCatalog, format_table
-    from ..engine.models import profile_with_layers
+    import torch
 
-    spec, _config = spec_from_args(args)
-    loaded = load_for_cli(spec)
-    catalog = LayerCatalog.trace(loaded.module, loaded.profile.input_size)
-    profile = profile_with_layers(loaded.profile, catalog)
+    from ..engine.layers import format_table
+    from .local_model import load_local_model
+
+    model = load_local_model(args, torch.device("cpu"))  # a spec that cannot be built exits with why
+    spec, profile = model.spec, model.profile
     print(f"{spec.source}{(' ' + spec.arch) if spec.arch else ''}: input {profile.crop}x{profile.crop} "
           f"(resize {profile.resize}, mean {list(profile.mean)}, std {list(profile.std)}, {profile.interpolation})")
     print(f"default layer: {profile.default_layer}")
-    print("stages: " + ", ".join(f"stage{i + 1}={name}" for i, name in enumerate(profile.stages)))
-    rows = catalog.with_stages(profile.stages).table()
+    print("stages: " + ", ".join(f"{alias}={name}" for alias, name in model.stage_aliases.items()))
+    rows = model.catalog.table()
     print(format_table(rows if args.all else [r for r in rows if r.stage]))
     return 0
