@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from camserve.cli.machine import cpu_model
+
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = Path(os.environ.get("CAMSERVE_SHARED", REPO.parent / "shared")) / "data" / "imagenet-samples"
 SUMMARY = re.compile(r"done (\d+), skipped (\d+) .*? in ([\d.]+) s \(([\d.]+) images/s")
@@ -41,16 +43,11 @@ def configurations(threads: int):
 
 
 def machine() -> dict:
-    model = ""
-    try:
-        model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     import ray
     import torch
 
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return {"cpus": os.cpu_count(), "cpu_model": model, "memory_gib": round(mem, 1), "python": platform.python_version(),
+    return {"cpus": os.cpu_count(), "cpu_model": cpu_model(), "memory_gib": round(mem, 1), "python": platform.python_version(),
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "ray": ray.__version__,
             "load_average_at_start": [round(v, 2) for v in os.getloadavg()]}
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -49,6 +48,7 @@ import requests
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 import serverkit  # noqa: E402  (the test suite's TorchServe starter: ports, derived config, keys, stop)
+from camserve.cli.machine import machine_description  # noqa: E402
 
 PHOTOS = REPO.parent / "shared" / "data" / "imagenet-samples"
 MODEL = "effnet_lite0"
@@ -299,12 +299,7 @@ def add_ratios(results: Dict[str, Dict[int, dict]]) -> None:
 
 
 def machine() -> str:
-    model = ""
-    try:
-        model = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "")
-    except OSError:
-        pass
-    return f"{model or platform.machine()}, {os.cpu_count()} cores"
+    return machine_description()
 
 
 def markdown(meta: dict, results: Dict[str, Dict[int, dict]]) -> str:

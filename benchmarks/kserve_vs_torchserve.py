@@ -47,6 +47,8 @@ sys.path.insert(0, str(REPO / "tests"))
 from conftest import SAMPLES  # noqa: E402
 from serverkit import start_kserve, start_server  # noqa: E402
 
+from camserve.cli.machine import cpu_model  # noqa: E402
+
 MODEL = "effnet_lite0"
 RESULTS = REPO / "benchmarks" / "results"
 
@@ -103,14 +105,9 @@ def load(url: str, headers: Dict[str, str], payloads: List[bytes], clients: int,
 
 
 def machine() -> Dict:
-    cpu = ""
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     import torch
 
-    return {"cpus_visible": os.cpu_count(), "sched_affinity": len(os.sched_getaffinity(0)), "cpu": cpu,
+    return {"cpus_visible": os.cpu_count(), "sched_affinity": len(os.sched_getaffinity(0)), "cpu": cpu_model(),
             "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
             "loadavg_start": os.getloadavg()}
 

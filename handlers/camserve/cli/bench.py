@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -32,6 +31,7 @@ import torch
 
 from .image_folders import default_data_dir, load_images
 from .local_model import LocalModel, load_local_model
+from .machine import machine_description
 from .model_args import add_model_arguments, model_argv
 
 
@@ -373,18 +373,6 @@ def run(args: argparse.Namespace) -> int:
     (out / f"{name}.md").write_text(markdown(meta, rows, memory, batch_sizes, targets))
     print(markdown(meta, rows, memory, batch_sizes, targets))
     return 0
-
-
-def machine_description(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "")
-    except OSError:
-        pass
-    return f"{model or platform.machine()}, {os.cpu_count()} cores"
 
 
 def markdown(meta, rows, memory, batch_sizes, targets: Dict[str, float]) -> str:

@@ -21,7 +21,7 @@ import torch
 
 from ..engine.evaluation.metrics import mean_and_sem
 from .evaluation_args import add_evaluation_arguments, start_run
-from .evaluation_report import command_line, machine_summary, write_result_files
+from .evaluation_report import command_line, machine_summary, plot_bars, plot_curves, write_result_files
 from .image_folders import default_data_dir, load_images
 from .local_model import load_local_model
 
@@ -253,42 +253,9 @@ def write_outputs(out: Path, meta, summary, results, layers, methods, plots: boo
 
 
 def plot(out: Path, summary, results, layers, methods) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     table = {(r["layer"], r["method"]): r for r in summary}
-    fig, ax = plt.subplots(figsize=(max(8, 1.3 * len(layers)), 4.5))
-    width = 0.8 / len(methods)
-    for j, m in enumerate(methods):
-        xs = [i + (j - (len(methods) - 1) / 2) * width for i in range(len(layers))]
-        ys = [table[(l, m)]["overall"] if (l, m) in table else 0 for l in layers]
-        errs = [table[(l, m)]["overall_sem"] if (l, m) in table else 0 for l in layers]
-        ax.bar(xs, ys, width, yerr=errs, label=m, capsize=1.5)
-    ax.set_xticks(range(len(layers)))
-    ax.set_xticklabels(layers, rotation=20)
-    ax.set_ylabel("AUC(insertion) − AUC(deletion)")
-    ax.set_title("Faithfulness per layer (higher is better)")
-    ax.axhline(0, color="k", lw=0.5)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(out / "faithfulness_bars.png", dpi=110)
-    plt.close(fig)
-
-    fig, axes = plt.subplots(2, len(layers), figsize=(2.6 * len(layers), 5.2), squeeze=False, sharey=True)
-    for i, layer in enumerate(layers):
-        for m in methods:
-            r = results.get((layer, m)) or results.get((None, m))
-            if r is None:
-                continue
-            axes[0, i].plot(r["fractions"], r["mean_deletion_curve"], label=m, lw=1)
-            axes[1, i].plot(r["fractions"], r["mean_insertion_curve"], label=m, lw=1)
-        axes[0, i].set_title(layer, fontsize=9)
-        axes[1, i].set_xlabel("fraction of pixels")
-    axes[0, 0].set_ylabel("deletion: p(class)")
-    axes[1, 0].set_ylabel("insertion: p(class)")
-    axes[0, -1].legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(out / "faithfulness_curves.png", dpi=100)
-    plt.close(fig)
+    plot_bars(out / "faithfulness_bars.png", layers, methods, table, "Faithfulness per layer (higher is better)",
+              figsize=(max(8, 1.3 * len(layers)), 4.5), rotation=20, ncol=2, capsize=1.5)
+    plot_curves(out / "faithfulness_curves.png", layers, methods,
+                lambda layer, m: results.get((layer, m)) or results.get((None, m)),
+                score="p(class)", xlabel="fraction of pixels", column_size=(2.6, 5.2))

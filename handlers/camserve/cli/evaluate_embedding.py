@@ -42,7 +42,7 @@ from torch import nn
 
 from ..engine.evaluation.metrics import mean_and_sem
 from .evaluation_args import add_evaluation_arguments, start_run
-from .evaluation_report import command_line, machine_summary, write_result_files
+from .evaluation_report import command_line, machine_summary, plot_bars, plot_curves, write_result_files
 from .image_folders import default_data_dir, image_rows, read_photos
 from .local_model import load_local_model
 
@@ -310,42 +310,9 @@ def write_outputs(out: Path, meta, summary, results, kinds, methods, plots: bool
 
 
 def plot(out: Path, summary, results, kinds, methods) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     groups = list(dict.fromkeys(r["pairs"] for r in summary))
     table = {(r["pairs"], r["method"]): r for r in summary}
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups)), 4))
-    width = 0.8 / len(methods)
-    for j, m in enumerate(methods):
-        xs = [i + (j - (len(methods) - 1) / 2) * width for i in range(len(groups))]
-        ax.bar(xs, [table[(g, m)]["overall"] if (g, m) in table else 0 for g in groups], width,
-               yerr=[table[(g, m)]["overall_sem"] if (g, m) in table else 0 for g in groups], label=m, capsize=2)
-    ax.set_xticks(range(len(groups)))
-    ax.set_xticklabels(groups)
-    ax.set_ylabel("AUC(insertion) − AUC(deletion)")
-    ax.set_title("Similarity faithfulness per pair kind (higher is better)")
-    ax.axhline(0, color="k", lw=0.5)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / f"{OUTPUT_STEM}_bars.png", dpi=110)
-    plt.close(fig)
-
-    fig, axes = plt.subplots(2, len(kinds), figsize=(3.2 * len(kinds), 5.6), squeeze=False, sharey=True)
-    for i, kind in enumerate(kinds):
-        for m in methods:
-            r = results.get((kind, m))
-            if r is None:
-                continue
-            axes[0, i].plot(r["fractions"], r["mean_deletion_curve"], label=m, lw=1)
-            axes[1, i].plot(r["fractions"], r["mean_insertion_curve"], label=m, lw=1)
-        axes[0, i].set_title(kind, fontsize=9)
-        axes[1, i].set_xlabel("fraction of query pixels")
-    axes[0, 0].set_ylabel("deletion: cosine similarity")
-    axes[1, 0].set_ylabel("insertion: cosine similarity")
-    axes[0, -1].legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(out / f"{OUTPUT_STEM}_curves.png", dpi=100)
-    plt.close(fig)
+    plot_bars(out / f"{OUTPUT_STEM}_bars.png", groups, methods, table,
+              "Similarity faithfulness per pair kind (higher is better)", figsize=(max(6, 1.6 * len(groups)), 4))
+    plot_curves(out / f"{OUTPUT_STEM}_curves.png", kinds, methods, lambda kind, m: results.get((kind, m)),
+                score="cosine similarity", xlabel="fraction of query pixels", column_size=(3.2, 5.6))
