@@ -15,13 +15,10 @@ import torch
 from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, LayerCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
+from engine_checks import no_hooks
+
 #: our method name → pytorch-grad-cam's class
 REFERENCES = {"gradcam": GradCAM, "gradcampp": GradCAMPlusPlus, "layercam": LayerCAM}
-
-
-def no_hooks(model: torch.nn.Module) -> bool:
-    return all(not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks
-               for m in model.modules())
 
 
 def grad_cam_per_layer(reference, model: torch.nn.Module, module: torch.nn.Module, images: torch.Tensor,

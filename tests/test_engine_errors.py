@@ -6,10 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from camserve.engine import (Explainer, ExplainSpec, ExplanationInputError, InvalidInputError, InvalidOptionError,
+from camserve.engine import (Explainer, ExplainSpec, InvalidInputError, InvalidOptionError,
                              InvalidTargetError, NotAFeatureMapError, UnknownLayerError, UnknownMethodError)
 from camserve.engine.classifier.capture import ForwardCapture
 from camserve.engine.render import colorize
+from engine_checks import no_hooks, refused_before_forward
 
 
 @pytest.fixture(scope="module")
@@ -22,24 +23,7 @@ def image(effnet_batch):
     return effnet_batch[0][:1]
 
 
-def no_hooks(model) -> bool:
-    return all(not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks for m in model.modules())
-
-
-def _raises(explainer, images, specs, error, *fragments):
-    calls = []
-    handle = explainer.model.register_forward_pre_hook(lambda m, a: calls.append(1))
-    try:
-        with pytest.raises(error) as info:
-            explainer.explain(images, specs)
-    finally:
-        handle.remove()
-    assert isinstance(info.value, ExplanationInputError) and info.value.status == 400
-    for fragment in fragments:
-        assert fragment in str(info.value), str(info.value)
-    assert calls == [], "validation must fail before the forward"
-    assert no_hooks(explainer.model)
-    return str(info.value)
+_raises = refused_before_forward
 
 
 def test_unknown_layer_lists_near_names(explainer, image):

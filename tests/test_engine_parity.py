@@ -17,7 +17,8 @@ from camserve.engine import Explainer, ExplainSpec
 from camserve.engine.render import normalise, upsample
 
 # grad-cam is pinned in requirements.txt: a missing peer is an import error, not a skip
-from gradcam_reference import REFERENCES, grad_cam_per_layer, no_hooks
+from engine_checks import no_hooks
+from gradcam_reference import REFERENCES, grad_cam_per_layer
 
 TOLERANCE = 1e-3
 LAYERS = ("_blocks.2", "_conv_head")

@@ -12,13 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from camserve.engine import Explainer, ExplainSpec, ExplanationInputError
+from camserve.engine import Explainer, ExplainSpec
 from camserve.engine.errors import UnsupportedModelError
 from camserve.engine.render import normalise
 
 pytest.importorskip("pytorch_grad_cam")
 timm = pytest.importorskip("timm")
-from gradcam_reference import REFERENCES, grad_cam_per_layer, no_hooks  # noqa: E402
+from engine_checks import no_hooks, refused_before_forward  # noqa: E402
+from gradcam_reference import REFERENCES, grad_cam_per_layer  # noqa: E402
 
 TOLERANCE = 1e-3
 
@@ -109,18 +110,7 @@ def test_vit_stage_alias_and_the_last_blocks_output(vit_explainer, photos):
 
 
 def _refused(explainer, images, spec, error, *fragments):
-    calls = []
-    handle = explainer.model.register_forward_pre_hook(lambda m, a: calls.append(1))
-    try:
-        with pytest.raises(error) as info:
-            explainer.explain(images, [spec])
-    finally:
-        handle.remove()
-    assert isinstance(info.value, ExplanationInputError) and info.value.status == 400
-    for fragment in fragments:
-        assert fragment in str(info.value), str(info.value)
-    assert calls == [], "refused before the forward"
-    assert no_hooks(explainer.model)
+    refused_before_forward(explainer, images, [spec], error, *fragments)
 
 
 @pytest.mark.parametrize("method", ["shallowcam", "relevancecam"])
