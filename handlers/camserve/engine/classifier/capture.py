@@ -37,7 +37,7 @@ from typing import Dict, Iterable, List, Mapping, Optional
 import torch
 from torch import nn
 
-from .lean_gradient import ConvGeometry, SegmentGradient
+from .lean_gradient import ConvGeometry, SegmentGradient, compact_pool_indices
 from .relevance.rules import Rule, call_with_params
 
 
@@ -73,24 +73,35 @@ class _Switch(torch.autograd.Function):
     (``"gradient"`` mode) or runs the rule of the segment's first module (``"relevance"`` mode).
 
     ``modules`` is the segment: one ruled module, possibly followed by absorbed pass-through
-    modules. The forward does nothing but keep references to ``x`` and ``y``: all rule work (z⁺'s
-    extra convolutions, the ratios) happens in the relevance backward, via ``rule.relevance_grad``.
-    ``lean`` (a :class:`SegmentGradient`, when ``y`` was detached from the segment's graph) computes
-    the ordinary gradient in ``"gradient"`` mode; ``geometry`` (the head conv's verified
-    :class:`ConvGeometry`, if any) evaluates it with modified weights for the rule.
-    The output shares ``y``'s storage (no copy); if a later in-place op (ResNet's
-    ``out += identity``) changes it, the backward recomputes ``y`` by running the segment on ``x``.
+    modules. The forward does nothing but keep what the backward will read (``keep``, decided by
+    the capture): ``x`` (its values, or only its shape), and ``y`` (a reference, a copy, a
+    :meth:`SegmentGradient.mask <camserve.engine.classifier.lean_gradient.SegmentGradient.mask>`,
+    or nothing). All rule work (z⁺'s extra convolutions, the ratios) happens in the relevance
+    backward, via ``rule.relevance_grad``. ``lean`` (a :class:`SegmentGradient`, when ``y`` was
+    detached from the segment's graph) computes the ordinary gradient in ``"gradient"`` mode;
+    ``geometry`` (the head conv's verified :class:`ConvGeometry`, if any) evaluates it with
+    modified weights for the rule. The output shares ``y``'s storage (no copy) unless ``keep.y``
+    is ``"copy"``; if a later in-place op (ResNet's ``out += identity``) changes a kept reference,
+    the backward recomputes ``y`` by running the segment on ``x``.
     """
 
     @staticmethod
-    def forward(ctx, y, x, rule, modules, mode, lean, geometry, copy=False):
+    def forward(ctx, y, x, rule, modules, mode, lean, geometry, keep):
         ctx.mode, ctx.rule, ctx.modules, ctx.lean, ctx.geometry = mode, rule, modules, lean, geometry
-        ctx.y, ctx.y_version = y, y._version  # an input: no reference cycle through the node
-        ctx.save_for_backward(x)
+        ctx.keep_x, ctx.x_shape, ctx.y_kind = keep.x, x.shape, keep.y
+        ctx.y = None
+        if keep.y == "mask":  # a snapshot: later in-place changes of y do not reach it
+            ctx.y = lean.mask(y.detach())
+        elif keep.y == "indices":  # a max pool's argmax, read off the forward's node (or None)
+            ctx.y = keep.indices
+        elif keep.y is not None:
+            ctx.y, ctx.y_version = y, y._version  # an input: no reference cycle through the node
+        if keep.x:
+            ctx.save_for_backward(x)
         ctx.set_materialize_grads(False)  # no gradient arrived (a segment absorbed this output): skip
         # ``copy``: a later in-place op overwrites this output (known from the model's probe); it
         # gets a copy, so ``y`` stays as it was and the backward need not recompute the segment
-        return y.clone() if copy else y.detach()
+        return y.clone() if keep.y == "copy" else y.detach()
 
     @staticmethod
     def backward(ctx, grad):
@@ -105,19 +116,34 @@ class _Switch(torch.autograd.Function):
             return (grad if ctx.needs_input_grad[0] else None,) + none[1:]
         if not ctx.needs_input_grad[1]:  # nothing below this module needs a gradient
             return none
-        (x,) = ctx.saved_tensors
+        x = ctx.saved_tensors[0] if ctx.keep_x else None
         mode = ctx.mode
-        y = kept.detach()
-        if kept._version != ctx.y_version and (relevance or ctx.lean.reads_output):
+        y = kept.detach() if kept is not None else None
+        if ctx.y_kind in ("ref", "copy") and kept._version != ctx.y_version and (relevance or ctx.lean.reads_output):
+            if x is None:
+                raise RuntimeError(
+                    f"the output of {type(ctx.modules[-1]).__name__} was changed in place after the forward, and its "
+                    f"input was not kept to recompute it (the explainer's probe found no such in-place op)")
             with torch.no_grad():
                 y = x
                 for module in ctx.modules:
                     y = mode.call_unhooked(module, {}, y)
         if not relevance:
-            return (None, ctx.lean(ctx.modules[0], x, y, grad)) + none[2:]
+            return (None, ctx.lean(ctx.modules[0], x if x is not None else ctx.x_shape, y, grad)) + none[2:]
         call = ctx.geometry.call if ctx.geometry is not None else mode.call_unhooked
         grad_y, grad_x = ctx.rule.relevance_grad(ctx.modules[0], x, y, grad, call)
         return (grad_y, grad_x) + none[2:]
+
+
+class _Keep:
+    """What a switch keeps for its backward: ``x`` (``True``: its values; else its shape only) and
+    ``y`` (``"ref"``, ``"copy"`` — a later in-place op overwrites the output —, ``"mask"``,
+    ``"indices"`` — a max pool's argmax, ``indices`` — or ``None``)."""
+
+    __slots__ = ("x", "y", "indices")
+
+    def __init__(self, x: bool, y: Optional[str], indices: Optional[torch.Tensor] = None):
+        self.x, self.y, self.indices = x, y, indices
 
 
 class _Segment:
@@ -165,9 +191,14 @@ class ForwardCapture:
     needs only ``x`` and ``y`` drop their graph as well.
 
     ``overwritten``: modules whose output a later in-place op changes (torchvision's
-    ``out += identity``; found by the same probe). A switch ending there whose backward reads ``y``
-    (a rule's ``R_y`` — unless ``relevance_passes=False`` promises none —, a lean activation mask)
-    hands on a copy: one copy instead of re-running the segment in the backward.
+    ``out += identity``; found by the same probe). A switch ending there whose backward reads ``y``'s
+    values (a rule's ``R_y`` — unless ``relevance_passes=False`` promises none) hands on a copy: one
+    copy instead of re-running the segment in the backward.
+
+    Each switch keeps only what its backward passes read (:meth:`_keep`): e.g. no ``x`` for a lone
+    ReLU's pass rule or a conv's lean gradient, a boolean mask instead of an activation's ``y`` when
+    no relevance pass follows, a max pool's argmax as int16 — so the graph holds, per segment, the
+    tensors a rule reads and nothing else.
     """
 
     def __init__(self, model: nn.Module, layers: Iterable[str], rules: Optional[Mapping[str, Rule]] = None,
@@ -247,6 +278,26 @@ class ForwardCapture:
         return len(self._handles)
 
     # -- hooks ----------------------------------------------------------------------------------
+    def _keep(self, head: Rule, modules, lean: Optional[SegmentGradient], overwritten: bool,
+              output: torch.Tensor, x: torch.Tensor) -> _Keep:
+        """What a new switch keeps: only what its backward passes will read. A relevance pass
+        reads ``x`` and ``y`` as the rule says (:meth:`Rule.reads_input`, :attr:`Rule.reads_output`);
+        a lean gradient pass reads ``x``'s shape (a max pool: its values) and, if the segment
+        ends in an activation, where ``y``'s derivative vanishes — a boolean mask when no relevance
+        pass needs ``y`` itself. ``y`` kept by reference is copied instead where a later in-place
+        op overwrites the output (``overwritten``): one copy instead of re-running the segment."""
+        relevance = self.relevance_passes
+        lean_x = lean is not None and lean.reads_input
+        lean_y = lean is not None and lean.reads_output
+        keep_x = (relevance and head.reads_input(modules)) or lean_x
+        if (relevance and head.reads_indices) or (lean is not None and lean.pool):
+            return _Keep(keep_x, "indices", compact_pool_indices(output, x))
+        if (relevance and head.reads_output) or (lean_y and lean.mask is None):
+            keep_y = "copy" if overwritten else "ref"
+        else:
+            keep_y = "mask" if lean_y else None
+        return _Keep(keep_x, keep_y)
+
     def _mine(self) -> bool:
         return not self._mode.suspended and threading.get_ident() == self._thread
 
@@ -289,11 +340,8 @@ class ForwardCapture:
             if not output.requires_grad or (detach_output and not x.requires_grad):
                 self._last = None
                 return None
-            # a copy pays off only where the backward reads y (a rule's R_y, or a lean activation mask)
-            copy = overwritten and ((self.relevance_passes and head.reads_output_relevance)
-                                    or (lean is not None and lean.reads_output))
             switched = _Switch.apply(output.detach() if detach_output else output, x, head, modules, mode, lean,
-                                     head_geometry, copy)
+                                     head_geometry, self._keep(head, modules, lean, overwritten, output, x))
             self.switches += 1
             self.lean += lean is not None
             self._last = (_Segment(switched, x, head, modules, lean, head_geometry)

@@ -14,7 +14,15 @@ every part of the segment has a derivative that needs nothing beyond the segment
   dilation and groups, and its padding — the module's own, or that of a ``ZeroPad2d`` child
   applied first (TF-style "same" convs). The geometry is read from the module and *verified*
   once per model on a probe input (:func:`trace_conv_geometries`); a conv whose output the
-  geometry does not reproduce keeps its autograd graph.
+  geometry does not reproduce keeps its autograd graph;
+* 2-D max pooling: autograd's own backward kernel and the forward's argmax indices, kept in the
+  narrowest integer type that holds them (:func:`compact_pool_indices`: int16 after ResNet's stem,
+  a quarter of autograd's int64) — ``x``'s values are read too.
+
+Only the conv needs ``x``'s shape alone; the max pool needs ``x``'s values. A segment ending in an
+activation reads only where its derivative is zero: when no relevance pass will read ``y``'s
+values, the capture keeps that as a boolean mask (:meth:`SegmentGradient.mask`, a byte per element
+instead of four) rather than ``y``.
 
 Peak memory of a gradient pass at a shallow layer then drops to what relevance passes keep (one
 input and one output per segment) and the backward does one element-wise product per segment
@@ -32,8 +40,52 @@ from torch import nn
 
 from ..layers import probe_forward
 
-#: ``(g, y) → g_x`` for an element-wise module; ``y`` is ignored by constant derivatives
+#: ``(g, y) → g_x`` for an element-wise module; ``y`` is ignored by constant derivatives, and an
+#: activation's derivative also accepts, instead of ``y``, its :data:`Mask` (a ``bool`` tensor)
 Derivative = Callable[[torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
+#: ``y → mask``: where an activation's derivative is one (``True``; zero elsewhere), from its output
+Mask = Callable[[torch.Tensor], torch.Tensor]
+
+
+def max_pool_input_grad(module: nn.MaxPool2d, x: torch.Tensor, grad: torch.Tensor,
+                        indices: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``g_x`` of a 2-D max pool: autograd's kernel (``max_pool2d_with_indices_backward``) with
+    the forward's argmax ``indices`` (any integer dtype, see :func:`compact_pool_indices`), or
+    with indices recomputed from ``x`` when none were kept — the same indices either way, so the
+    same gradient bit for bit."""
+    kernel = _pair(module.kernel_size)
+    stride = _pair(module.stride) if module.stride is not None else kernel
+    padding, dilation = _pair(module.padding), _pair(module.dilation)
+    with torch.no_grad():
+        if indices is None:
+            _, indices = torch.ops.aten.max_pool2d_with_indices(x, kernel, stride, padding, dilation, module.ceil_mode)
+        return torch.ops.aten.max_pool2d_with_indices_backward(grad, x, kernel, stride, padding, dilation,
+                                                               module.ceil_mode, indices.long())
+
+
+def compact_pool_indices(output: torch.Tensor, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """The argmax indices autograd saved for a 2-D max pool's ``output`` (flat positions in an
+    input plane, int64) in the narrowest integer type that holds them — int16 up to 32,767
+    positions per plane (ResNet's 112×112 stem: a quarter of the bytes) —, or ``None`` when the
+    output's node is not the indices kernel's (the backward then finds them again from ``x``)."""
+    node = output.grad_fn
+    if node is None or type(node).__name__ != "MaxPool2DWithIndicesBackward0":
+        return None
+    indices = getattr(node, "_saved_result1", None)
+    if not isinstance(indices, torch.Tensor):
+        return None
+    plane = x.shape[-1] * x.shape[-2]
+    dtype = torch.int16 if plane <= 2 ** 15 - 1 else torch.int32 if plane <= 2 ** 31 - 1 else torch.int64
+    return indices.to(dtype)
+
+
+def _pair(value) -> Tuple[int, int]:
+    return tuple(value) if isinstance(value, (tuple, list)) else (int(value), int(value))
+
+
+def supported_max_pool(module: nn.Module) -> bool:
+    """A 2-D max pool whose gradient :func:`max_pool_input_grad` computes (4-D input, one output)."""
+    return type(module) is nn.MaxPool2d and not module.return_indices
 
 
 @dataclass(frozen=True)
@@ -137,11 +189,31 @@ def trace_conv_geometries(model: nn.Module, input_size: Tuple[int, int],
     return geometries, output
 
 
+def _masked(grad: torch.Tensor, passing: torch.Tensor) -> torch.Tensor:
+    """``grad`` where ``passing``, ``+0`` elsewhere — what ``threshold_backward`` /
+    ``hardtanh_backward`` write —, by ``threshold_backward`` itself on the mask as 0/1 floats
+    (a CPU ``masked_fill`` / ``where`` on a bool mask is ~20× slower than this pair)."""
+    return torch.ops.aten.threshold_backward(grad, passing.view(torch.uint8).to(grad.dtype), 0.5)
+
+
+def activation_mask(module: nn.Module) -> Optional[Mask]:
+    """``y → [derivative is 1]`` for the activations :func:`elementwise_derivative` knows: the
+    kernels' own conditions (ReLU: not ``y <= 0``; Hardtanh: ``lo < y < hi``), so a NaN behaves
+    as there."""
+    if isinstance(module, nn.Hardtanh):
+        low, high = float(module.min_val), float(module.max_val)
+        return lambda y: y.gt(low).logical_and_(y.lt(high))
+    if isinstance(module, nn.ReLU):
+        return lambda y: y.le(0.0).logical_not_()
+    return None
+
+
 def elementwise_derivative(module: nn.Module) -> Tuple[Optional[Derivative], bool]:
     """``(derivative, needs_output)`` for the element-wise modules this file knows, else ``(None, _)``.
 
     ``needs_output``: the derivative reads the module's own output (activations), so the module
-    must be the segment's last; BatchNorm's is a constant per channel."""
+    must be the segment's last; BatchNorm's is a constant per channel. An activation's derivative
+    is given either ``y`` or its :func:`activation_mask`."""
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         if module.training or module.running_var is None:
             return None, False
@@ -158,30 +230,47 @@ def elementwise_derivative(module: nn.Module) -> Tuple[Optional[Derivative], boo
         return batchnorm, False
     if isinstance(module, nn.Hardtanh):  # ReLU6 too; autograd's own kernel, fed y instead of x
         low, high = float(module.min_val), float(module.max_val)
-        return (lambda grad, y: torch.ops.aten.hardtanh_backward(grad, y, low, high)), True
+        return (lambda grad, y: _masked(grad, y) if y.dtype == torch.bool else
+                torch.ops.aten.hardtanh_backward(grad, y, low, high)), True
     if isinstance(module, nn.ReLU):
-        return (lambda grad, y: torch.ops.aten.threshold_backward(grad, y, 0.0)), True
+        return (lambda grad, y: _masked(grad, y) if y.dtype == torch.bool else
+                torch.ops.aten.threshold_backward(grad, y, 0.0)), True
     return None, False
 
 
 class SegmentGradient:
-    """``g_x`` of a segment ``[head, tail_1, …, tail_k]`` from ``x``'s shape and the output ``y``:
-    the tails' derivatives in reverse order, then the head's (a verified conv geometry or an
-    element-wise derivative). Built per forward call, read-only afterwards."""
+    """``g_x`` of a segment ``[head, tail_1, …, tail_k]`` from ``x`` and the output ``y``: the
+    tails' derivatives in reverse order, then the head's (a verified conv geometry — ``x``'s shape
+    only —, a 2-D max pool — ``x``'s values —, or an element-wise derivative). Built per forward
+    call, read-only afterwards."""
 
-    __slots__ = ("conv", "derivatives", "reads_output")
+    __slots__ = ("conv", "derivatives", "reads_output", "pool", "mask")
 
-    def __init__(self, conv: Optional[ConvGeometry], derivatives: Sequence[Derivative], reads_output: bool):
+    def __init__(self, conv: Optional[ConvGeometry], derivatives: Sequence[Derivative], reads_output: bool,
+                 pool: bool = False, mask: Optional[Mask] = None):
         #: whether :meth:`__call__` reads ``y`` (the last module is an activation): nothing may follow
         self.conv, self.derivatives, self.reads_output = conv, tuple(derivatives), reads_output
+        #: the head is a max pool (:func:`max_pool_input_grad`): :meth:`__call__` reads ``x``'s values
+        self.pool = pool
+        #: ``y → mask`` of the last module when :attr:`reads_output`: :meth:`__call__` accepts it for ``y``
+        self.mask = mask
+
+    @property
+    def reads_input(self) -> bool:
+        """Whether :meth:`__call__` reads ``x``'s values (else its shape only)."""
+        return self.pool
 
     @classmethod
     def start(cls, module: nn.Module, geometry: Optional[ConvGeometry]) -> Optional["SegmentGradient"]:
         """The plan for a segment made of ``module`` alone, or ``None`` if it needs autograd."""
         if geometry is not None:
             return cls(geometry, (), False)
+        if supported_max_pool(module):
+            return cls(None, (), False, pool=True)
         derivative, needs_output = elementwise_derivative(module)
-        return None if derivative is None else cls(None, (derivative,), needs_output)
+        if derivative is None:
+            return None
+        return cls(None, (derivative,), needs_output, mask=activation_mask(module) if needs_output else None)
 
     def extend(self, module: nn.Module) -> Optional["SegmentGradient"]:
         """The plan once ``module`` is absorbed; ``None`` when the segment then needs autograd
@@ -191,12 +280,17 @@ class SegmentGradient:
         derivative, needs_output = elementwise_derivative(module)
         if derivative is None:
             return None
-        return SegmentGradient(self.conv, self.derivatives + (derivative,), needs_output)
+        return SegmentGradient(self.conv, self.derivatives + (derivative,), needs_output, self.pool,
+                               activation_mask(module) if needs_output else None)
 
-    def __call__(self, head: nn.Module, x: torch.Tensor, y: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-        """``g_x = J_segmentᵀ g``."""
+    def __call__(self, head: nn.Module, x, y: Optional[torch.Tensor], grad: torch.Tensor) -> torch.Tensor:
+        """``g_x = J_segmentᵀ g``; ``x`` is the input (or, unless :attr:`reads_input`, its shape),
+        ``y`` the output or its :attr:`mask` (or ``None`` unless :attr:`reads_output`); for a max
+        pool, the forward's argmax indices (or ``None``: found again from ``x``)."""
         for derivative in reversed(self.derivatives):
             grad = derivative(grad, y)  # only the last one reads y: the others are constants
         if self.conv is not None:
-            grad = self.conv.input_grad(head, x.shape, grad)
+            grad = self.conv.input_grad(head, x if isinstance(x, torch.Size) else x.shape, grad)
+        elif self.pool:  # y: the forward's argmax indices (compact_pool_indices) or None
+            grad = max_pool_input_grad(head, x, grad, y)
         return grad

@@ -14,8 +14,9 @@ from typing import Dict, Iterable, List, Optional, Tuple, Type
 from torch import nn
 
 from ...errors import InvalidOptionError
-from .rules import (AlphaBetaRule, EpsilonRule, GradientRule, PassRule, ProportionalPoolRule, Rule,
-                    ZPlusRule)
+from ..lean_gradient import supported_max_pool
+from .rules import (AlphaBetaRule, EpsilonRule, GradientRule, MaxPoolGradientRule, PassRule, ProportionalPoolRule,
+                    Rule, ZPlusRule)
 
 CONVOLUTIONS: Tuple[Type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d)
 BATCH_NORMS: Tuple[Type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -37,6 +38,8 @@ class Composite:
             return None  # containers get no rule; their leaves do
         for types, rule in self.layer_map:
             if isinstance(module, types):
+                if isinstance(rule, MaxPoolGradientRule) and not supported_max_pool(module):
+                    continue  # e.g. a subclass or return_indices: autograd's own gradient (GradientRule)
                 return None if isinstance(rule, GradientRule) else rule
         return None
 
@@ -51,7 +54,9 @@ class Composite:
 
 
 def _base(stabilizer: float, max_pool: Rule) -> List[Tuple[Tuple[Type[nn.Module], ...], Rule]]:
-    return [(ACTIVATIONS, PassRule(stabilizer)), (BATCH_NORMS, PassRule(stabilizer)), (MAX_POOLS, max_pool)]
+    # winner-take-all 2-D max pools get their gradient from a switch that keeps no indices
+    pools = [((nn.MaxPool2d,), MaxPoolGradientRule())] if isinstance(max_pool, GradientRule) else []
+    return [(ACTIVATIONS, PassRule(stabilizer)), (BATCH_NORMS, PassRule(stabilizer))] + pools + [(MAX_POOLS, max_pool)]
 
 
 def epsilon_plus(epsilon: float = 1e-6, stabilizer: float = 1e-6, proportional_pool: bool = False) -> Composite:

@@ -66,12 +66,22 @@ class Rule:
     name = "rule"
     #: whether :meth:`relevance_grad` returns a gradient for ``y``'s ordinary graph (else only for ``x``)
     uses_output_graph = False
+    #: whether :meth:`relevance_grad` reads ``y``'s values (else it may be given ``None``)
+    reads_output = True
+    #: a max pool's rule reads, as ``y``, the forward's argmax indices (:class:`MaxPoolGradientRule`)
+    reads_indices = False
     #: whether this rule only passes relevance on unchanged (``R_x = R_y``, element-wise layers)
     passes_relevance = False
     #: whether :meth:`relevance_grad` reads ``y`` and ``grad`` only through ``R_y = y ⊙ grad``: then
     #: pass-through layers right after the module can be absorbed into it (``R_y`` is the same at
     #: their output), see :mod:`camserve.engine.classifier.capture`
     reads_output_relevance = False
+
+    def reads_input(self, modules: Tuple[nn.Module, ...]) -> bool:
+        """Whether :meth:`relevance_grad` reads the values of the input ``x`` of the segment
+        ``modules`` (its head, then absorbed pass-through modules); else it is given ``None`` and
+        the capture need not keep ``x`` alive for the backward."""
+        return True
 
     def modified(self, module: nn.Module, x: torch.Tensor, y: torch.Tensor, call: ModuleCall) -> torch.Tensor:
         raise NotImplementedError
@@ -103,6 +113,11 @@ class PassRule(Rule):
     """Pass-through for element-wise layers (activations, BatchNorm): ``R_x = R_y``.
 
     Realised as ``g_x = g_y ⊙ y / x``, i.e. ``x ⊙ (y / x)`` with the ratio detached.
+
+    A segment that is one ``ReLU`` needs only ``y``: where ``y > 0``, ``x = y`` (the same float),
+    and where ``y = 0`` the ratio is a zero whatever ``x`` is (``0 / stab(x)``; only the sign of
+    that zero can differ, and every later step multiplies or adds it). So its ``x`` (a residual
+    block's pre-activation sum) need not outlive the forward (:meth:`reads_input`).
     """
 
     name = "pass"
@@ -112,9 +127,12 @@ class PassRule(Rule):
     def __init__(self, stabilizer: float = 1e-6):
         self.stabilizer = stabilizer
 
+    def reads_input(self, modules):
+        return not (len(modules) == 1 and type(modules[0]) is nn.ReLU)
+
     def relevance_grad(self, module, x, y, grad, call):
-        """``g_x = g_y ⊙ y / stab(x)``: element-wise, no graph."""
-        return None, scaled_ratio(grad, y, x, self.stabilizer)
+        """``g_x = g_y ⊙ y / stab(x)`` (``stab(y)`` for a lone ReLU given no ``x``): element-wise, no graph."""
+        return None, scaled_ratio(grad, y, y if x is None else x, self.stabilizer)
 
 
 class EpsilonRule(Rule):
@@ -129,6 +147,9 @@ class EpsilonRule(Rule):
 
     def __init__(self, epsilon: float = 1e-6):
         self.epsilon = epsilon
+
+    def reads_input(self, modules):
+        return False  # the module's own graph keeps what its gradient needs
 
     def relevance_grad(self, module, x, y, grad, call):
         """``g_y ⊙ y / stab(y)`` sent through the module's own graph (its gradient is ``Wᵀ``)."""
@@ -148,15 +169,16 @@ def _signed_z(module: nn.Module, x: torch.Tensor, call: ModuleCall, positive: bo
     contribution at the entries where ``x = 0`` exactly, which carry no relevance (``R = x ⊙ g = 0``)."""
     weight = module.weight.detach()
     bias = getattr(module, "bias", None)
-    w_first, w_second = (weight.clamp(min=0), weight.clamp(max=0)) if positive else \
-        (weight.clamp(max=0), weight.clamp(min=0))
-    first, second = {"weight": w_first}, {"weight": w_second}
+    # the second half is built only when used (a 512×512×3×3 conv's half is 9.4 MiB of transient)
+    first = {"weight": weight.clamp(min=0) if positive else weight.clamp(max=0)}
     if bias is not None:
         bias = bias.detach()
         first["bias"] = bias.clamp(min=0) if positive else bias.clamp(max=0)
-        second["bias"] = torch.zeros_like(bias)
     if nonnegative:
         return call(module, first, x)
+    second = {"weight": weight.clamp(max=0) if positive else weight.clamp(min=0)}
+    if bias is not None:
+        second["bias"] = torch.zeros_like(bias)
     return call(module, first, x.clamp(min=0)) + call(module, second, x.clamp(max=0))
 
 
@@ -234,6 +256,23 @@ class ProportionalPoolRule(Rule):
     def modified(self, module, x, y, call):
         z = F.avg_pool2d(x, module.kernel_size, module.stride, module.padding, module.ceil_mode)
         return z * (y / stabilize(z, self.stabilizer)).detach()
+
+
+class MaxPoolGradientRule(Rule):
+    """The plain gradient of a 2-D max pool (winner-take-all, as :class:`GradientRule`) from its
+    input and the forward's argmax indices, which the capture keeps in a narrow integer type
+    (``y`` here; autograd keeps int64, twice the output's bytes: 12.25 MiB after ResNet-18's stem
+    at batch 8, 3.06 as int16). Bit-identical to autograd's backward (the same kernel and indices)."""
+
+    name = "gradient"
+    reads_output = False
+    #: the capture hands :meth:`relevance_grad` the forward's argmax indices as ``y`` (or ``None``)
+    reads_indices = True
+
+    def relevance_grad(self, module, x, y, grad, call):
+        from ..lean_gradient import max_pool_input_grad
+
+        return None, max_pool_input_grad(module, x, grad, y)
 
 
 def call_with_params(module: nn.Module, params: dict, x: torch.Tensor) -> torch.Tensor:
