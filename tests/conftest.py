@@ -74,3 +74,19 @@ def effnet_batch(samples):
 
 
 pytest_plugins = ["serverkit"]  # the session TorchServe fixture (torchserve_server)
+
+
+CIFAR_WEIGHTS = SHARED / "models" / "cifar-resnet" / "resnet20-12fca82f.th"
+
+
+@pytest.fixture(scope="module")
+def resnet20():
+    """The pretrained CIFAR-10 ResNet-20 (the project's definition, the shared state dict) and 4
+    choose-half CIFAR-10 test JPEGs; one per test module (a test may re-initialise layers)."""
+    from camserve.cli.evaluate_faithfulness import image_set, load_batch, load_cifar_resnet
+
+    if not CIFAR_WEIGHTS.exists():
+        pytest.fail(f"shared CIFAR ResNet weights not found at {CIFAR_WEIGHTS}")
+    data = SHARED / "data" / "cifar10-test"
+    files = [f for f, _ in image_set("cifar", data, 500, 0)[0:8:2]]
+    return load_cifar_resnet(str(CIFAR_WEIGHTS), 20, torch.device("cpu")), load_batch("cifar", data, files, "cpu")

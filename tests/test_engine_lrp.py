@@ -370,21 +370,6 @@ def test_shallowcam_follows_its_definition(effnet, effnet_batch):
 
 
 # -- issue 15: Shallow-CAM's readings and relevance conservation on a plain ReLU ResNet ----------
-CIFAR_WEIGHTS = SAMPLES.parent.parent / "models" / "cifar-resnet" / "resnet20-12fca82f.th"
-
-
-@pytest.fixture(scope="module")
-def resnet20():
-    """The pretrained CIFAR-10 ResNet-20 (project definition, shared state dict) and 4 test JPEGs."""
-    from camserve.cli.evaluate_faithfulness import image_set, load_batch, load_cifar_resnet
-
-    if not CIFAR_WEIGHTS.exists():
-        pytest.fail(f"shared CIFAR ResNet weights not found at {CIFAR_WEIGHTS}")
-    data = SAMPLES.parent / "cifar10-test"
-    files = [f for f, _ in image_set("cifar", data, 500, 0)[0:8:2]]
-    return load_cifar_resnet(str(CIFAR_WEIGHTS), 20, torch.device("cpu")), load_batch("cifar", data, files, "cpu")
-
-
 def test_shallowcam_readings_follow_their_definitions(resnet20):
     """``beta=one`` + gradient spatial weights is LayerCAM exactly; ``beta=positive`` is the ReLU of
     the signed β; ``beta_from=above`` spreads l+1's spatial relevance over l's channels in

@@ -82,9 +82,18 @@ VARIANTS = OrderedDict([
     ("sc[grad+refine]", ("shallowcam", {"spatial": "gradient", "refine": True, "contrastive": True})),
     ("sc[grad+pos+refine]", ("shallowcam", {"spatial": "gradient", "beta": "positive", "refine": True, "contrastive": True})),
     ("sc[grad+one]", ("shallowcam", {"spatial": "gradient", "beta": "one", "contrastive": True})),  # = LayerCAM (a check)
+    # the softmax-gradient start (SGLRP): one virtual output y_t − Σ_{k≠t} q_k y_k, q = softmax of the others
+    ("sc[rel+soft]", ("shallowcam", {"start": "softmax"})),
+    ("sc[rel+soft+pos]", ("shallowcam", {"start": "softmax", "beta": "positive"})),
+    ("sc[rel+soft+above]", ("shallowcam", {"start": "softmax", "beta_from": "above"})),
+    ("sc[rel+soft+refine]", ("shallowcam", {"start": "softmax", "refine": True})),
+    ("sc[grad+soft]", ("shallowcam", {"spatial": "gradient", "start": "softmax"})),
+    ("sc[grad+soft+pos]", ("shallowcam", {"spatial": "gradient", "start": "softmax", "beta": "positive"})),
+    ("relevancecam[soft]", ("relevancecam", {"start": "softmax"})),
+    ("sc[rel+margin]", ("shallowcam", {"start": "margin"})),  # = sc[rel+plain] (shallowcam_variants.md § 1)
     ("random", (None, {})),
 ])
-DEFAULT_METHODS = [m for m in VARIANTS if m != "sc[grad+one]"]
+DEFAULT_METHODS = [m for m in VARIANTS if m not in ("sc[grad+one]", "sc[rel+margin]")]
 NEEDS_ABOVE = ("refine", "above")
 BASELINE = "layercam"
 
@@ -158,38 +167,33 @@ def build(args, device):
 
 
 def make_explainer(model, input_size, composite: str, fold: str = "none", seed_norm: str = "logit"):
-    """The engine's explainer with two evaluation-local switches the served explainer does not have yet:
+    """The engine's explainer with two evaluation-local switches:
 
     * ``fold``: ``bias`` / ``nobias`` fold each BatchNorm into the conv before it for the
       relevance path (``engine/classifier/relevance/folding.py``; ``nobias`` drops the folded shift from the
       z⁺ denominator so it cannot absorb relevance);
-    * ``seed_norm="margin"``: the contrastive start divides the whole seed by the margin
-      ``z' = y_t − Σ_{c≠t} y_c / N`` instead of each logit by itself, i.e. LRP-ε through the
-      linear head sees one virtual output ``W_t − mean W_c`` (the served explainer divides each
-      class's ``−1/N`` by its own logit, which explodes where a logit is near 0).
+    * ``seed_norm="margin"``: every row whose options resolve to the uniform contrastive start
+      (``start=contrastive``, e.g. ``contrastive=1``) gets the engine's ``start=margin`` instead: the
+      whole seed divided by the margin ``z' = y_t − Σ_{c≠t} y_c / N`` rather than each logit by
+      itself, i.e. LRP-ε through the linear head sees one virtual output ``W_t − mean W_c``
+      (``engine/classifier/targets.py: relevance_seed``).
     """
-    import camserve.engine.classifier.explainer as explainer_module
+    import dataclasses
+
+    from ..engine.classifier.explainer import Explainer
+    from ..engine.classifier.methods import get_method
     from ..engine.classifier.relevance.composites import get_composite
     from ..engine.classifier.relevance.folding import fold_batchnorm
-    from ..engine.classifier.relevance.rules import stabilize
+    from ..engine.classifier.targets import start_of
 
-    class EvaluationExplainer(explainer_module.Explainer):
-        def _pass(self, *a, **k):
-            if seed_norm != "margin":
-                return super()._pass(*a, **k)
-            original = explainer_module.contrastive_seed
-
-            def margin_seed(logits, targets, contrastive=True):
-                seed = original(logits, targets, contrastive)
-                margin = (seed * logits).sum(dim=1, keepdim=True)
-                # the caller divides by stab(logits): this leaves seed / stab(margin)
-                return seed * stabilize(logits.detach(), 1e-12) / stabilize(margin, 1e-12)
-
-            explainer_module.contrastive_seed = margin_seed  # single-threaded evaluation only
-            try:
-                return super()._pass(*a, **k)
-            finally:
-                explainer_module.contrastive_seed = original
+    class EvaluationExplainer(Explainer):
+        def explain(self, images, specs, *a, **k):
+            if seed_norm == "margin":
+                specs = [spec if spec is None or "start" not in get_method(spec.method).option_choices
+                         or start_of(get_method(spec.method).options(spec.options)) != "contrastive"
+                         else dataclasses.replace(spec, options={**dict(spec.options), "start": "margin"})
+                         for spec in specs]
+            return super().explain(images, specs, *a, **k)
 
     explainer = EvaluationExplainer(model, input_size, composite=get_composite(composite))
     if fold != "none":  # BN folded into the convs, for the relevance path only (no switch in the explainer yet)
@@ -380,17 +384,26 @@ def conservation(args, model, input_size, layers, images) -> int:
     """Positive / negative / net relevance per stage, relative to the initial relevance."""
     from ..engine import ExplainSpec
     from ..engine.classifier.methods import METHODS, CamMethod
+    from ..engine.classifier.targets import STARTS, relevance_seed, resolve_start, start_of
 
     sums: List[torch.Tensor] = []
 
     class Probe(CamMethod):
         name = "_relevance_probe"
         needs_relevance = True
-        option_choices = {"contrastive": (True, None)}
+        option_choices = {"contrastive": (True, None), "start": (None, (None,) + STARTS)}
+
+        def options(self, given):
+            given = dict(given or {})
+            start = given.pop("start", None)
+            return resolve_start(self.name, super().options(given), start, "contrastive" in given, "contrastive")
 
         def compute(self, layer, captured, options):
             r = captured.relevance(layer).double().flatten(1)
-            sums.append(torch.stack([r.clamp(min=0).sum(1), r.clamp(max=0).sum(1), r.sum(1)], 1))
+            logits = captured.logits.double()
+            seed = relevance_seed(logits, captured.targets, [start_of(options)] * len(logits))
+            initial = (logits * seed).sum(1)  # R at the logits: 1, 1/N, 1 or the softmax start's z
+            sums.append(torch.stack([r.clamp(min=0).sum(1), r.clamp(max=0).sum(1), r.sum(1), initial], 1))
             return captured.activations[layer].sum(1)
 
     METHODS[Probe.name] = Probe()
@@ -398,22 +411,26 @@ def conservation(args, model, input_size, layers, images) -> int:
     for fold, seed_norm in (("none", "logit"), ("none", "margin"), ("bias", "logit"), ("nobias", "logit"),
                             ("nobias", "margin")):
         explainer = make_explainer(model, input_size, args.composite, fold, seed_norm)
-        for contrastive in (False, True):
-            if seed_norm == "margin" and not contrastive:
-                continue  # identical to the plain start
+        for start in ("target", "contrastive", "softmax"):
+            if seed_norm == "margin" and start != "contrastive":
+                continue  # identical to the plain start / not affected
+            if start == "softmax" and fold == "bias":
+                continue
             for layer in layers:
                 sums.clear()
                 for i in range(0, images.shape[0], args.explain_batch):
                     chunk = images[i:i + args.explain_batch]
                     explainer.explain(chunk, [ExplainSpec(Probe.name, layer=layer,
-                                                          options={"contrastive": contrastive})] * chunk.shape[0])
-                s = torch.cat(sums)  # (N, 3)
-                # the margin start puts relevance 1 on the virtual output y_t − Σ_{c≠t} y_c / N
-                initial = 1.0 / explainer.num_classes if contrastive and seed_norm == "logit" else 1.0
-                rows.append({"fold_bn": fold, "seed_norm": seed_norm, "start": "contrastive" if contrastive else "plain",
+                                                          options={"start": start})] * chunk.shape[0])
+                s = torch.cat(sums)  # (N, 4)
+                # the margin start puts relevance 1 on the virtual output y_t − Σ_{c≠t} y_c / N; the
+                # softmax start puts z = y_t − Σ_{k≠t} q_k y_k (per image) on its virtual output
+                initial = float(s[:, 3].mean())
+                rows.append({"fold_bn": fold, "seed_norm": seed_norm,
+                             "start": {"target": "plain"}.get(start, start),
                              "layer": layer, "initial_net": initial, "pos": float(s[:, 0].mean()),
                              "neg": float(s[:, 1].mean()), "net": float(s[:, 2].mean()),
-                             "net_over_initial": float(s[:, 2].mean() / initial),
+                             "net_over_initial": float((s[:, 2] / s[:, 3]).mean()),
                              "pos_over_abs_net": float((s[:, 0] / s[:, 2].abs().clamp_min(1e-12)).median()),
                              "n": int(len(s))})
     meta = run_meta(args, None, None, None, None)
@@ -425,13 +442,17 @@ def conservation(args, model, input_size, layers, images) -> int:
              f"Command: `{meta['command']}`; {meta['machine']}, torch threads {meta['torch_threads']}.", "",
              "Sum over the stage's output of the relevance R = A ⊙ g: positive part, negative part, net, and "
              "net / initial (initial net relevance: plain start 1 on the target logit; contrastive +1 / −1/N, "
-             "net 1/N; contrastive normalised by the margin: 1 on the virtual output y_t − Σ_{c≠t} y_c / N). "
-             "Mean over images; the last column is the median over images of ΣR⁺ / |ΣR| (1 = no cancellation).", "",
-             "| BN folding | start (seed normalised by) | layer | ΣR⁺ | ΣR⁻ | ΣR | ΣR / initial | median ΣR⁺ / abs(ΣR) |",
-             "|---|---|---|---:|---:|---:|---:|---:|"]
+             "net 1/N; contrastive normalised by the margin: 1 on the virtual output y_t − Σ_{c≠t} y_c / N; "
+             "softmax: z = y_t − Σ_{k≠t} q_k y_k on one virtual output, q the softmax of the other logits, "
+             "per image, mean in the 'initial' column). "
+             "Mean over images (ΣR / initial: mean of the per-image ratio); the last column is the median over "
+             "images of ΣR⁺ / |ΣR| (1 = no cancellation).", "",
+             "| BN folding | start (seed normalised by) | layer | initial | ΣR⁺ | ΣR⁻ | ΣR | ΣR / initial | "
+             "median ΣR⁺ / abs(ΣR) |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         start = r["start"] + (f" ({r['seed_norm']})" if r["start"] == "contrastive" else "")
-        lines.append(f"| {r['fold_bn']} | {start} | {r['layer']} | {r['pos']:.4f} | "
+        lines.append(f"| {r['fold_bn']} | {start} | {r['layer']} | {r['initial_net']:.4f} | {r['pos']:.4f} | "
                      f"{r['neg']:.4f} | {r['net']:.4f} | {r['net_over_initial']:.3f} | {r['pos_over_abs_net']:.1f} |")
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

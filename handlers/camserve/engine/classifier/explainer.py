@@ -35,9 +35,8 @@ from ..layers import LayerCatalog
 from .lean_gradient import trace_conv_geometries
 from .methods import Captured, get_method
 from .relevance.composites import Composite, epsilon_plus
-from .relevance.rules import stabilize
 from ..render import prepare_maps
-from .targets import TargetSpec, contrastive_seed, one_hot_seed, resolve_targets, validate_target
+from .targets import TargetSpec, one_hot_seed, relevance_seed, resolve_targets, start_of, validate_target
 from ..timing import clock
 
 
@@ -66,12 +65,20 @@ class Explainer:
     ``(N, C, h, w)`` maps with :meth:`LayerCatalog.as_map` before a method sees them.
     ``captum_limits`` caps the Captum baselines' work (:class:`CaptumLimits`, e.g. from the archive's
     ``handler.captum``); it is read-only after construction, like everything here.
+    ``graph_rows`` bounds how many images' autograd graphs are alive at once: a larger batch is
+    explained in consecutive chunks of that many rows, each image still in exactly one forward
+    (memory of the graph ∝ ``graph_rows`` instead of the batch; logits and maps equal the whole
+    batch's up to the float rounding of a smaller convolution batch). ``None``: the whole batch.
     """
 
     def __init__(self, model: nn.Module, input_size: Tuple[int, int] = (224, 224),
                  default_layer: Optional[str] = None, composite: Optional[Composite] = None,
                  max_topk: int = 5, stages: Optional[Sequence[str]] = None,
-                 captum_limits: Optional[CaptumLimits] = None):
+                 captum_limits: Optional[CaptumLimits] = None, graph_rows: Optional[int] = None):
+        if graph_rows is not None and (isinstance(graph_rows, bool) or not isinstance(graph_rows, int)
+                                       or graph_rows < 1):
+            raise ValueError(f"graph_rows must be a positive integer or None, got {graph_rows!r}")
+        self.graph_rows = graph_rows
         self.model = model.eval()
         self.captum_limits = captum_limits or DEFAULT_LIMITS
         self.input_size = tuple(input_size)
@@ -124,7 +131,32 @@ class Explainer:
         check_images(images)
         if len(specs) != images.shape[0]:
             raise InvalidTargetError(f"got {len(specs)} explanation specs for a batch of {images.shape[0]} images")
-        rows = [self._plan(i, spec) for i, spec in enumerate(specs) if spec is not None]
+        rows = [self._plan(i, spec) for i, spec in enumerate(specs) if spec is not None]  # all, before any forward
+        chunk = self.graph_rows
+        if rows and chunk and images.shape[0] > chunk:
+            return self._explain_in_chunks(images, specs, chunk, output_size, layer_resolution, dtype)
+        return self._explain_batch(images, specs, rows, output_size, layer_resolution, dtype)
+
+    def _explain_in_chunks(self, images, specs, chunk: int, output_size, layer_resolution, dtype) -> ExplainResult:
+        """``explain`` over consecutive chunks of ``chunk`` rows (``graph_rows``): only one chunk's
+        graph is alive at a time; every image waited for the whole batch (``batch_seconds``)."""
+        start = clock(images.device)
+        parts = []
+        for begin in range(0, images.shape[0], chunk):
+            part_specs = specs[begin:begin + chunk]
+            rows = [self._plan(i, spec) for i, spec in enumerate(part_specs) if spec is not None]
+            parts.append(self._explain_batch(images[begin:begin + chunk], part_specs, rows, output_size,
+                                             layer_resolution, dtype))
+        seconds = clock(images.device) - start
+        explanations = [e for part in parts for e in part.explanations]
+        for explanation in explanations:
+            if explanation is not None:
+                explanation.batch_seconds = seconds
+        return ExplainResult(torch.cat([part.logits for part in parts]), explanations,
+                             sum(part.forward_seconds for part in parts))
+
+    def _explain_batch(self, images, specs, rows, output_size, layer_resolution, dtype) -> ExplainResult:
+        """One forward over the whole ``images`` batch and the backward rounds its ``rows`` need."""
         device = images.device
         if not rows:
             start = clock(device)
@@ -284,11 +316,11 @@ class Explainer:
         with torch.no_grad():
             if mode == "gradient":
                 seed = one_hot_seed(logits, targets) * mask
-            else:
-                contrastive = torch.zeros_like(mask)
-                contrastive[[r.index for r in needing if r.options.get("contrastive", True)]] = 1.0
-                seed = contrastive_seed(logits, targets, contrastive) * mask
-                seed = seed / stabilize(logits.detach(), 1e-12)  # so that R_logits = logits ⊙ g = seed
+            else:  # per row: the start its options ask for (targets.relevance_seed; R_logits = logits ⊙ g)
+                starts = ["target"] * logits.shape[0]
+                for r in needing:
+                    starts[r.index] = start_of(r.options)
+                seed = relevance_seed(logits, targets, starts) * mask
         capture.mode = mode
         capture.release_graph = not retain  # the graph's last pass: nothing of it outlives this backward
         try:

@@ -13,7 +13,8 @@ from typing import List, Sequence, Union
 
 import torch
 
-from ..errors import InvalidTargetError
+from ..errors import InvalidOptionError, InvalidTargetError
+from .relevance.rules import stabilize
 
 TargetSpec = Union[None, int, str, Sequence[int]]
 _TOPK = re.compile(r"^top(\d+)$")
@@ -68,6 +69,89 @@ def contrastive_seed(logits: torch.Tensor, targets: torch.Tensor, contrastive=Tr
     one_hot = one_hot_seed(logits, targets)
     weight = contrastive if isinstance(contrastive, torch.Tensor) else float(bool(contrastive))
     return one_hot - (1.0 - one_hot) * weight / logits.shape[1]
+
+
+#: the initial relevances of LRP-based methods (the ``start`` option; see :func:`relevance_seed`)
+STARTS = ("target", "contrastive", "margin", "softmax")
+
+
+def resolve_start(method: str, resolved: dict, start, contrastive_given: bool, default: str) -> dict:
+    """Reconcile a method's ``start`` option (``start``: the request's value, ``None`` when not
+    given) with its ``contrastive`` option (``resolved``: the other options, already resolved;
+    ``contrastive_given``: whether the request named ``contrastive``); ``default`` is the method's
+    start when the request names neither.
+
+    ``contrastive`` stays the alias it always was: ``0`` = ``start=target``, ``1`` =
+    ``start=contrastive``. The resolved options keep ``contrastive`` (``True`` for every
+    class-contrastive start) and carry ``start`` only for the starts that ``contrastive`` cannot
+    name (``margin``, ``softmax``), so requests, echoed options and grouping keys of the old
+    spellings are what they were. An unknown ``start``, or one that contradicts an explicit
+    ``contrastive``, is an :class:`InvalidOptionError`."""
+    resolved.pop("start", None)  # the base resolution's placeholder
+    if start is not None:
+        text = str(start).strip().lower()
+        if text not in STARTS:
+            raise InvalidOptionError(f"option 'start' of {method!r} must be one of {list(STARTS)}, got {start!r}")
+        start = text
+    if start is None:
+        start = ("contrastive" if resolved["contrastive"] else "target") if contrastive_given else default
+    elif contrastive_given and resolved["contrastive"] != (start != "target"):
+        raise InvalidOptionError(
+            f"options of {method!r} conflict: start={start!r} with contrastive={resolved['contrastive']!r} "
+            f"(contrastive is an alias: 0 = start 'target', 1 = start 'contrastive')")
+    resolved["contrastive"] = start != "target"
+    if start in ("margin", "softmax"):
+        resolved["start"] = start
+    return resolved
+
+
+def start_of(options) -> str:
+    """The initial relevance that resolved options ask for (:func:`resolve_start`); options of a
+    method without the option (a probe's ``{"contrastive": …}``) read as before."""
+    start = options.get("start")
+    if start:
+        return start
+    return "contrastive" if options.get("contrastive", True) else "target"
+
+
+def softmax_seed(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``e_t − q`` with ``q_k = p_k / (1 − p_t)`` for ``k ≠ t`` (``q_t = 0``), ``p = softmax(y)``:
+    the softmax gradient ``∂ log p_t / ∂y = e_t − p`` (SGLRP, Iwana et al. 2019) divided by
+    ``1 − p_t > 0``, a positive per-row scale that no map sees. ``q`` is the softmax of the other
+    logits, computed directly (the target masked to ``−∞``), so a confident ``p_t = 1.0`` in float32
+    loses nothing. Shape ``(B, N)``; the row sums are 0."""
+    others = logits.detach().scatter(1, targets.view(-1, 1), float("-inf"))
+    return one_hot_seed(logits, targets) - torch.softmax(others, dim=1).nan_to_num_(0.0)  # one class: no others
+
+
+def relevance_seed(logits: torch.Tensor, targets: torch.Tensor, starts) -> torch.Tensor:
+    """The gradient that seeds a relevance backward at the logits, per row (``starts``: one
+    :data:`STARTS` value per row; the LRP convention ``R_y = y ⊙ g_y``). Shape ``(B, N)``.
+
+    - ``target``: ``R_y = e_t`` (``g = e_t / y``; ΣR = 1);
+    - ``contrastive``: ``R_y = e_t − (1 − e_t)/N``, each class's relevance divided by its own logit
+      in the ε-rule of the head (``g = R_y / y``; ΣR = 1/N) — near-zero logits amplify their ``−1/N``;
+    - ``margin``: the contrastive start as one virtual output ``m = y_t − Σ_{c≠t} y_c / N`` with
+      relevance 1 (``g = (e_t − (1 − e_t)/N) / m``; ΣR = 1);
+    - ``softmax``: the virtual output ``z = Σ_k s_k y_k = y_t − Σ_{k≠t} q_k y_k`` with
+      ``s = e_t − q`` (:func:`softmax_seed`, ``∝ ∂ log p_t / ∂y``) and relevance ``z`` itself:
+      ``g = s``, ``R_y = y ⊙ s``, ΣR = z. The ε-rule of that one unit ``w_t − Σ_{k≠t} q_k w_k``
+      (``R_x = x ⊙ (Wᵀs) · R_z / z``) is then a gradient × input with no division at all: ``z``
+      may be negative (a runner-up class explained against the winner) without flipping the sign.
+      The head's rows summing to ≈ 0 leaves this contrast intact, because ``q`` is not uniform.
+    """
+    logits = logits.detach()
+    starts = list(starts)
+    rows = lambda kind: torch.tensor([s == kind for s in starts], device=logits.device).view(-1, 1)  # noqa: E731
+    contrastive = rows("contrastive").to(logits.dtype)
+    seed = contrastive_seed(logits, targets, contrastive) / stabilize(logits, 1e-12)
+    if "margin" in starts:
+        uniform = contrastive_seed(logits, targets, True)
+        margin = (uniform * logits).sum(dim=1, keepdim=True)
+        seed = torch.where(rows("margin"), uniform / stabilize(margin, 1e-12), seed)
+    if "softmax" in starts:
+        seed = torch.where(rows("softmax"), softmax_seed(logits, targets), seed)
+    return seed
 
 
 def one_hot_seed(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

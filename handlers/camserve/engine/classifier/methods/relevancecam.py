@@ -2,16 +2,33 @@
 
 import torch
 
+from ..targets import STARTS, resolve_start
 from .base import CamMethod, Captured
 
 
 class RelevanceCAM(CamMethod):
-    """``w_k = Σ_ij R^l_kij`` with ``R^l`` propagated by LRP from the (contrastive) class score;
-    ``map = ReLU(Σ_k w_k A_k)``."""
+    """``w_k = Σ_ij R^l_kij`` with ``R^l`` propagated by LRP from the class score;
+    ``map = ReLU(Σ_k w_k A_k)``.
+
+    ``start`` (the initial relevance at the logits, :func:`camserve.engine.classifier.targets.relevance_seed`):
+    ``contrastive`` (the paper's ``+1`` on the target, ``−1/N`` on the others; the default, also
+    ``contrastive=1``), ``target`` (``contrastive=0``), ``margin`` (the contrastive start as one
+    output) or ``softmax`` (the softmax-gradient start after SGLRP, Iwana et al. 2019: the one
+    virtual output ``z = y_t − Σ_{k≠t} q_k y_k``, ``q`` = the softmax of the other logits, with
+    relevance ``z``; no per-class division by a logit).
+    """
 
     name = "relevancecam"
     needs_relevance = True
-    option_choices = {"contrastive": (True, None)}
+    option_choices = {"contrastive": (True, None), "start": (None, (None,) + STARTS)}
+    #: the initial relevance when a request names neither ``start`` nor ``contrastive``
+    DEFAULT_START = "contrastive"
+
+    def options(self, given):
+        given = dict(given or {})
+        start = given.pop("start", None)  # validated by resolve_start
+        return resolve_start(self.name, super().options(given), start, "contrastive" in given,
+                             self.DEFAULT_START)
 
     def weights(self, layer: str, captured: Captured, options) -> torch.Tensor:
         """Total relevance per channel."""

@@ -28,20 +28,39 @@ measured in ``benchmarks/results/shallowcam_variants.md``):
   activation: ``β_k = Σ_ij R̃_ij · A^l_kij / Σ_k' A^l_k'ij``);
 - ``spatial``: ``gradient`` (``ReLU(∂y_c/∂A^l)``, LayerCAM-style) or ``relevance``
   (``ReLU(R^l / A^l)``, gradient-free);
-- ``contrastive``: plain (``+1`` on the target only, the default) or contrastive initial relevance;
+- ``start``, the initial relevance at the logits (``engine/classifier/targets.py: relevance_seed``):
+  ``target`` (``R_y = e_t``, the default; also ``contrastive=0``), ``contrastive`` (the paper's
+  ``+1`` / ``−1/N``, each class's share divided by its own logit; also ``contrastive=1``),
+  ``margin`` (the same contrast as one output, relevance 1 on ``y_t − Σ_{c≠t} y_c / N``: the
+  plain maps, see above) or ``softmax``, the softmax-gradient start after SGLRP (Iwana et al.
+  2019, "Explaining convolutional neural networks using softmax gradient layer-wise relevance
+  propagation"): the target against the classes the model actually considers,
+
+      z = y_t − Σ_{k≠t} q_k y_k,   q_k = p_k / (1 − p_t) = softmax_{k≠t}(y),   p = softmax(y) (detached),
+
+  i.e. ``∂ log p_t / ∂y = e_t − p`` up to the positive factor ``1 − p_t``, explained as *one*
+  virtual output ``w_t − Σ_{k≠t} q_k w_k`` of the linear head with relevance ``z`` itself: the
+  seed gradient is ``g = e_t − q`` (``R_y = y ⊙ g``, ``ΣR_y = z``), so no class's share is
+  divided by its own logit, and a negative ``z`` (a runner-up explained against the winner)
+  keeps its sign. Unlike the uniform ``−1/N``, ``q`` does not cancel against the head's
+  rows summing to ≈ 0. ``contrastive`` is echoed as ``True`` with it (and ``start`` too);
+  ``contrastive=0`` with ``start=softmax`` is an error. Measured in ``shallowcam_variants.md``
+  (§ 5): class-specific (rho12 ≈ 0 at ResNet-20's ``layer1``), conserved at the head.
 - ``refine``: coarse-to-fine, the map multiplied by the min-max-normalised map of ``l+1``.
 """
 
 import torch
 import torch.nn.functional as F
 
+from ..targets import STARTS, resolve_start
 from .base import CamMethod, Captured
 
 
 class ShallowCAM(CamMethod):
     """``map_l = ReLU(Σ_k β_k · S_k ⊙ A^l_k)``, ``β`` and ``S`` as the options say (module docstring).
 
-    Defaults: ``beta=signed, beta_from=layer, spatial=relevance, contrastive=0, refine=0``.
+    Defaults: ``beta=signed, beta_from=layer, spatial=relevance, contrastive=0`` (``start=target``),
+    ``refine=0``. ``start`` seeds the relevance pass only; ``spatial=gradient`` reads ``∂y_t/∂A^l``.
     With ``refine=True`` the map is multiplied by the min-max-normalised map of layer ``l+1``,
     computed the same way (with ``beta_from=layer``) and upsampled bilinearly to ``l``'s resolution.
     """
@@ -53,9 +72,14 @@ class ShallowCAM(CamMethod):
         # needs no ordinary backward pass), contrastive=0 (issue 15, the choose half of
         # benchmarks/results/faithfulness_cifar-resnet20_choose.md: +0.20 / +0.24 / +0.03 paired
         # overall over contrastive=1 at layer1/2/3); refining with l+1 did not help on average.
+        # start=softmax (SGLRP-style) stays an option: on the choose halves it is class-specific on
+        # ResNet-20 (rho12 0.02 / 0.30 / 0.57 vs LayerCAM 0.54 / 0.60 / 0.86) but ties LayerCAM at
+        # layer2 (+0.001 / −0.045; +0.020 / +0.004 with beta_from=above), and on EfficientNet-Lite0
+        # its rho12 (0.66–0.69, median 0.87) stays above LayerCAM's (0.42–0.49): shallowcam_variants.md § 5.
         "spatial": ("relevance", ("gradient", "relevance")),
         "refine": (False, None),
         "contrastive": (False, None),
+        "start": (None, (None,) + STARTS),  # not given: as ``contrastive`` says, else DEFAULT_START (resolve_start)
         "beta": ("signed", ("signed", "positive", "one")),
         "beta_from": ("layer", ("layer", "above")),
     }
@@ -63,9 +87,14 @@ class ShallowCAM(CamMethod):
     #: options added for issue 15: left out of the resolved options while at their defaults, so
     #: that an explanation's echoed options (and its grouping key) are what they were before
     QUIET_DEFAULTS = {"beta": "signed", "beta_from": "layer"}
+    #: the initial relevance when a request names neither ``start`` nor ``contrastive``
+    DEFAULT_START = "target"
 
     def options(self, given):
-        resolved = super().options(given)
+        given = dict(given or {})
+        start = given.pop("start", None)  # validated by resolve_start
+        resolved = resolve_start(self.name, super().options(given), start, "contrastive" in given,
+                                 self.DEFAULT_START)
         for key, default in self.QUIET_DEFAULTS.items():
             if resolved[key] == default:
                 del resolved[key]
@@ -116,7 +145,8 @@ class ShallowCAM(CamMethod):
             spatial = torch.relu(captured.gradients[layer])
         else:
             spatial = torch.relu(captured.relevance_gradients[layer])  # = ReLU(R^l / A^l)
-        return torch.relu((beta[:, :, None, None] * spatial * activations).sum(dim=1))
+        # β ⊙ S ⊙ A written into the fresh S: the same products in the same order, one buffer
+        return torch.relu(spatial.mul_(beta[:, :, None, None]).mul_(activations).sum(dim=1))
 
     def compute(self, layer, captured: Captured, options) -> torch.Tensor:
         """The map at ``l`` (optionally refined by ``l+1``), shape ``(n, h, w)``."""
