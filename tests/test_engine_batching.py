@@ -102,6 +102,39 @@ def test_one_forward_per_batch(effnet_explainer, effnet, effnet_batch):
         handle.remove()
 
 
+def test_graph_rows_explains_in_chunks_with_one_forward_per_image(effnet, effnet_explainer, effnet_batch):
+    """``graph_rows=3`` on a batch of 4: forwards of 3 and 1 rows (each image once), the
+    same logits and maps as the whole batch up to float rounding, and every spec validated before
+    the first forward (a bad spec in the last chunk runs nothing)."""
+    from camserve.engine import InvalidTargetError
+
+    chunked = Explainer(effnet, graph_rows=3)
+    images = effnet_batch[0][:len(MIXED)]
+    whole = effnet_explainer.explain(images, MIXED)
+    calls = []
+    handle = effnet.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+    try:
+        parts = chunked.explain(images, MIXED)
+        assert calls == [3, 1]
+        calls.clear()
+        bad = list(MIXED[:-1]) + [ExplainSpec("gradcam", target=10_000)]
+        with pytest.raises(InvalidTargetError):
+            chunked.explain(images, bad)
+        assert calls == []
+    finally:
+        handle.remove()
+    assert torch.allclose(parts.logits, whole.logits, atol=1e-4)
+    for a, b in zip(parts.explanations, whole.explanations):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert (a.method, a.layer, a.targets) == (b.method, b.layer, b.targets)
+            assert (a.maps - b.maps).abs().max() < 1e-3
+            assert a.batch_seconds >= a.seconds
+    assert no_hooks(effnet)
+    with pytest.raises(ValueError, match="graph_rows"):
+        Explainer(effnet, graph_rows=0)
+
+
 # -- hygiene: hooks and memory ------------------------------------------------------------------
 @pytest.fixture
 def one_thread():
@@ -260,3 +293,14 @@ def test_each_row_reports_its_share_of_the_batch_time_not_the_whole(effnet_expla
     assert all(0 < e.seconds < total for e in explained)
     assert sum(e.seconds for e in explained) < total  # the plain rows' forward share is nobody's explanation
     assert all(e.seconds > result.forward_seconds / 8 for e in explained)
+
+
+def test_handler_setting_graph_rows_is_checked_at_load():
+    """``handler.graph_rows`` in model-config.yaml: a positive integer, else the worker refuses to load."""
+    from camserve.serving.settings import HandlerSettings
+
+    assert HandlerSettings.from_model_config({"handler": {"graph_rows": 4}}).graph_rows == 4
+    assert HandlerSettings.from_model_config({"handler": {}}).graph_rows is None
+    for bad in (0, -1, "4", True, 2.5):
+        with pytest.raises(ValueError, match="handler.graph_rows"):
+            HandlerSettings.from_model_config({"handler": {"graph_rows": bad}})

@@ -75,11 +75,12 @@ def image_bytes(payload: Any, what: str = "image") -> bytes:
 
 
 def build_explainer(model, profile: ModelProfile, default_layer: Optional[str], max_targets: int,
-                    limits: Optional[CaptumLimits] = None) -> Explainer:
+                    limits: Optional[CaptumLimits] = None, graph_rows: Optional[int] = None) -> Explainer:
     """The explainer at the profile's input size; default layer: the archive's, else the profile's, else
     the one discovered by the explainer's probe forward."""
     return Explainer(model, profile.input_size, default_layer=default_layer or profile.default_layer,
-                     max_topk=max_targets, stages=profile.stages or None, captum_limits=limits)
+                     max_topk=max_targets, stages=profile.stages or None, captum_limits=limits,
+                     graph_rows=graph_rows)
 
 
 def captum_limits(section: Any) -> CaptumLimits:
@@ -111,7 +112,8 @@ class ImageClassifierHandler(CamserveHandler):
         loaded = load_spec(spec, self.model_dir, self.device, self.manifest.get("model", {}).get("serializedFile"))
         self.model = loaded.module
         self.explainer = build_explainer(self.model, loaded.profile, self.settings.default_layer,
-                                         self.settings.max_targets, captum_limits(self.settings.extra.get("captum")))
+                                         self.settings.max_targets, captum_limits(self.settings.extra.get("captum")),
+                                         self.settings.graph_rows)
         self.profile = profile_with_layers(loaded.profile, self.explainer.catalog)
         self.labels = labels_for(spec, self.model_dir, self.explainer.num_classes)
 

@@ -16,6 +16,7 @@ Example::
       max_response_bytes: 33554432    # an answer larger than this is a 413 (TorchServe's max_response_size)
       overlay_alpha: 0.5
       array_decimals: 3               # format=array rounding
+      graph_rows: 4                   # explain a batch in chunks of 4 images' graphs (memory; default: whole batch)
       model: {source: torchvision, arch: resnet50, num_classes: 37}   # see engine/models/spec.py
 """
 
@@ -41,6 +42,7 @@ class HandlerSettings:
     colormap: str = "jet"
     overlay_alpha: float = 0.5
     array_decimals: int = 3
+    graph_rows: Optional[int] = None  # Explainer(graph_rows=…): images whose autograd graph is alive at once
     # embedding handler
     gallery_file: Optional[str] = None
     gallery_topk: int = 3
@@ -69,6 +71,9 @@ class HandlerSettings:
 
         if str(self.colormap).lower() not in COLORMAPS:
             raise ValueError(f"handler.colormap {self.colormap!r} is not one of {list(COLORMAPS)}")
+        if self.graph_rows is not None and (isinstance(self.graph_rows, bool) or not isinstance(self.graph_rows, int)
+                                            or self.graph_rows < 1):
+            raise ValueError(f"handler.graph_rows must be a positive integer, got {self.graph_rows!r}")
         if not isinstance(self.model, Mapping):
             raise ValueError(f"handler.model must be a mapping (the model spec), got {self.model!r}")
 
