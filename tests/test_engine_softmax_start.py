@@ -17,7 +17,7 @@ from camserve.engine.classifier.capture import ForwardCapture
 from camserve.engine.classifier.methods import get_method
 from camserve.engine.classifier.relevance.composites import epsilon_plus
 from camserve.engine.classifier.relevance.rules import stabilize
-from camserve.engine.classifier.targets import contrastive_seed, relevance_seed, softmax_seed
+from camserve.engine.classifier.targets import contrastive_seed, relevance_seed, rival_seed, softmax_seed
 from camserve.engine.errors import ExplanationInputError, InvalidOptionError
 from camserve.engine.evaluation.metrics import spearman
 
@@ -40,6 +40,18 @@ def test_softmax_seed_is_the_normalised_softmax_gradient():
     s = softmax_seed(confident, torch.tensor([0]))
     assert torch.isfinite(s).all() and s[0, 1] < -0.5 and s[0, 1:].sum().item() == pytest.approx(-1.0)
     assert torch.equal(softmax_seed(torch.tensor([[2.0]]), torch.tensor([0])), torch.tensor([[1.0]]))
+
+
+def test_rival_seed_contrasts_the_strongest_competitor_and_is_the_cold_softmax_limit():
+    """``e_t − e_r``, ``r`` the largest other logit; the softmax seed of ``y / T`` tends to it as
+    ``T → 0``; one class: the one-hot."""
+    logits = torch.tensor([[2.0, 5.0, 1.0, 4.0], [0.0, -1.0, 3.0, 2.5]])
+    targets = torch.tensor([1, 0])
+    seed = rival_seed(logits, targets)
+    assert torch.equal(seed, torch.tensor([[0.0, 1.0, 0.0, -1.0], [1.0, 0.0, -1.0, 0.0]]))
+    assert torch.allclose(softmax_seed(logits / 1e-3, targets), seed, atol=1e-6)
+    assert torch.equal(relevance_seed(logits, targets, ["rival", "rival"]), seed)
+    assert torch.equal(rival_seed(torch.ones(2, 1), torch.zeros(2, dtype=torch.long)), torch.ones(2, 1))
 
 
 def test_relevance_seed_keeps_the_old_starts_bit_identical_and_mixes_rows():
@@ -127,7 +139,8 @@ def test_rows_with_different_starts_share_one_backward(resnet20):
     each row the map it gets alone."""
     model, x = resnet20
     explainer = Explainer(model, (32, 32))
-    starts = ["softmax", "target", "contrastive", "margin"]
+    starts = ["softmax", "target", "contrastive", "margin", "rival"]
+    x = torch.cat([x, x[:1]])  # one row per start
     mixed = explainer.explain(x, [ExplainSpec("shallowcam", "layer1", None, {"start": s}) for s in starts],
                               layer_resolution=True)
     for i, start in enumerate(starts):

@@ -90,6 +90,10 @@ VARIANTS = OrderedDict([
     ("sc[grad+soft]", ("shallowcam", {"spatial": "gradient", "start": "softmax"})),
     ("sc[grad+soft+pos]", ("shallowcam", {"spatial": "gradient", "start": "softmax", "beta": "positive"})),
     ("relevancecam[soft]", ("relevancecam", {"start": "softmax"})),
+    # the rival start: y_t − y_r against the strongest competitor r (the softmax start at temperature → 0)
+    ("sc[rel+rival]", ("shallowcam", {"start": "rival"})),
+    ("sc[rel+rival+refine]", ("shallowcam", {"start": "rival", "refine": True})),
+    ("sc[rel+rival+above]", ("shallowcam", {"start": "rival", "beta_from": "above"})),
     ("sc[rel+margin]", ("shallowcam", {"start": "margin"})),  # = sc[rel+plain] (shallowcam_variants.md § 1)
     ("random", (None, {})),
 ])

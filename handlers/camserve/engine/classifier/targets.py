@@ -72,7 +72,7 @@ def contrastive_seed(logits: torch.Tensor, targets: torch.Tensor, contrastive=Tr
 
 
 #: the initial relevances of LRP-based methods (the ``start`` option; see :func:`relevance_seed`)
-STARTS = ("target", "contrastive", "margin", "softmax")
+STARTS = ("target", "contrastive", "margin", "softmax", "rival")
 
 
 def resolve_start(method: str, resolved: dict, start, contrastive_given: bool, default: str) -> dict:
@@ -100,7 +100,7 @@ def resolve_start(method: str, resolved: dict, start, contrastive_given: bool, d
             f"options of {method!r} conflict: start={start!r} with contrastive={resolved['contrastive']!r} "
             f"(contrastive is an alias: 0 = start 'target', 1 = start 'contrastive')")
     resolved["contrastive"] = start != "target"
-    if start in ("margin", "softmax"):
+    if start in ("margin", "softmax", "rival"):
         resolved["start"] = start
     return resolved
 
@@ -124,6 +124,17 @@ def softmax_seed(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return one_hot_seed(logits, targets) - torch.softmax(others, dim=1).nan_to_num_(0.0)  # one class: no others
 
 
+def rival_seed(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``e_t − e_r`` with ``r = argmax_{k≠t} y_k``, the strongest competitor: the pairwise contrast
+    ``y_t − y_r`` that the softmax start becomes as its temperature goes to 0 (``q`` → one-hot on
+    ``r``). Shape ``(B, N)``; one class: the one-hot alone."""
+    seed = one_hot_seed(logits, targets)
+    if logits.shape[1] < 2:
+        return seed
+    rival = logits.detach().scatter(1, targets.view(-1, 1), float("-inf")).argmax(dim=1, keepdim=True)
+    return seed.scatter_(1, rival, -1.0)
+
+
 def relevance_seed(logits: torch.Tensor, targets: torch.Tensor, starts) -> torch.Tensor:
     """The gradient that seeds a relevance backward at the logits, per row (``starts``: one
     :data:`STARTS` value per row; the LRP convention ``R_y = y ⊙ g_y``). Shape ``(B, N)``.
@@ -139,6 +150,8 @@ def relevance_seed(logits: torch.Tensor, targets: torch.Tensor, starts) -> torch
       (``R_x = x ⊙ (Wᵀs) · R_z / z``) is then a gradient × input with no division at all: ``z``
       may be negative (a runner-up class explained against the winner) without flipping the sign.
       The head's rows summing to ≈ 0 leaves this contrast intact, because ``q`` is not uniform.
+    - ``rival``: the same with ``s = e_t − e_r`` (:func:`rival_seed`): ``z = y_t − y_r``, the target
+      against its strongest competitor only (the softmax start's zero-temperature limit).
     """
     logits = logits.detach()
     starts = list(starts)
@@ -151,6 +164,8 @@ def relevance_seed(logits: torch.Tensor, targets: torch.Tensor, starts) -> torch
         seed = torch.where(rows("margin"), uniform / stabilize(margin, 1e-12), seed)
     if "softmax" in starts:
         seed = torch.where(rows("softmax"), softmax_seed(logits, targets), seed)
+    if "rival" in starts:
+        seed = torch.where(rows("rival"), rival_seed(logits, targets), seed)
     return seed
 
 

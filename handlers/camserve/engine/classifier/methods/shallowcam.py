@@ -46,6 +46,8 @@ measured in ``benchmarks/results/shallowcam_variants.md``):
   rows summing to ≈ 0. ``contrastive`` is echoed as ``True`` with it (and ``start`` too);
   ``contrastive=0`` with ``start=softmax`` is an error. Measured in ``shallowcam_variants.md``
   (§ 5): class-specific (rho12 ≈ 0 at ResNet-20's ``layer1``), conserved at the head.
+  ``rival``: the same with ``z = y_t − y_r`` against the strongest competitor ``r`` only (the
+  softmax start at temperature → 0; ``contrastive`` echoed ``True``).
 - ``refine``: coarse-to-fine, the map multiplied by the min-max-normalised map of ``l+1``.
 """
 
