@@ -385,9 +385,10 @@ def test_shallowcam_readings_follow_their_definitions(resnet20):
         return torch.cat([e.maps for e in result.explanations])
 
     shallowcam = get_method("shallowcam")
-    # the echoed options keep their old keys; the default start is plain since issue 15
-    assert shallowcam.options({}) == {"spatial": "relevance", "refine": False, "contrastive": False}
-    assert shallowcam.options({"beta": "positive", "beta_from": "layer"}) == {
+    # the echoed options keep their old keys; the default start is the softmax start since issue 15
+    assert shallowcam.options({}) == {"spatial": "relevance", "refine": False, "contrastive": True,
+                                      "start": "softmax"}
+    assert shallowcam.options({"beta": "positive", "beta_from": "layer", "start": "target"}) == {
         "spatial": "relevance", "refine": False, "contrastive": False, "beta": "positive"}
     assert torch.equal(maps("shallowcam", {"beta": "one", "spatial": "gradient"}), maps("layercam", {}))
     logits = model(x).detach()

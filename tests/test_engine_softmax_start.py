@@ -168,15 +168,15 @@ def test_start_option_is_validated_and_contrastive_stays_its_alias(resnet20, met
     assert m.options({"contrastive": False}) == m.options({"start": "target"}) == m.options(
         {"start": "Target", "contrastive": "off"})
     assert m.options({"contrastive": True}) == m.options({"start": "contrastive"})
-    assert "start" not in m.options({"contrastive": True}) and "start" not in m.options({})
+    assert "start" not in m.options({"contrastive": True})
     assert m.options({"start": "softmax"})["start"] == "softmax"
     assert m.options({"start": "softmax", "contrastive": True}) == m.options({"start": "softmax"})
-    # the defaults are unchanged: Shallow-CAM plain, Relevance-CAM the uniform contrastive start
-    default = {"shallowcam": {"spatial": "relevance", "refine": False, "contrastive": False},
+    # the defaults: Shallow-CAM the softmax start (issue 15), Relevance-CAM the uniform contrastive start
+    default = {"shallowcam": {"spatial": "relevance", "refine": False, "contrastive": True, "start": "softmax"},
                "relevancecam": {"contrastive": True}}[method]
     assert m.options({}) == default
     a = explainer.explain(x, [ExplainSpec(method, "layer1", None, {})] * len(x), layer_resolution=True)
-    b = explainer.explain(x, [ExplainSpec(method, "layer1", None, {"start": "target" if method == "shallowcam"
+    b = explainer.explain(x, [ExplainSpec(method, "layer1", None, {"start": "softmax" if method == "shallowcam"
                                                                    else "contrastive"})] * len(x),
                           layer_resolution=True)
     assert all(torch.equal(e.maps, f.maps) for e, f in zip(a.explanations, b.explanations))

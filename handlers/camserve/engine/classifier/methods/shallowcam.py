@@ -14,7 +14,9 @@ by its own logit, classes whose logit is near 0 amplify it (ΣR⁺ ≈ 24× |ΣR
 as one output (the margin ``y_t − Σ_{c≠t} y_c / N``) the contrastive start gives the plain start's
 maps (Spearman ≥ 0.99999), because the head's rows nearly sum to zero. The plain start was more
 faithful on the choose half of the ResNet-20 evaluation at every stage and passed the
-randomisation test where the contrastive one failed.
+randomisation test where the contrastive one failed — but its maps barely depend on the class.
+The default is the softmax start (below): class-specific and, except at ResNet ``layer2``, as
+faithful or more (``shallowcam_variants.md`` § 5–7).
 
 Because the paper gives no code, the readings that differ are options (issue 15; every one is
 measured in ``benchmarks/results/shallowcam_variants.md``):
@@ -29,10 +31,10 @@ measured in ``benchmarks/results/shallowcam_variants.md``):
 - ``spatial``: ``gradient`` (``ReLU(∂y_c/∂A^l)``, LayerCAM-style) or ``relevance``
   (``ReLU(R^l / A^l)``, gradient-free);
 - ``start``, the initial relevance at the logits (``engine/classifier/targets.py: relevance_seed``):
-  ``target`` (``R_y = e_t``, the default; also ``contrastive=0``), ``contrastive`` (the paper's
+  ``target`` (``R_y = e_t``; also ``contrastive=0``), ``contrastive`` (the paper's
   ``+1`` / ``−1/N``, each class's share divided by its own logit; also ``contrastive=1``),
   ``margin`` (the same contrast as one output, relevance 1 on ``y_t − Σ_{c≠t} y_c / N``: the
-  plain maps, see above) or ``softmax``, the softmax-gradient start after SGLRP (Iwana et al.
+  plain maps, see above) or ``softmax`` (the default), the softmax-gradient start after SGLRP (Iwana et al.
   2019, "Explaining convolutional neural networks using softmax gradient layer-wise relevance
   propagation"): the target against the classes the model actually considers,
 
@@ -61,8 +63,8 @@ from .base import CamMethod, Captured
 class ShallowCAM(CamMethod):
     """``map_l = ReLU(Σ_k β_k · S_k ⊙ A^l_k)``, ``β`` and ``S`` as the options say (module docstring).
 
-    Defaults: ``beta=signed, beta_from=layer, spatial=relevance, contrastive=0`` (``start=target``),
-    ``refine=0``. ``start`` seeds the relevance pass only; ``spatial=gradient`` reads ``∂y_t/∂A^l``.
+    Defaults: ``beta=signed, beta_from=layer, spatial=relevance, start=softmax`` (echoed with
+    ``contrastive=1``), ``refine=0``. ``start`` seeds the relevance pass only; ``spatial=gradient`` reads ``∂y_t/∂A^l``.
     With ``refine=True`` the map is multiplied by the min-max-normalised map of layer ``l+1``,
     computed the same way (with ``beta_from=layer``) and upsampled bilinearly to ``l``'s resolution.
     """
@@ -74,10 +76,12 @@ class ShallowCAM(CamMethod):
         # needs no ordinary backward pass), contrastive=0 (issue 15, the choose half of
         # benchmarks/results/faithfulness_cifar-resnet20_choose.md: +0.20 / +0.24 / +0.03 paired
         # overall over contrastive=1 at layer1/2/3); refining with l+1 did not help on average.
-        # start=softmax (SGLRP-style) stays an option: on the choose halves it is class-specific on
-        # ResNet-20 (rho12 0.02 / 0.30 / 0.57 vs LayerCAM 0.54 / 0.60 / 0.86) but ties LayerCAM at
-        # layer2 (+0.001 / −0.045; +0.020 / +0.004 with beta_from=above), and on EfficientNet-Lite0
-        # its rho12 (0.66–0.69, median 0.87) stays above LayerCAM's (0.42–0.49): shallowcam_variants.md § 5.
+        # start=softmax (SGLRP-style) is the default since the choose halves of shallowcam_variants.md
+        # § 5–7: the plain start's maps barely depend on the class (rho12 0.61 / 0.68 / 0.85 on
+        # ResNet-20, 0.99 on EfficientNet-Lite0's _blocks.2/4); the softmax start's do (0.02 / 0.30 /
+        # 0.57 vs LayerCAM 0.54 / 0.60 / 0.86; EfficientNet 0.66–0.69 vs 0.42–0.49, still above),
+        # and it is as faithful or more everywhere except ResNet layer2 (ties LayerCAM there:
+        # +0.001 / −0.045, where the plain start had +0.070 / −0.009 with class-blind maps).
         "spatial": ("relevance", ("gradient", "relevance")),
         "refine": (False, None),
         "contrastive": (False, None),
@@ -90,7 +94,7 @@ class ShallowCAM(CamMethod):
     #: that an explanation's echoed options (and its grouping key) are what they were before
     QUIET_DEFAULTS = {"beta": "signed", "beta_from": "layer"}
     #: the initial relevance when a request names neither ``start`` nor ``contrastive``
-    DEFAULT_START = "target"
+    DEFAULT_START = "softmax"
 
     def options(self, given):
         given = dict(given or {})
