@@ -795,7 +795,11 @@ def main(argv=None) -> int:
 
         os.environ.update(worker_env)  # TorchServe's env → the frontend → its workers
         log("starting TorchServe" + (" with the bring-your-own archives" if args.byo else ""))
-        server = serverkit.start_server(byo=args.byo)
+        # TorchServe's keys expire after token_expiration_min (default 60): a run on a loaded machine
+        # can outlast that, and every later request would be refused with InvalidKeyException (seen:
+        # 886 such 400s after 60 min); the soak measures the handlers, so its keys outlive its deadline
+        expiry = int(args.max_seconds // 60) + 30
+        server = serverkit.start_server(byo=args.byo, overrides={"token_expiration_min": str(expiry)})
         client = Client.of(server)
         log(f"TorchServe ready at {server.url} (workdir {server.workdir})")
     try:
