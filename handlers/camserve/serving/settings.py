@@ -67,13 +67,12 @@ class HandlerSettings:
     def check(self) -> None:
         """Configuration errors stop the worker from loading (the reason in the model log) instead
         of answering every request 400."""
+        from ..engine.classifier.explainer import check_graph_rows
         from ..engine.render import COLORMAPS
 
         if str(self.colormap).lower() not in COLORMAPS:
             raise ValueError(f"handler.colormap {self.colormap!r} is not one of {list(COLORMAPS)}")
-        if self.graph_rows is not None and (isinstance(self.graph_rows, bool) or not isinstance(self.graph_rows, int)
-                                            or self.graph_rows < 1):
-            raise ValueError(f"handler.graph_rows must be a positive integer, got {self.graph_rows!r}")
+        check_graph_rows(self.graph_rows, "handler.graph_rows")
         if not isinstance(self.model, Mapping):
             raise ValueError(f"handler.model must be a mapping (the model spec), got {self.model!r}")
 

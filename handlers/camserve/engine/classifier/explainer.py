@@ -54,6 +54,14 @@ class _Row:
         return (self.method.name, self.layer, tuple(sorted(self.options.items())))
 
 
+
+def check_graph_rows(value, what: str = "graph_rows"):
+    """``value`` if it is ``None`` or a positive integer (the chunk size of :class:`Explainer`), else a
+    ``ValueError`` naming ``what``."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"{what} must be a positive integer or None, got {value!r}")
+    return value
+
 class Explainer:
     """Explanations for an image classifier, batched, in the forward that predicts.
 
@@ -75,10 +83,7 @@ class Explainer:
                  default_layer: Optional[str] = None, composite: Optional[Composite] = None,
                  max_topk: int = 5, stages: Optional[Sequence[str]] = None,
                  captum_limits: Optional[CaptumLimits] = None, graph_rows: Optional[int] = None):
-        if graph_rows is not None and (isinstance(graph_rows, bool) or not isinstance(graph_rows, int)
-                                       or graph_rows < 1):
-            raise ValueError(f"graph_rows must be a positive integer or None, got {graph_rows!r}")
-        self.graph_rows = graph_rows
+        self.graph_rows = check_graph_rows(graph_rows)
         self.model = model.eval()
         self.captum_limits = captum_limits or DEFAULT_LIMITS
         self.input_size = tuple(input_size)
