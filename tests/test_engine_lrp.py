@@ -18,7 +18,9 @@ from camserve.engine import Explainer, ExplainSpec
 from camserve.engine.classifier.capture import ForwardCapture
 from camserve.engine.models import EFFNET_LITE0, TORCHVISION_PROFILES, load_torchvision
 from camserve.engine.preprocess import to_model_input
-from camserve.engine.classifier.relevance.composites import epsilon_alpha2_beta1, epsilon_plus
+from camserve.engine.classifier.relevance.composites import epsilon_alpha2_beta1, epsilon_gamma, epsilon_plus, get_composite
+from camserve.engine.classifier.relevance.rules import GammaRule
+from camserve.engine.errors import InvalidOptionError
 from camserve.engine.classifier.relevance.folding import batchnorm_pairs, fold_batchnorm
 from camserve.engine.classifier.relevance.rules import stabilize
 from camserve.engine.classifier.targets import contrastive_seed
@@ -28,7 +30,9 @@ from conftest import SAMPLES, load_uint8
 import zennit  # noqa: E402,F401 - pinned in requirements.txt: missing must fail, not skip
 from zennit.attribution import Gradient  # noqa: E402
 from zennit.canonizers import SequentialMergeBatchNorm  # noqa: E402
-from zennit.composites import EpsilonAlpha2Beta1, EpsilonPlus  # noqa: E402
+from zennit.composites import EpsilonAlpha2Beta1, EpsilonPlus, LayerMapComposite, layer_map_base  # noqa: E402
+from zennit.rules import Epsilon, Gamma  # noqa: E402
+from zennit.types import Convolution  # noqa: E402
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -111,7 +115,14 @@ def _seed(logits, contrastive=True):
 
 
 # -- parity with zennit -------------------------------------------------------------------------
-COMPOSITES = {"epsilon_plus": (epsilon_plus, EpsilonPlus), "epsilon_alpha2_beta1": (epsilon_alpha2_beta1, EpsilonAlpha2Beta1)}
+def zennit_epsilon_gamma(stabilizer=1e-6):
+    """zennit's generalised LRP-γ (γ = 0.25, signed inputs too) for convolutions, ε for linear layers."""
+    return LayerMapComposite(layer_map_base(stabilizer) + [(Convolution, Gamma(0.25, stabilizer=stabilizer)),
+                                                           (nn.Linear, Epsilon())])
+
+
+COMPOSITES = {"epsilon_plus": (epsilon_plus, EpsilonPlus), "epsilon_alpha2_beta1": (epsilon_alpha2_beta1, EpsilonAlpha2Beta1),
+              "epsilon_gamma": (epsilon_gamma, zennit_epsilon_gamma)}
 
 
 @pytest.mark.parametrize("name", sorted(COMPOSITES))
@@ -137,6 +148,30 @@ def test_relevance_matches_zennit_on_vgg_style_model(photos64, name):
         print(f"zennit {name} {key}: max relative difference {error:.1e}")
         assert error < 1e-6, f"{name} at {key}: {error:.2e}"
         assert ours[key].abs().sum() > 0
+
+
+def test_gamma_composite_is_named_with_its_parameter_and_spans_lrp0_to_zplus(photos64):
+    """``epsilon_gamma:γ`` builds LRP-γ with that ``γ``; ``γ = 0`` is LRP-0 (relevance = gradient ×
+    input for a bias-free net) and a large ``γ`` tends to z⁺; bad names are an InvalidOptionError."""
+    assert get_composite("epsilon_gamma").name == "epsilon_gamma"
+    composite = get_composite("epsilon_gamma:2")
+    assert composite.name == "epsilon_gamma:2"
+    assert any(isinstance(rule, GammaRule) and rule.gamma == 2.0 for _, rule in composite.layer_map)
+    for bad in ("epsilon_gamma:warm", "epsilon_gamma:-1", "epsilon_plus:1", "gamma"):
+        with pytest.raises(InvalidOptionError):
+            get_composite(bad)
+    model = small_vgg(bias=False).double()
+    x = photos64.double()
+    logits = model(x).detach()
+    seed = _seed(logits, contrastive=False)
+    tight = epsilon_gamma(epsilon=1e-12, stabilizer=1e-12, gamma=0.0)  # LRP-0 up to the stabilisers
+    _, lrp0 = engine_relevance(model, x, seed, (), tight.assign(model.named_modules()))
+    xg = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(model(xg), xg, seed / logits)
+    assert torch.allclose(lrp0["input"], x * grad, rtol=1e-6, atol=1e-7 * (x * grad).abs().max().item())
+    _, hot = engine_relevance(model, x, seed, ("5",), get_composite("epsilon_gamma:1e6").assign(model.named_modules()))
+    _, zplus = engine_relevance(model, x, seed, ("5",), epsilon_plus().assign(model.named_modules()))
+    assert torch.allclose(hot["5"], zplus["5"], rtol=1e-3, atol=1e-6 * zplus["5"].abs().max().item())
 
 
 def test_folded_batchnorm_matches_zennit_merge_batchnorm(photos64):

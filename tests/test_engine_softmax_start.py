@@ -180,3 +180,49 @@ def test_start_option_is_validated_and_contrastive_stays_its_alias(resnet20, met
                                                                    else "contrastive"})] * len(x),
                           layer_resolution=True)
     assert all(torch.equal(e.maps, f.maps) for e, f in zip(a.explanations, b.explanations))
+
+
+def test_softmax_temperature_spans_the_rival_and_the_uniform_contrast():
+    """``q = softmax_{k≠t}(y / T)``: ``T = 1`` is the softmax seed unchanged (bit for bit), a cold
+    ``T`` the rival seed, a hot one the uniform ``−1/(N−1)``; rows may carry their own ``T``."""
+    torch.manual_seed(2)
+    logits = torch.randn(3, 6) * 4
+    targets = torch.tensor([0, 5, 2])
+    assert torch.equal(softmax_seed(logits, targets, 1.0), softmax_seed(logits, targets))
+    assert torch.allclose(softmax_seed(logits, targets, 1e-3), rival_seed(logits, targets), atol=1e-6)
+    hot = softmax_seed(logits, targets, 1e6)
+    uniform = torch.full_like(hot, -1 / 5).scatter_(1, targets[:, None], 1.0)
+    assert torch.allclose(hot, uniform, atol=1e-5)
+    per_row = relevance_seed(logits, targets, ["softmax"] * 3, [1.0, 4.0, 1e-3])
+    assert torch.equal(per_row[0], softmax_seed(logits, targets)[0])
+    assert torch.allclose(per_row[1], softmax_seed(logits / 4.0, targets)[1], atol=1e-6)
+    assert torch.allclose(per_row[2], rival_seed(logits, targets)[2], atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["shallowcam", "relevancecam"])
+def test_temperature_option_is_validated_quiet_at_one_and_changes_the_maps(resnet20, method):
+    """``temperature`` is a positive number for ``start=softmax`` only; ``T = 1`` is not echoed
+    (the default's answer unchanged); another ``T`` is echoed and gives other maps, each row in a
+    mixed batch the map it gets alone."""
+    model, x = resnet20
+    explainer = Explainer(model, (32, 32))
+    m = get_method(method)
+    for bad, fragment in (({"start": "softmax", "temperature": 0}, "positive"),
+                          ({"start": "softmax", "temperature": "warm"}, "positive"),
+                          ({"start": "softmax", "temperature": "nan"}, "positive"),
+                          ({"start": "softmax", "temperature": True}, "positive"),
+                          ({"start": "target", "temperature": 2}, "start='softmax' only"),
+                          ({"start": "rival", "temperature": 2}, "start='softmax' only")):
+        with pytest.raises(InvalidOptionError, match=fragment):
+            explainer.validate(ExplainSpec(method, "layer1", None, bad))
+    assert m.options({"start": "softmax", "temperature": "1"}) == m.options({"start": "softmax"})
+    assert m.options({"start": "softmax", "temperature": "4"})["temperature"] == 4.0
+    specs = [ExplainSpec(method, "layer1", None, {"start": "softmax", "temperature": t}) for t in (1, 8, 1, 8)]
+    mixed = explainer.explain(x[:4], specs, layer_resolution=True)
+    assert "temperature" not in mixed.explanations[0].options
+    assert mixed.explanations[1].options["temperature"] == 8.0
+    assert not torch.allclose(mixed.explanations[0].maps, explainer.explain(
+        x[:1], [specs[1]], layer_resolution=True).explanations[0].maps)
+    for i, spec in enumerate(specs):
+        alone = explainer.explain(x[i:i + 1], [spec], layer_resolution=True).explanations[0].maps
+        assert (mixed.explanations[i].maps - alone).abs().max() < 1e-4

@@ -94,10 +94,14 @@ VARIANTS = OrderedDict([
     ("sc[rel+rival]", ("shallowcam", {"start": "rival"})),
     ("sc[rel+rival+refine]", ("shallowcam", {"start": "rival", "refine": True})),
     ("sc[rel+rival+above]", ("shallowcam", {"start": "rival", "beta_from": "above"})),
+    # the softmax start at temperature T: q = softmax_{k≠t}(y / T), between rival (T → 0) and margin (T → ∞)
+    *[(f"sc[rel+soft@T{t}{suffix}]", ("shallowcam", {"start": "softmax", "temperature": t, **extra}))
+      for suffix, extra in (("", {}), ("+refine", {"refine": True}), ("+above", {"beta_from": "above"}))
+      for t in (2, 4, 8, 16, 32)],
     ("sc[rel+margin]", ("shallowcam", {"start": "margin"})),  # = sc[rel+plain] (shallowcam_variants.md § 1)
     ("random", (None, {})),
 ])
-DEFAULT_METHODS = [m for m in VARIANTS if m not in ("sc[grad+one]", "sc[rel+margin]")]
+DEFAULT_METHODS = [m for m in VARIANTS if m not in ("sc[grad+one]", "sc[rel+margin]") and "@T" not in m]
 NEEDS_ABOVE = ("refine", "above")
 BASELINE = "layercam"
 

@@ -36,7 +36,8 @@ from .lean_gradient import trace_conv_geometries
 from .methods import Captured, get_method
 from .relevance.composites import Composite, epsilon_plus
 from ..render import prepare_maps
-from .targets import TargetSpec, one_hot_seed, relevance_seed, resolve_targets, start_of, validate_target
+from .targets import (TargetSpec, one_hot_seed, relevance_seed, resolve_targets, start_of, temperature_of,
+                      validate_target)
 from ..timing import clock
 
 
@@ -323,9 +324,11 @@ class Explainer:
                 seed = one_hot_seed(logits, targets) * mask
             else:  # per row: the start its options ask for (targets.relevance_seed; R_logits = logits ⊙ g)
                 starts = ["target"] * logits.shape[0]
+                temperatures = [1.0] * logits.shape[0]
                 for r in needing:
                     starts[r.index] = start_of(r.options)
-                seed = relevance_seed(logits, targets, starts) * mask
+                    temperatures[r.index] = temperature_of(r.options)
+                seed = relevance_seed(logits, targets, starts, temperatures) * mask
         capture.mode = mode
         capture.release_graph = not retain  # the graph's last pass: nothing of it outlives this backward
         try:

@@ -105,6 +105,34 @@ def resolve_start(method: str, resolved: dict, start, contrastive_given: bool, d
     return resolved
 
 
+def check_temperature(method: str, resolved: dict, temperature) -> dict:
+    """Validate a method's softmax ``temperature`` (``None``: not given) against its resolved
+    start: a positive finite number, and only for ``start=softmax`` (the other starts have no
+    temperature: ``rival`` is its limit ``T → 0``, ``margin`` — the plain maps — is ``T → ∞``).
+    ``T = 1`` is left out of the resolved options, so an echoed answer and its grouping key are
+    what they were before the option existed."""
+    resolved.pop("temperature", None)  # the base resolution's placeholder
+    if temperature is None:
+        return resolved
+    try:
+        value = float(str(temperature).strip()) if not isinstance(temperature, (int, float)) else float(temperature)
+    except ValueError:
+        raise InvalidOptionError(f"option 'temperature' of {method!r} must be a positive number, got {temperature!r}") from None
+    if isinstance(temperature, bool) or not (0.0 < value < float("inf")):
+        raise InvalidOptionError(f"option 'temperature' of {method!r} must be a positive number, got {temperature!r}")
+    if start_of(resolved) != "softmax":
+        raise InvalidOptionError(
+            f"option 'temperature' of {method!r} applies to start='softmax' only, not start={start_of(resolved)!r}")
+    if value != 1.0:
+        resolved["temperature"] = value
+    return resolved
+
+
+def temperature_of(options) -> float:
+    """The softmax start's temperature in resolved options (1 when not given)."""
+    return float(options.get("temperature", 1.0))
+
+
 def start_of(options) -> str:
     """The initial relevance that resolved options ask for (:func:`resolve_start`); options of a
     method without the option (a probe's ``{"contrastive": …}``) read as before."""
@@ -114,13 +142,17 @@ def start_of(options) -> str:
     return "contrastive" if options.get("contrastive", True) else "target"
 
 
-def softmax_seed(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """``e_t − q`` with ``q_k = p_k / (1 − p_t)`` for ``k ≠ t`` (``q_t = 0``), ``p = softmax(y)``:
-    the softmax gradient ``∂ log p_t / ∂y = e_t − p`` (SGLRP, Iwana et al. 2019) divided by
+def softmax_seed(logits: torch.Tensor, targets: torch.Tensor, temperature=1.0) -> torch.Tensor:
+    """``e_t − q`` with ``q_k = p_k / (1 − p_t)`` for ``k ≠ t`` (``q_t = 0``), ``p = softmax(y / T)``:
+    at ``T = 1`` the softmax gradient ``∂ log p_t / ∂y = e_t − p`` (SGLRP, Iwana et al. 2019) divided by
     ``1 − p_t > 0``, a positive per-row scale that no map sees. ``q`` is the softmax of the other
     logits, computed directly (the target masked to ``−∞``), so a confident ``p_t = 1.0`` in float32
-    loses nothing. Shape ``(B, N)``; the row sums are 0."""
+    loses nothing. ``temperature`` ``T`` (a number or a ``(B, 1)`` tensor) spreads ``q``: ``T → 0``
+    is the rival seed (:func:`rival_seed`), ``T → ∞`` the uniform ``1/(N−1)`` (the margin start's
+    contrast). Shape ``(B, N)``; the row sums are 0."""
     others = logits.detach().scatter(1, targets.view(-1, 1), float("-inf"))
+    if not (isinstance(temperature, (int, float)) and temperature == 1):
+        others = others / temperature
     return one_hot_seed(logits, targets) - torch.softmax(others, dim=1).nan_to_num_(0.0)  # one class: no others
 
 
@@ -135,7 +167,7 @@ def rival_seed(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return seed.scatter_(1, rival, -1.0)
 
 
-def relevance_seed(logits: torch.Tensor, targets: torch.Tensor, starts) -> torch.Tensor:
+def relevance_seed(logits: torch.Tensor, targets: torch.Tensor, starts, temperatures=None) -> torch.Tensor:
     """The gradient that seeds a relevance backward at the logits, per row (``starts``: one
     :data:`STARTS` value per row; the LRP convention ``R_y = y ⊙ g_y``). Shape ``(B, N)``.
 
@@ -150,6 +182,7 @@ def relevance_seed(logits: torch.Tensor, targets: torch.Tensor, starts) -> torch
       (``R_x = x ⊙ (Wᵀs) · R_z / z``) is then a gradient × input with no division at all: ``z``
       may be negative (a runner-up class explained against the winner) without flipping the sign.
       The head's rows summing to ≈ 0 leaves this contrast intact, because ``q`` is not uniform.
+      ``temperatures`` (one per row, default 1): ``q = softmax_{k≠t}(y / T)`` (:func:`softmax_seed`).
     - ``rival``: the same with ``s = e_t − e_r`` (:func:`rival_seed`): ``z = y_t − y_r``, the target
       against its strongest competitor only (the softmax start's zero-temperature limit).
     """
@@ -163,7 +196,9 @@ def relevance_seed(logits: torch.Tensor, targets: torch.Tensor, starts) -> torch
         margin = (uniform * logits).sum(dim=1, keepdim=True)
         seed = torch.where(rows("margin"), uniform / stabilize(margin, 1e-12), seed)
     if "softmax" in starts:
-        seed = torch.where(rows("softmax"), softmax_seed(logits, targets), seed)
+        temperature = 1.0 if temperatures is None or all(t == 1 for t in temperatures) else \
+            torch.tensor([float(t) for t in temperatures], device=logits.device, dtype=logits.dtype).view(-1, 1)
+        seed = torch.where(rows("softmax"), softmax_seed(logits, targets, temperature), seed)
     if "rival" in starts:
         seed = torch.where(rows("rival"), rival_seed(logits, targets), seed)
     return seed

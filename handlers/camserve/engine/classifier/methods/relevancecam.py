@@ -2,7 +2,7 @@
 
 import torch
 
-from ..targets import STARTS, resolve_start
+from ..targets import STARTS, check_temperature, resolve_start
 from .base import CamMethod, Captured
 
 
@@ -20,15 +20,17 @@ class RelevanceCAM(CamMethod):
 
     name = "relevancecam"
     needs_relevance = True
-    option_choices = {"contrastive": (True, None), "start": (None, (None,) + STARTS)}
+    option_choices = {"contrastive": (True, None), "start": (None, (None,) + STARTS),
+                      "temperature": (None, (None,))}  # check_temperature
     #: the initial relevance when a request names neither ``start`` nor ``contrastive``
     DEFAULT_START = "contrastive"
 
     def options(self, given):
         given = dict(given or {})
         start = given.pop("start", None)  # validated by resolve_start
-        return resolve_start(self.name, super().options(given), start, "contrastive" in given,
-                             self.DEFAULT_START)
+        temperature = given.pop("temperature", None)  # validated by check_temperature
+        return check_temperature(self.name, resolve_start(self.name, super().options(given), start,
+                                                          "contrastive" in given, self.DEFAULT_START), temperature)
 
     def weights(self, layer: str, captured: Captured, options) -> torch.Tensor:
         """Total relevance per channel."""

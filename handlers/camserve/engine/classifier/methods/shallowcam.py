@@ -56,7 +56,7 @@ measured in ``benchmarks/results/shallowcam_variants.md``):
 import torch
 import torch.nn.functional as F
 
-from ..targets import STARTS, resolve_start
+from ..targets import STARTS, check_temperature, resolve_start
 from .base import CamMethod, Captured
 
 
@@ -86,6 +86,7 @@ class ShallowCAM(CamMethod):
         "refine": (False, None),
         "contrastive": (False, None),
         "start": (None, (None,) + STARTS),  # not given: as ``contrastive`` says, else DEFAULT_START (resolve_start)
+        "temperature": (None, (None,)),  # the softmax start's T (check_temperature); 1 when not given
         "beta": ("signed", ("signed", "positive", "one")),
         "beta_from": ("layer", ("layer", "above")),
     }
@@ -99,8 +100,9 @@ class ShallowCAM(CamMethod):
     def options(self, given):
         given = dict(given or {})
         start = given.pop("start", None)  # validated by resolve_start
-        resolved = resolve_start(self.name, super().options(given), start, "contrastive" in given,
-                                 self.DEFAULT_START)
+        temperature = given.pop("temperature", None)  # validated by check_temperature
+        resolved = check_temperature(self.name, resolve_start(self.name, super().options(given), start,
+                                                              "contrastive" in given, self.DEFAULT_START), temperature)
         for key, default in self.QUIET_DEFAULTS.items():
             if resolved[key] == default:
                 del resolved[key]

@@ -15,7 +15,7 @@ from torch import nn
 
 from ...errors import InvalidOptionError
 from ..lean_gradient import supported_max_pool
-from .rules import (AlphaBetaRule, EpsilonRule, GradientRule, MaxPoolGradientRule, PassRule, ProportionalPoolRule,
+from .rules import (AlphaBetaRule, EpsilonRule, GammaRule, GradientRule, MaxPoolGradientRule, PassRule, ProportionalPoolRule,
                     Rule, ZPlusRule)
 
 CONVOLUTIONS: Tuple[Type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d)
@@ -73,6 +73,14 @@ def epsilon_alpha2_beta1(epsilon: float = 1e-6, stabilizer: float = 1e-6) -> Com
         (CONVOLUTIONS, AlphaBetaRule(2.0, 1.0, stabilizer)), ((nn.Linear,), EpsilonRule(epsilon))]))
 
 
+def epsilon_gamma(epsilon: float = 1e-6, stabilizer: float = 1e-6, gamma: float = 0.25) -> Composite:
+    """LRP-γ (γ = 0.25) for convolutions, ε for linear layers (zennit's ``EpsilonGammaBox`` without
+    the box rule for the first layer: LRP-γ is what Montavon et al. 2019 recommend for lower layers)."""
+    name = "epsilon_gamma" if gamma == 0.25 else f"epsilon_gamma:{gamma:g}"
+    return Composite(name, tuple(_base(stabilizer, GradientRule()) + [
+        (CONVOLUTIONS, GammaRule(gamma, stabilizer)), ((nn.Linear,), EpsilonRule(epsilon))]))
+
+
 def epsilon_only(epsilon: float = 1e-6, stabilizer: float = 1e-6) -> Composite:
     """ε for convolutions and linear layers: the cheapest rule set (no extra forward)."""
     return Composite("epsilon", tuple(_base(stabilizer, GradientRule()) + [
@@ -83,12 +91,21 @@ COMPOSITES = {
     "epsilon_plus": epsilon_plus,
     "epsilon_alpha2_beta1": epsilon_alpha2_beta1,
     "epsilon": epsilon_only,
+    "epsilon_gamma": epsilon_gamma,
 }
 
 
 def get_composite(name: str) -> Composite:
-    """Build the named composite with default parameters."""
+    """Build the named composite with default parameters; ``epsilon_gamma:γ`` sets LRP-γ's ``γ``."""
+    base, _, parameter = name.partition(":")
+    if base not in COMPOSITES:
+        raise InvalidOptionError(f"unknown LRP composite {name!r}; choose one of {sorted(COMPOSITES)}")
+    if not parameter:
+        return COMPOSITES[base]()
     try:
-        return COMPOSITES[name]()
-    except KeyError:
-        raise InvalidOptionError(f"unknown LRP composite {name!r}; choose one of {sorted(COMPOSITES)}") from None
+        gamma = float(parameter)
+    except ValueError:
+        gamma = float("nan")
+    if base != "epsilon_gamma" or not 0 <= gamma < float("inf"):
+        raise InvalidOptionError(f"LRP composite {name!r}: only 'epsilon_gamma:γ' takes a parameter, a number γ ≥ 0")
+    return epsilon_gamma(gamma=gamma)

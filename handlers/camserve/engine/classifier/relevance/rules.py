@@ -243,6 +243,51 @@ class ZPlusRule(AlphaBetaRule):
         return "ZPlusRule()"
 
 
+class GammaRule(Rule):
+    """LRP-γ (Montavon et al. 2019, sec. 10.2.3; zennit's ``Gamma``): the signed contributions
+    with the ones that agree with the output's sign favoured by ``γ``,
+    ``R_x = x ⊙ ∂z_γᵀ (R_y / z_γ)``, ``z_γ = z + γ z⁺`` where ``y ≥ 0`` and ``z + γ z⁻`` where
+    ``y < 0`` (``z = Wx + b = y``; ``z±`` as in :class:`AlphaBetaRule`, so for ``x ≥ 0`` the
+    weights are ``w + γw⁺``). ``γ = 0`` is LRP-0, ``γ → ∞`` z⁺ (for ``y > 0``): a knob between the
+    class-contrastive signed rule and the stable, class-blind z⁺.
+    """
+
+    name = "gamma"
+    reads_output_relevance = True
+
+    def __init__(self, gamma: float = 0.25, stabilizer: float = 1e-6):
+        if not gamma >= 0:
+            raise ValueError("gamma must be >= 0")
+        self.gamma, self.stabilizer = gamma, stabilizer
+
+    def relevance_grad(self, module, x, y, grad, call):
+        """``g_x = ∂zᵀ s + γ ∂z⁺ᵀ (s ⊙ [y ≥ 0]) + γ ∂z⁻ᵀ (s ⊙ [y < 0])``, ``s = g_y ⊙ y / stab z_γ``."""
+        nonnegative = _nonnegative(x)
+        positive = y >= 0
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            params = {"weight": module.weight.detach()}
+            if getattr(module, "bias", None) is not None:
+                params["bias"] = module.bias.detach()
+            z = call(module, params, x)
+            z_pos = _signed_z(module, x, call, positive=True, nonnegative=nonnegative)
+            zs, favoured = [z, z_pos], z_pos.detach() * self.gamma
+            negative = None if bool(positive.all()) else ~positive
+            if negative is not None:
+                z_neg = _signed_z(module, x, call, positive=False, nonnegative=nonnegative)
+                zs.append(z_neg)
+                favoured = torch.where(positive, favoured, z_neg.detach() * self.gamma)
+            seed = scaled_ratio(grad, y, favoured.add_(z.detach()), self.stabilizer)
+            seeds = [seed, seed * positive * self.gamma]
+            if negative is not None:
+                seeds.append(seed * negative * self.gamma)
+            (grad_x,) = torch.autograd.grad(zs, x, seeds)
+        return None, grad_x
+
+    def __repr__(self) -> str:
+        return f"GammaRule(gamma={self.gamma})"
+
+
 class ProportionalPoolRule(Rule):
     """Proportional rule for max pooling: ``R_i = x_i / Σ_window x · R_window`` (instead of the
     gradient's winner-take-all), realised through an average pool with the same geometry."""
