@@ -45,8 +45,13 @@ CASES = [("plain", None, None), ("gradcam @default", "gradcam", None), ("layerca
          ("shallowcam @stage1", "shallowcam", "stage1"), ("layercam @stage1", "layercam", "stage1"),
          ("shallowcam @stage2", "shallowcam", "stage2"),
          # the batch of 8 explained as two chunks of 4 graphs (Explainer(graph_rows=4), handler.graph_rows)
-         ("shallowcam @stage1, graph_rows 4", "shallowcam", "stage1")]
+         ("shallowcam @stage1, graph_rows 4", "shallowcam", "stage1"),
+         # the reading documented for few-class ResNet-like models (shallowcam_variants.md § 8, 10):
+         # the softmax start at T = 4 with β from l+1 (reads l+1's activations and relevance too)
+         ("shallowcam T4+above @stage1", "shallowcam", "stage1"), ("shallowcam T4+above @stage2", "shallowcam", "stage2")]
 GRAPH_ROWS = {"shallowcam @stage1, graph_rows 4": 4}
+CASE_OPTIONS = {label: {"temperature": 4, "beta_from": "above"}
+                for label in ("shallowcam T4+above @stage1", "shallowcam T4+above @stage2")}
 
 
 def load(name: str, device: torch.device):
@@ -72,14 +77,14 @@ def load(name: str, device: torch.device):
     return explainer, profile, batch, load_seconds
 
 
-def case_fn(explainer, method, layer, graph_rows=None):
+def case_fn(explainer, method, layer, graph_rows=None, options=None):
     from camserve.engine import Explainer, ExplainSpec
 
     if graph_rows:
         explainer = Explainer(explainer.model, explainer.input_size, graph_rows=graph_rows)
     if method is None:
         return lambda x: explainer.predict(x)
-    return lambda x: explainer.explain(x, [ExplainSpec(method, layer=layer)] * x.shape[0])
+    return lambda x: explainer.explain(x, [ExplainSpec(method, layer=layer, options=dict(options or {}))] * x.shape[0])
 
 
 def memory_child(name: str, case: str, device: torch.device) -> dict:
@@ -87,7 +92,7 @@ def memory_child(name: str, case: str, device: torch.device) -> dict:
 
     explainer, _profile, batch, _ = load(name, device)
     label, method, layer = next(c for c in CASES if c[0] == case)
-    fn = case_fn(explainer, method, layer, GRAPH_ROWS.get(label))
+    fn = case_fn(explainer, method, layer, GRAPH_ROWS.get(label), CASE_OPTIONS.get(label))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -163,7 +168,8 @@ def main() -> int:
     results = {}
     for name in MODELS:
         explainer, profile, batch, load_seconds = load(name, device)
-        cases = {label: case_fn(explainer, method, layer, GRAPH_ROWS.get(label)) for label, method, layer in CASES}
+        cases = {label: case_fn(explainer, method, layer, GRAPH_ROWS.get(label), CASE_OPTIONS.get(label))
+                 for label, method, layer in CASES}
         samples = interleaved(cases, batch, args.reps, device, clock=args.clock)
         plain = statistics.median(samples["plain"])
         rows = {}

@@ -172,7 +172,7 @@ OPTION_SETS = [
     ({}, None),
     ({"explain": "gradcam"}, ("gradcam", "_conv_head")),
     ({"explain": "gradcam", "layer": "_blocks.10", "target": "5"}, ("gradcam", "_blocks.10")),
-    ({"explain": "shallowcam", "layer": "_blocks.2"}, ("shallowcam", "_blocks.2")),
+    ({"explain": "shallowcam", "layer": "_blocks.2", "temperature": "2"}, ("shallowcam", "_blocks.2")),
     ({"explain": "layercam", "format": "array"}, ("layercam", "_conv_head")),
     ({"explain": "cam", "target": "top2"}, ("cam", "_conv_head")),
     ({"explain": "gradcampp", "layer": "_blocks.14", "overlay": "1"}, ("gradcampp", "_blocks.14")),
@@ -223,6 +223,8 @@ def test_batch_of_eight_different_option_sets(torchserve_server, samples):
         else:
             assert png(explanation["heatmap"]).size == (224, 224)
         assert ("overlay" in explanation) == (opts.get("overlay") == "1")
+        if "temperature" in opts:  # the softmax start's temperature, echoed (T = 1 is not)
+            assert explanation["options"]["temperature"] == 2.0 and explanation["options"]["start"] == "softmax"
     assert max(sizes) > 1, f"no request was batched: {sizes}"
     print("batch sizes seen by the 8 concurrent requests:", sizes)
 
@@ -254,6 +256,8 @@ def test_errors_are_isolated_in_their_batch(torchserve_server, samples):
         "oversized": ({"data": big_jpeg(8000, 6000)}, 413, "pixels"),
         "bomb": ({"data": bomb_png(40000, 40000)}, 413, "pixels"),
         "bad option": ({"data": good, "explain": "gradcam", "format": "gif"}, 400, "format"),
+        "bad method option": ({"data": good, "explain": "shallowcam", "start": "rival", "temperature": "2"}, 400,
+                              "temperature"),
     }
     calls = [(f"/predictions/{MODEL}", {"files": files}) for files, _, _ in cases.values()]
     calls.append((f"/predictions/{MODEL}", {"data": b"{not json", "headers": {"Content-Type": "application/json"}}))

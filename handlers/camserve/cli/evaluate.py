@@ -50,7 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--methods", default=DEFAULT_METHODS,
                         help="comma list; 'shallowcam' expands to its 4 variants, e.g. shallowcam[rel+refine]")
     parser.add_argument("--composite", default="epsilon_plus",
-                        help="LRP composite of the relevance methods: epsilon_plus (default), epsilon_alpha2_beta1, epsilon")
+                        help="LRP composite of the relevance methods: epsilon_plus (default), epsilon_alpha2_beta1, epsilon, "
+                             "epsilon_gamma[:γ] (LRP-γ, γ = 0.25 unless given)")
 
 
 def expand_methods(text: str) -> List[str]:

@@ -483,7 +483,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=128, help="step images per forward")
     parser.add_argument("--explain-batch", type=int, default=32)
     parser.add_argument("--no-randomisation", action="store_true", help="skip the model-randomisation test")
-    parser.add_argument("--composite", default="epsilon_plus")
+    parser.add_argument("--composite", default="epsilon_plus",
+                        help="LRP composite: epsilon_plus (default), epsilon_alpha2_beta1, epsilon, epsilon_gamma[:γ]")
     parser.add_argument("--fold-bn", choices=("none", "bias", "nobias"), default="none",
                         help="fold BatchNorm into the convs for LRP (with or without the folded shift)")
     parser.add_argument("--seed-norm", choices=("logit", "margin"), default="logit",

@@ -15,7 +15,8 @@ class RelevanceCAM(CamMethod):
     ``contrastive=1``), ``target`` (``contrastive=0``), ``margin`` (the contrastive start as one
     output) or ``softmax`` (the softmax-gradient start after SGLRP, Iwana et al. 2019: the one
     virtual output ``z = y_t − Σ_{k≠t} q_k y_k``, ``q`` = the softmax of the other logits, with
-    relevance ``z``; no per-class division by a logit).
+    relevance ``z``; no per-class division by a logit); with it, ``temperature`` ``T``:
+    ``q = softmax_{k≠t}(y / T)`` (1 when not given).
     """
 
     name = "relevancecam"
