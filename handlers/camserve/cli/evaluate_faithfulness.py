@@ -96,7 +96,8 @@ VARIANTS = OrderedDict([
     ("sc[rel+rival+above]", ("shallowcam", {"start": "rival", "beta_from": "above"})),
     # the softmax start at temperature T: q = softmax_{k≠t}(y / T), between rival (T → 0) and margin (T → ∞)
     *[(f"sc[rel+soft@T{t}{suffix}]", ("shallowcam", {"start": "softmax", "temperature": t, **extra}))
-      for suffix, extra in (("", {}), ("+refine", {"refine": True}), ("+above", {"beta_from": "above"}))
+      for suffix, extra in (("", {}), ("+refine", {"refine": True}), ("+above", {"beta_from": "above"}),
+                            ("+above+refine", {"beta_from": "above", "refine": True}))
       for t in (2, 4, 8, 16, 32)],
     ("sc[rel+margin]", ("shallowcam", {"start": "margin"})),  # = sc[rel+plain] (shallowcam_variants.md § 1)
     ("random", (None, {})),
