@@ -65,7 +65,9 @@ def build_byo_archives(store: Path, work: Path) -> Dict[str, str]:
          "--weights", "vit.safetensors", "--default-method", "gradcam"],
         ["cifar_resnet20", "--source", "eager", "--model-file", str(REPO / "examples/cifar_resnet/model.py"),
          "--class-name", "CifarResNet", "--kwargs", '{"depth": 20}', "--weights", str(RESNET20),
-         "--preprocess", "crop=32", "--labels", "cifar10.json", "--method-layer", "shallowcam=stage1"],
+         "--preprocess", "crop=32", "--labels", "cifar10.json", "--method-layer", "shallowcam=stage1",
+         # the reading measured best for few-class ResNets (benchmarks/results/shallowcam_variants.md § 10)
+         "--method-option", "shallowcam.temperature=4", "--method-option", "shallowcam.beta_from=auto"],
         ["tv_resnet18_embed", "--task", "embed", "--source", "torchvision", "--arch", "resnet18",
          "--num-classes", "0"],
         ["tv_resnet18_proj", "--task", "embed", "--source", "torchvision", "--arch", "resnet18",

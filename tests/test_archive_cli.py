@@ -33,6 +33,7 @@ def work(tmp_path_factory):
 def test_archive_writes_the_spec_and_the_label_map(work):
     done = camserve("archive", "insects", "--source", "torchvision", "--arch", "resnet18", "--num-classes", "3",
                     "--weights", "r18.pt", "--labels", "labels.json", "--method-layer", "shallowcam=stage2",
+                    "--method-option", "shallowcam.temperature=4", "--method-option", "ShallowCAM.beta_from=auto",
                     "--export-path", "store", cwd=work)
     assert done.returncode == 0, done.stderr
     assert "checked insects: classify: 3 classes" in done.stdout
@@ -45,6 +46,7 @@ def test_archive_writes_the_spec_and_the_label_map(work):
     assert config["handler"]["model"] == {"source": "torchvision", "arch": "resnet18", "num_classes": 3,
                                           "task": "classify"}
     assert config["handler"]["method_layers"] == {"shallowcam": "stage2"}
+    assert config["handler"]["method_options"] == {"shallowcam": {"temperature": "4", "beta_from": "auto"}}
     assert config["batchSize"] == 8 and config["responseTimeout"] == 120
     assert labels == {"0": "ant", "1": "bee", "2": "wasp"}
     assert manifest["model"]["serializedFile"] == "r18.pt"
@@ -90,6 +92,22 @@ def test_an_lrp_default_on_a_vit_is_refused(work):
                     "--default-method", "shallowcam", "--export-path", "store", cwd=work)
     assert done.returncode != 0
     assert "cannot serve this model" in done.stderr
+
+
+@pytest.mark.parametrize("option,fragment", [("shallowcam.temperature=0", "positive number"),
+                                             ("shallowcam.beta_from=above", "no layer above"),
+                                             ("ig.steps=8", "not a CAM-family method"),
+                                             ("temperature=4", "METHOD.OPTION=VALUE")])
+def test_a_bad_default_method_option_is_refused_with_the_reason(work, option, fragment):
+    """Defaults are checked as the worker would use them: ``beta_from=above`` at the last stage
+    (the default layer here) has no layer above it."""
+    done = camserve("archive", "badopt", "--source", "torchvision", "--arch", "resnet18", "--num-classes", "3",
+                    "--method-layer", "shallowcam=stage5", "--method-option", option, "--export-path", "store",
+                    cwd=work)
+    assert done.returncode != 0
+    assert fragment in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (work / "store" / "badopt.mar").exists()
 
 
 def test_layers_prints_stages_and_default(work):

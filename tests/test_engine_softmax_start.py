@@ -226,3 +226,23 @@ def test_temperature_option_is_validated_quiet_at_one_and_changes_the_maps(resne
     for i, spec in enumerate(specs):
         alone = explainer.explain(x[i:i + 1], [spec], layer_resolution=True).explanations[0].maps
         assert (mixed.explanations[i].maps - alone).abs().max() < 1e-4
+
+
+def test_beta_from_auto_is_above_where_there_is_a_layer_above_and_layer_at_the_last(resnet20):
+    """``beta_from=auto`` gives ``beta_from=above``'s maps at ``layer1`` / ``layer2`` and
+    ``beta_from=layer``'s at ``layer3`` (the last feature map, where ``above`` is an error)."""
+    model, x = resnet20
+    explainer = Explainer(model, (32, 32))
+
+    def maps(layer, options):
+        result = explainer.explain(x, [ExplainSpec("shallowcam", layer, None, options)] * len(x),
+                                   layer_resolution=True)
+        return torch.stack([e.maps for e in result.explanations])
+
+    for layer, same_as in (("layer1", "above"), ("layer2", "above"), ("layer3", "layer")):
+        auto = maps(layer, {"beta_from": "auto", "temperature": 4})
+        assert torch.equal(auto, maps(layer, {"beta_from": same_as, "temperature": 4})), layer
+    assert not torch.equal(maps("layer1", {"beta_from": "auto"}), maps("layer1", {}))
+    with pytest.raises(ExplanationInputError, match="no layer above"):
+        explainer.validate(ExplainSpec("shallowcam", "layer3", None, {"beta_from": "above"}))
+    explainer.validate(ExplainSpec("shallowcam", "layer3", None, {"beta_from": "auto"}))

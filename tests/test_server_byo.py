@@ -62,6 +62,24 @@ def test_cnn_methods_at_discovered_stages(torchserve_server, model, stages, meth
         assert np.asarray(heatmap).std() > 0, f"{method} at {stage} gave a constant map"
 
 
+def test_archive_method_options_are_the_served_defaults(torchserve_server):
+    """The ResNet-20 archive's ``--method-option``s (temperature 4, β from l+1 where there is one) are
+    what a Shallow-CAM request gets unless it names its own; naming the start drops the temperature;
+    ``beta_from=auto`` serves the last stage too."""
+    default = explained(torchserve_server, "cifar_resnet20", explain="shallowcam")["explanation"]
+    assert default["layer"] == "layer1"
+    assert default["options"]["temperature"] == 4.0 and default["options"]["beta_from"] == "auto"
+    assert default["options"]["start"] == "softmax"
+    own = explained(torchserve_server, "cifar_resnet20", explain="shallowcam", start="target",
+                    beta_from="layer")["explanation"]
+    assert "temperature" not in own["options"] and own["options"]["contrastive"] is False
+    assert own["heatmap"] != default["heatmap"]
+    last = explained(torchserve_server, "cifar_resnet20", explain="shallowcam", layer="stage3")["explanation"]
+    assert last["layer"] == "layer3" and last["options"]["beta_from"] == "auto"
+    other = explained(torchserve_server, "tv_resnet18", explain="shallowcam")["explanation"]
+    assert "temperature" not in other["options"]  # another archive: its own (no) defaults
+
+
 def test_cnn_stage_layer_shapes_shrink(torchserve_server):
     shapes = [explained(torchserve_server, "cifar_resnet20", explain="layercam", layer=s)["explanation"]["layer_shape"]
               for s in ("stage1", "stage2", "stage3")]

@@ -274,3 +274,34 @@ def test_v2_compare_answer_has_a_method_dimension():
     assert out["heatmap"]["shape"] == [1, 2, 1] and out["spearman"]["shape"] == [1, 2, 2]
     assert out["crop_box"]["shape"] == [1, 4] and out["comparison_target"]["data"] == [3]
     assert out["batch_seconds"]["shape"] == [1, 2] and out["scores"]["shape"] == [1, 1]
+
+
+def test_archive_method_options_are_defaults_a_request_overrides():
+    """``handler.method_options``: defaults for what a request does not name; naming one option of a
+    coupled group (``start`` / ``contrastive`` / ``temperature``) takes none of that group from the
+    defaults; compare= gets each method's defaults; bad defaults stop the worker (ValueError)."""
+    settings = HandlerSettings.from_model_config({"handler": {
+        "method_options": {"ShallowCAM": {"temperature": 4, "beta_from": "auto"}, "gradcam": {}}}})
+    assert settings.method_options == {"shallowcam": {"temperature": 4, "beta_from": "auto"}, "gradcam": {}}
+
+    def method_options(raw):
+        return parse_options(raw, settings, explain_route=False).method_options
+
+    assert method_options({"explain": "shallowcam"}) == {"temperature": 4, "beta_from": "auto"}
+    assert method_options({"explain": "shallowcam", "beta_from": "layer"}) == {"temperature": 4, "beta_from": "layer"}
+    assert method_options({"explain": "shallowcam", "start": "target"}) == {"beta_from": "auto", "start": "target"}
+    assert method_options({"explain": "shallowcam", "contrastive": "0"}) == {"beta_from": "auto", "contrastive": "0"}
+    assert method_options({"explain": "shallowcam", "temperature": "2"}) == {"temperature": "2", "beta_from": "auto"}
+    assert method_options({"explain": "gradcam"}) == {}
+    assert method_options({"explain": "relevancecam"}) == {}
+    compared = parse_options({"compare": "layercam,shallowcam"}, settings, explain_route=False).compare
+    assert [spec.options for spec in compared] == [{}, {"temperature": 4, "beta_from": "auto"}]
+    assert parse_options({}, settings, explain_route=True).method_options == {"temperature": 4, "beta_from": "auto"}
+    for bad, fragment in (({"nosuchcam": {}}, "not a CAM-family method"),
+                          ({"shallowcam": {"temperature": "cold"}}, "positive number"),
+                          ({"shallowcam": {"start": "rival", "temperature": 2}}, "softmax"),
+                          ({"layercam": {"beta": "one"}}, "no option"),
+                          ({"shallowcam": ["temperature"]}, "mapping"),
+                          ("shallowcam", "map methods")):
+        with pytest.raises(ValueError, match=fragment):
+            HandlerSettings.from_model_config({"handler": {"method_options": bad}})

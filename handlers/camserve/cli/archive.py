@@ -49,6 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--default-layer", default=None, help="layer when a request names none (module path or stageN)")
     parser.add_argument("--method-layer", action="append", default=[], metavar="METHOD=LAYER",
                         help="a method's own default layer, e.g. shallowcam=stage2 (repeatable)")
+    parser.add_argument("--method-option", action="append", default=[], metavar="METHOD.OPTION=VALUE",
+                        help="a default method option (handler.method_options; a request's own options win), "
+                             "e.g. shallowcam.temperature=4 (repeatable)")
     parser.add_argument("--extra-file", action="append", default=[], help="another file for the archive (repeatable)")
     parser.add_argument("--export-path", default="model_store", help="folder for the .mar (default: model_store)")
     parser.add_argument("--version", default="1.0", help="model version (default: 1.0)")
@@ -79,6 +82,13 @@ def handler_section(args, spec, base: Dict[str, Any]) -> Dict[str, Any]:
         if not sep:
             raise SystemExit(f"--method-layer {item!r}: expected METHOD=LAYER")
         section.setdefault("method_layers", {})[method.strip()] = layer.strip()
+    for item in args.method_option:
+        key, sep, value = item.partition("=")
+        method, dot, option = key.partition(".")
+        if not sep or not dot or not method.strip() or not option.strip():
+            raise SystemExit(f"--method-option {item!r}: expected METHOD.OPTION=VALUE")
+        section.setdefault("method_options", {}).setdefault(method.strip().lower(), {})[option.strip().lower()] = \
+            value.strip()
     return section
 
 
@@ -88,6 +98,12 @@ def check_servable(spec, section: Dict[str, Any]) -> str:
     from ..engine.models import embedding_model_for, load_spec, profile_with_layers
     from ..engine.similarity.fam import FamExplainer
 
+    from ..serving.settings import check_method_options
+
+    try:
+        check_method_options(section.get("method_options"))
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
     loaded = load_spec(spec, os.getcwd())
     if spec.task == "embed":
         model, route = embedding_model_for(loaded)
@@ -98,9 +114,10 @@ def check_servable(spec, section: Dict[str, Any]) -> str:
     profile = profile_with_layers(loaded.profile, explainer.catalog)
     method = section.get("default_method", "shallowcam")
     layers = dict(section.get("method_layers") or {})
+    defaults = dict(section.get("method_options") or {})
     for name, layer in [(method, layers.get(method) or section.get("default_layer"))] + list(layers.items()):
         try:
-            explainer.validate(ExplainSpec(name, layer=layer))
+            explainer.validate(ExplainSpec(name, layer=layer, options=dict(defaults.get(name) or {})))
         except Exception as error:  # noqa: BLE001 - reported as the archive's configuration error
             raise SystemExit(f"default method {name!r} at layer {layer or explainer.default_layer!r} cannot serve "
                              f"this model: {error}") from None

@@ -150,9 +150,10 @@ def parse_options(raw: Mapping[str, Any], settings: HandlerSettings, explain_rou
             raise InvalidRequestOptionError(f"option 'alpha' must be a number in [0, 1], got {raw['alpha']!r}")
     method_options = {k: v for k, v in raw.items() if k not in SERVING_OPTIONS}
     if compare is None:
-        options.method_options = method_options
+        options.method_options = settings.options_for(method, method_options)
         return options
     names = parse_methods(compare)
-    options.compare = [ExplainSpec(name, settings.layer_for(name, requested_layer), options.target, own)
+    options.compare = [ExplainSpec(name, settings.layer_for(name, requested_layer), options.target,
+                                   settings.options_for(name, own))
                        for name, own in zip(names, split_options(names, method_options))]
     return options

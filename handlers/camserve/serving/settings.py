@@ -6,6 +6,7 @@ Example::
       default_method: shallowcam      # used by /explanations and by explain=1|true
       default_layer: _conv_head       # when a request names no layer and its method has no entry below
       method_layers: {shallowcam: _blocks.4}
+      method_options: {shallowcam: {temperature: 4, beta_from: auto}}   # defaults a request may override
       topk: 5                         # predictions per answer (a request may ask topk=1..max_topk)
       max_topk: 20
       max_targets: 5                  # target=topK / lists: at most this many maps per image
@@ -34,6 +35,8 @@ class HandlerSettings:
     default_method: str = "shallowcam"
     default_layer: Optional[str] = None
     method_layers: Dict[str, str] = field(default_factory=dict)
+    #: per CAM-family method, default method options for what a request does not name
+    method_options: Dict[str, Dict[str, Any]] = field(default_factory=dict)
     topk: int = 5
     max_topk: int = 20
     max_targets: int = 5
@@ -75,12 +78,56 @@ class HandlerSettings:
         check_graph_rows(self.graph_rows, "handler.graph_rows")
         if not isinstance(self.model, Mapping):
             raise ValueError(f"handler.model must be a mapping (the model spec), got {self.model!r}")
+        self.method_options = check_method_options(self.method_options)
 
     def layer_for(self, method: str, requested: Optional[str]) -> Optional[str]:
         """The layer a request gets: its own, else the method's configured one, else the default."""
         if requested:
             return requested
         return self.method_layers.get(method) or self.default_layer
+
+
+    def options_for(self, method: str, given: Mapping[str, Any]) -> Dict[str, Any]:
+        """A request's method options over the archive's ``method_options`` for that method: a
+        default fills an option the request does not name, except that a request naming one
+        option of a coupled group (the method's ``coupled_options``, e.g. ``start`` /
+        ``contrastive`` / ``temperature``) takes none of that group from the defaults."""
+        defaults = self.method_options.get(method)
+        if not defaults:
+            return dict(given)
+        from ..engine.classifier.methods import get_method
+
+        named = {str(k).lower() for k in given}
+        skipped = {name for group in get_method(method).coupled_options if named & set(group) for name in group}
+        merged = {k: v for k, v in defaults.items() if k not in named and k not in skipped}
+        merged.update(given)
+        return merged
+
+
+def check_method_options(section: Any) -> Dict[str, Dict[str, Any]]:
+    """``handler.method_options`` checked at load: CAM-family methods only, each one's defaults
+    accepted by the method (an unknown method or option, or a bad value, stops the worker)."""
+    from ..engine.classifier.methods import METHODS, get_method
+    from ..engine.errors import ExplanationInputError
+
+    if not section:
+        return {}
+    if not isinstance(section, Mapping):
+        raise ValueError(f"handler.method_options must map methods to their default options, got {section!r}")
+    checked = {}
+    for method, options in section.items():
+        name = str(method).lower()
+        if name not in METHODS:
+            raise ValueError(f"handler.method_options: {method!r} is not a CAM-family method ({sorted(METHODS)})")
+        if not isinstance(options, Mapping):
+            raise ValueError(f"handler.method_options.{method} must be a mapping of options, got {options!r}")
+        options = {str(k).lower(): v for k, v in options.items()}
+        try:
+            get_method(name).options(options)
+        except ExplanationInputError as error:
+            raise ValueError(f"handler.method_options.{method}: {error}") from None
+        checked[name] = options
+    return checked
 
 
 def model_spec(settings: HandlerSettings, manifest: Optional[Mapping[str, Any]], task: str) -> ModelSpec:

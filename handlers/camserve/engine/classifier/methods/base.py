@@ -62,6 +62,9 @@ class CamMethod:
     needs_relevance = False
     #: option name → (default, allowed values or None for bool)
     option_choices: Mapping[str, Tuple[Any, Optional[Tuple[Any, ...]]]] = {}
+    #: groups of options that only make sense together (e.g. a start and its temperature): a
+    #: request that names one of a group takes none of the group from a deployment's defaults
+    coupled_options: Tuple[Tuple[str, ...], ...] = ()
 
     def options(self, given: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
         """Merge ``given`` into the defaults, coercing strings; unknown names are an error."""

@@ -23,6 +23,7 @@ class RelevanceCAM(CamMethod):
     needs_relevance = True
     option_choices = {"contrastive": (True, None), "start": (None, (None,) + STARTS),
                       "temperature": (None, (None,))}  # check_temperature
+    coupled_options = (("start", "contrastive", "temperature"),)
     #: the initial relevance when a request names neither ``start`` nor ``contrastive``
     DEFAULT_START = "contrastive"
 

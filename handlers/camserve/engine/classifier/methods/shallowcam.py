@@ -27,7 +27,9 @@ measured in ``benchmarks/results/shallowcam_variants.md``):
 - ``beta_from``: ``layer`` (the LRP relevance at ``l``, i.e. what ``l``'s channels receive from
   ``l+1``) or ``above`` (the spatial relevance of ``l+1``, ``R̃_ij = Σ_k R^{l+1}_kij``, brought to
   ``l``'s grid sum-preservingly and propagated one step to ``l``'s channels in proportion to their
-  activation: ``β_k = Σ_ij R̃_ij · A^l_kij / Σ_k' A^l_k'ij``);
+  activation: ``β_k = Σ_ij R̃_ij · A^l_kij / Σ_k' A^l_k'ij``); ``auto``: ``above`` where ``l`` has
+  a layer above it, ``layer`` at the last feature map (which has none; ``above`` is an error there)
+  — so a deployment default of ``auto`` serves every stage;
 - ``spatial``: ``gradient`` (``ReLU(∂y_c/∂A^l)``, LayerCAM-style) or ``relevance``
   (``ReLU(R^l / A^l)``, gradient-free);
 - ``start``, the initial relevance at the logits (``engine/classifier/targets.py: relevance_seed``):
@@ -60,6 +62,7 @@ measured in ``benchmarks/results/shallowcam_variants.md``):
 import torch
 import torch.nn.functional as F
 
+from ...errors import NotAFeatureMapError
 from ..targets import STARTS, check_temperature, resolve_start
 from .base import CamMethod, Captured
 
@@ -92,12 +95,13 @@ class ShallowCAM(CamMethod):
         "start": (None, (None,) + STARTS),  # not given: as ``contrastive`` says, else DEFAULT_START (resolve_start)
         "temperature": (None, (None,)),  # the softmax start's T (check_temperature); 1 when not given
         "beta": ("signed", ("signed", "positive", "one")),
-        "beta_from": ("layer", ("layer", "above")),
+        "beta_from": ("layer", ("layer", "above", "auto")),
     }
     eps = 1e-12
     #: options added for issue 15: left out of the resolved options while at their defaults, so
     #: that an explanation's echoed options (and its grouping key) are what they were before
     QUIET_DEFAULTS = {"beta": "signed", "beta_from": "layer"}
+    coupled_options = (("start", "contrastive", "temperature"),)
     #: the initial relevance when a request names neither ``start`` nor ``contrastive``
     DEFAULT_START = "softmax"
 
@@ -129,15 +133,23 @@ class ShallowCAM(CamMethod):
                                            and self._get(options, "beta") != "one")
 
     def layers(self, layer, catalog, options):
-        """``l`` and, for the coarse-to-fine variant or ``beta_from=above``, ``l+1``."""
-        return [layer, catalog.layer_above(layer)] if self._needs_above(options) else [layer]
+        """``l`` and, for the coarse-to-fine variant or ``beta_from=above``, ``l+1`` (for
+        ``beta_from=auto``: ``l+1`` when there is one)."""
+        if self._needs_above(options):
+            return [layer, catalog.layer_above(layer)]
+        if self._get(options, "beta_from") == "auto" and self._get(options, "beta") != "one":
+            try:
+                return [layer, catalog.layer_above(layer)]
+            except NotAFeatureMapError:  # the last feature map: β from the layer itself
+                return [layer]
+        return [layer]
 
     def _beta(self, layer: str, captured: Captured, options, above) -> torch.Tensor:
         activations = captured.activations[layer]
         beta_kind = self._get(options, "beta")
         if beta_kind == "one":
             return torch.ones(activations.shape[:2], device=activations.device, dtype=activations.dtype)
-        if above is not None and self._get(options, "beta_from") == "above":
+        if above is not None and self._get(options, "beta_from") in ("above", "auto"):
             spatial_relevance = captured.relevance(above).sum(dim=1, keepdim=True)  # (n, 1, h', w')
             h, w = activations.shape[-2:]
             scale = spatial_relevance.shape[-2] * spatial_relevance.shape[-1] / (h * w)
