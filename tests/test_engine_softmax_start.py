@@ -211,6 +211,8 @@ def test_temperature_option_is_validated_quiet_at_one_and_changes_the_maps(resne
                           ({"start": "softmax", "temperature": "warm"}, "positive"),
                           ({"start": "softmax", "temperature": "nan"}, "positive"),
                           ({"start": "softmax", "temperature": True}, "positive"),
+                          ({"start": "softmax", "temperature": "1e-300"}, "positive"),
+                          ({"start": "softmax", "temperature": 1e9}, "positive"),
                           ({"start": "target", "temperature": 2}, "start='softmax' only"),
                           ({"start": "rival", "temperature": 2}, "start='softmax' only")):
         with pytest.raises(InvalidOptionError, match=fragment):

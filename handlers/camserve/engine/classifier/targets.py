@@ -105,9 +105,14 @@ def resolve_start(method: str, resolved: dict, start, contrastive_given: bool, d
     return resolved
 
 
+#: the softmax start's temperatures a request may ask for: colder is the rival start (``y / T`` of
+#: float32 logits stays finite), warmer the uniform contrast to float precision
+TEMPERATURE_RANGE = (1e-3, 1e6)
+
+
 def check_temperature(method: str, resolved: dict, temperature) -> dict:
     """Validate a method's softmax ``temperature`` (``None``: not given) against its resolved
-    start: a positive finite number, and only for ``start=softmax`` (the other starts have no
+    start: a number in :data:`TEMPERATURE_RANGE`, and only for ``start=softmax`` (the other starts have no
     temperature: ``rival`` is its limit ``T → 0``, ``margin`` — the plain maps — is ``T → ∞``).
     ``T = 1`` is left out of the resolved options, so an echoed answer and its grouping key are
     what they were before the option existed."""
@@ -118,8 +123,9 @@ def check_temperature(method: str, resolved: dict, temperature) -> dict:
         value = float(str(temperature).strip()) if not isinstance(temperature, (int, float)) else float(temperature)
     except ValueError:
         raise InvalidOptionError(f"option 'temperature' of {method!r} must be a positive number, got {temperature!r}") from None
-    if isinstance(temperature, bool) or not (0.0 < value < float("inf")):
-        raise InvalidOptionError(f"option 'temperature' of {method!r} must be a positive number, got {temperature!r}")
+    if isinstance(temperature, bool) or not (TEMPERATURE_RANGE[0] <= value <= TEMPERATURE_RANGE[1]):
+        raise InvalidOptionError(f"option 'temperature' of {method!r} must be a positive number in "
+                                 f"[{TEMPERATURE_RANGE[0]:g}, {TEMPERATURE_RANGE[1]:g}], got {temperature!r}")
     if start_of(resolved) != "softmax":
         raise InvalidOptionError(
             f"option 'temperature' of {method!r} applies to start='softmax' only, not start={start_of(resolved)!r}")

@@ -52,7 +52,7 @@ measured in ``benchmarks/results/shallowcam_variants.md``):
   (§ 5): class-specific (rho12 ≈ 0 at ResNet-20's ``layer1``), conserved at the head.
   ``rival``: the same with ``z = y_t − y_r`` against the strongest competitor ``r`` only (the
   softmax start at temperature → 0; ``contrastive`` echoed ``True``).
-- ``temperature`` (``start=softmax`` only; a positive number, 1 when not given and then not
+- ``temperature`` (``start=softmax`` only; a number in [1e-3, 1e6], 1 when not given and then not
   echoed): ``q = softmax_{k≠t}(y / T)``, from the rival contrast (``T → 0``) through SGLRP
   (``T = 1``) to the uniform contrast of the margin start (``T → ∞``, the plain maps). Measured in
   ``shallowcam_variants.md`` § 8.
