@@ -100,8 +100,8 @@ def check_servable(spec, section: Dict[str, Any]) -> str:
 
     from ..serving.settings import check_method_options
 
-    try:
-        check_method_options(section.get("method_options"))
+    try:  # the worker's reading of them (method names lower-cased), used for the checks below too
+        defaults = check_method_options(section.get("method_options"))
     except ValueError as error:
         raise SystemExit(str(error)) from None
     loaded = load_spec(spec, os.getcwd())
@@ -114,7 +114,6 @@ def check_servable(spec, section: Dict[str, Any]) -> str:
     profile = profile_with_layers(loaded.profile, explainer.catalog)
     method = section.get("default_method", "shallowcam")
     layers = dict(section.get("method_layers") or {})
-    defaults = dict(section.get("method_options") or {})
     for name, layer in [(method, layers.get(method) or section.get("default_layer"))] + list(layers.items()):
         try:
             explainer.validate(ExplainSpec(name, layer=layer, options=dict(defaults.get(name) or {})))

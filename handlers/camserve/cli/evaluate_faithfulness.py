@@ -393,24 +393,21 @@ def conservation(args, model, input_size, layers, images) -> int:
     """Positive / negative / net relevance per stage, relative to the initial relevance."""
     from ..engine import ExplainSpec
     from ..engine.classifier.methods import METHODS, CamMethod
-    from ..engine.classifier.targets import STARTS, relevance_seed, resolve_start, start_of
+    from ..engine.classifier.methods.relevance_start import START_OPTION_CHOICES, RelevanceStartOptions
+    from ..engine.classifier.targets import relevance_seed, start_of, temperature_of
 
     sums: List[torch.Tensor] = []
 
-    class Probe(CamMethod):
+    class Probe(RelevanceStartOptions, CamMethod):
         name = "_relevance_probe"
         needs_relevance = True
-        option_choices = {"contrastive": (True, None), "start": (None, (None,) + STARTS)}
-
-        def options(self, given):
-            given = dict(given or {})
-            start = given.pop("start", None)
-            return resolve_start(self.name, super().options(given), start, "contrastive" in given, "contrastive")
+        option_choices = {"contrastive": (True, None), **START_OPTION_CHOICES}
 
         def compute(self, layer, captured, options):
             r = captured.relevance(layer).double().flatten(1)
             logits = captured.logits.double()
-            seed = relevance_seed(logits, captured.targets, [start_of(options)] * len(logits))
+            seed = relevance_seed(logits, captured.targets, [start_of(options)] * len(logits),
+                                  [temperature_of(options)] * len(logits))
             initial = (logits * seed).sum(1)  # R at the logits: 1, 1/N, 1 or the softmax start's z
             sums.append(torch.stack([r.clamp(min=0).sum(1), r.clamp(max=0).sum(1), r.sum(1), initial], 1))
             return captured.activations[layer].sum(1)

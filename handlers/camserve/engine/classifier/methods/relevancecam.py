@@ -2,11 +2,11 @@
 
 import torch
 
-from ..targets import STARTS, check_temperature, resolve_start
 from .base import CamMethod, Captured
+from .relevance_start import START_OPTION_CHOICES, RelevanceStartOptions
 
 
-class RelevanceCAM(CamMethod):
+class RelevanceCAM(RelevanceStartOptions, CamMethod):
     """``w_k = Σ_ij R^l_kij`` with ``R^l`` propagated by LRP from the class score;
     ``map = ReLU(Σ_k w_k A_k)``.
 
@@ -21,18 +21,8 @@ class RelevanceCAM(CamMethod):
 
     name = "relevancecam"
     needs_relevance = True
-    option_choices = {"contrastive": (True, None), "start": (None, (None,) + STARTS),
-                      "temperature": (None, (None,))}  # check_temperature
-    coupled_options = (("start", "contrastive", "temperature"),)
-    #: the initial relevance when a request names neither ``start`` nor ``contrastive``
+    option_choices = {"contrastive": (True, None), **START_OPTION_CHOICES}
     DEFAULT_START = "contrastive"
-
-    def options(self, given):
-        given = dict(given or {})
-        start = given.pop("start", None)  # validated by resolve_start
-        temperature = given.pop("temperature", None)  # validated by check_temperature
-        return check_temperature(self.name, resolve_start(self.name, super().options(given), start,
-                                                          "contrastive" in given, self.DEFAULT_START), temperature)
 
     def weights(self, layer: str, captured: Captured, options) -> torch.Tensor:
         """Total relevance per channel."""

@@ -63,11 +63,11 @@ import torch
 import torch.nn.functional as F
 
 from ...errors import NotAFeatureMapError
-from ..targets import STARTS, check_temperature, resolve_start
 from .base import CamMethod, Captured
+from .relevance_start import START_OPTION_CHOICES, RelevanceStartOptions
 
 
-class ShallowCAM(CamMethod):
+class ShallowCAM(RelevanceStartOptions, CamMethod):
     """``map_l = ReLU(Σ_k β_k · S_k ⊙ A^l_k)``, ``β`` and ``S`` as the options say (module docstring).
 
     Defaults: ``beta=signed, beta_from=layer, spatial=relevance, start=softmax`` (echoed with
@@ -92,8 +92,7 @@ class ShallowCAM(CamMethod):
         "spatial": ("relevance", ("gradient", "relevance")),
         "refine": (False, None),
         "contrastive": (False, None),
-        "start": (None, (None,) + STARTS),  # not given: as ``contrastive`` says, else DEFAULT_START (resolve_start)
-        "temperature": (None, (None,)),  # the softmax start's T (check_temperature); 1 when not given
+        **START_OPTION_CHOICES,  # start not given: as ``contrastive`` says, else DEFAULT_START; T = 1 not given
         "beta": ("signed", ("signed", "positive", "one")),
         "beta_from": ("layer", ("layer", "above", "auto")),
     }
@@ -101,16 +100,10 @@ class ShallowCAM(CamMethod):
     #: options added for issue 15: left out of the resolved options while at their defaults, so
     #: that an explanation's echoed options (and its grouping key) are what they were before
     QUIET_DEFAULTS = {"beta": "signed", "beta_from": "layer"}
-    coupled_options = (("start", "contrastive", "temperature"),)
-    #: the initial relevance when a request names neither ``start`` nor ``contrastive``
     DEFAULT_START = "softmax"
 
     def options(self, given):
-        given = dict(given or {})
-        start = given.pop("start", None)  # validated by resolve_start
-        temperature = given.pop("temperature", None)  # validated by check_temperature
-        resolved = check_temperature(self.name, resolve_start(self.name, super().options(given), start,
-                                                              "contrastive" in given, self.DEFAULT_START), temperature)
+        resolved = super().options(given)  # start, contrastive, temperature: RelevanceStartOptions
         for key, default in self.QUIET_DEFAULTS.items():
             if resolved[key] == default:
                 del resolved[key]
