@@ -11,7 +11,7 @@ mkdir -p "$STORE"
 
 weights=$("$PY" -c 'from camserve.engine.models import effnet_lite0_weights_path as p; print(p())')
 inputs_hash=$( { ls "${CAMSERVE_GALLERY_PHOTOS:-../shared/data/imagenet-samples}/LABELS.tsv" 2>/dev/null; sha256sum "$weights" configs/*.yaml handlers/*_handler.py archive.sh;
-                 find handlers/camserve -name '*.py' -o -name '*.tsv' -o -name '*.pt' | sort | xargs sha256sum; } \
+                 find src/camserve -name '*.py' -o -name '*.tsv' -o -name '*.pt' | sort | xargs sha256sum; } \
                | sha256sum | cut -d' ' -f1)
 stamp="$STORE/.camserve-archives"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$inputs_hash" ] \
@@ -29,7 +29,7 @@ trap 'rm -rf "$stage"' EXIT
 PHOTOS=${CAMSERVE_GALLERY_PHOTOS:-../shared/data/imagenet-samples}
 gallery=()
 if [ -f "$PHOTOS/LABELS.tsv" ]; then
-  "$PY" -m camserve.serving.build_gallery "$PHOTOS" "$stage/gallery.npz" --count 12 2>/dev/null | tail -1
+  "$PY" -m camserve.cli.gallery "$PHOTOS" "$stage/gallery.npz" --count 12 2>/dev/null | tail -1
   gallery=(--extra-file "$stage/gallery.npz")
 fi
 

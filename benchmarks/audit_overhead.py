@@ -18,8 +18,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import SAMPLES, load_uint8  # noqa: E402
 
-from camserve.engine.render import encode_png  # noqa: E402
-from camserve.serving.audit import AuditLog, Base64  # noqa: E402
+from camserve.engine.imaging.render import encode_png  # noqa: E402
+from camserve.ops.audit import AuditLog, Base64  # noqa: E402
 
 CALLS = 5000
 

@@ -88,7 +88,7 @@ def case_fn(explainer, method, layer, graph_rows=None, options=None):
 
 
 def memory_child(name: str, case: str, device: torch.device) -> dict:
-    from camserve.cli.bench import status_kib
+    from camserve.lab.bench import status_kib
 
     explainer, _profile, batch, _ = load(name, device)
     label, method, layer = next(c for c in CASES if c[0] == case)
@@ -120,7 +120,7 @@ def allocator_peak(fn, batch):
     from torch.profiler import ProfilerActivity, profile
     from torch.profiler._memory_profiler import Action
 
-    from camserve.engine.classifier.explainer import Explainer
+    from camserve.engine.pipeline import Explainer
 
     marks = []
     rounds = Explainer._backward_rounds
@@ -163,7 +163,7 @@ def main() -> int:
     if args.memory_child:
         print(json.dumps(memory_child(*args.memory_child, device)))
         return 0
-    from camserve.cli.bench import interleaved
+    from camserve.lab.bench import interleaved
 
     results = {}
     for name in MODELS:

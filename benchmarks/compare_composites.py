@@ -1,7 +1,7 @@
 """Which LRP composite makes Shallow-CAM's (and Relevance-CAM's) relevance most faithful?
 
 Runs ``camserve evaluate --composite C`` for every composite of
-``camserve.engine.classifier.relevance.composites`` on the same photographs, layers and steps as the committed
+``camserve.engine.lrp.composites`` on the same photographs, layers and steps as the committed
 faithfulness run, then writes ``benchmarks/results/composites.md`` (overall = AUC(ins) − AUC(del)
 per layer × method × composite). A composite whose output folder already holds a complete
 ``faithfulness.json`` is not run again (``--work``)::

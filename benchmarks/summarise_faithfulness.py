@@ -15,9 +15,9 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "handlers"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from camserve.cli.evaluate_faithfulness import checks  # noqa: E402
+from camserve.lab.evaluate_faithfulness import checks  # noqa: E402
 
 
 def table(path: Path, methods=None) -> str:

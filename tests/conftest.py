@@ -65,7 +65,7 @@ def effnet():
 def effnet_batch(samples):
     """First 8 sample photographs preprocessed for EfficientNet-Lite0: (normalised batch, labels)."""
     from camserve.engine.models import EFFNET_LITE0 as p
-    from camserve.engine.preprocess import to_model_input
+    from camserve.engine.imaging.preprocess import to_model_input
 
     rows = samples[:8]
     images = [load_uint8(SAMPLES / r["file"]) for r in rows]
@@ -83,7 +83,7 @@ CIFAR_WEIGHTS = SHARED / "models" / "cifar-resnet" / "resnet20-12fca82f.th"
 def resnet20():
     """The pretrained CIFAR-10 ResNet-20 (the project's definition, the shared state dict) and 4
     choose-half CIFAR-10 test JPEGs; one per test module (a test may re-initialise layers)."""
-    from camserve.cli.evaluate_faithfulness import image_set, load_batch, load_cifar_resnet
+    from camserve.lab.evaluate_faithfulness import image_set, load_batch, load_cifar_resnet
 
     if not CIFAR_WEIGHTS.exists():
         pytest.fail(f"shared CIFAR ResNet weights not found at {CIFAR_WEIGHTS}")

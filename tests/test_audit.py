@@ -15,7 +15,7 @@ import pytest
 
 import yaml
 
-from camserve.serving.audit import AuditLog
+from camserve.ops.audit import AuditLog
 from camserve.serving.settings import HandlerSettings
 
 from conftest import REPO
@@ -118,7 +118,7 @@ def test_a_failed_write_is_retried_and_lands_in_the_file(tmp_path):
 
 def test_a_write_that_keeps_failing_is_dropped_loudly_not_silently(caplog):
     log = AuditLog("/dev/full", retries=3)  # every write: ENOSPC
-    with caplog.at_level("WARNING", logger="camserve.serving.audit"):
+    with caplog.at_level("WARNING", logger="camserve.ops.audit"):
         log.record(model="m", request_id="lost-1", input_sha256="22" * 32)
         log.record(model="m", request_id="lost-2", input_sha256="22" * 32)
         assert log.close() == 2

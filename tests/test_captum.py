@@ -10,12 +10,12 @@ import torch
 from torch import nn
 
 from camserve.engine import Explainer, ExplainSpec
-from camserve.engine.captum.adapter import (UnsupportedModelError, attribute, reduce_channels, shadow_copy,
+from camserve.engine.methods.captum.attribute import (UnsupportedModelError, attribute, reduce_channels, shadow_copy,
                                             similarity_forward)
-from camserve.engine.captum.methods import CaptumLimits, resolve
-from camserve.engine.classifier.compare import average_ranks, compare, spearman, spearman_matrix
+from camserve.engine.methods.captum.catalog import CaptumLimits, resolve
+from camserve.engine.core.compare import average_ranks, compare, spearman, spearman_matrix
 from camserve.engine.errors import ExplanationInputError, InvalidOptionError, UnknownMethodError
-from camserve.engine.render import prepare_maps
+from camserve.engine.imaging.render import prepare_maps
 
 import captum.attr as captum_attr  # noqa: E402 - pinned in requirements.txt: missing must fail, not skip
 
@@ -337,7 +337,7 @@ def test_compare_shallowcam_and_integrated_gradients_on_a_photograph(effnet_expl
 
 
 def test_compare_request_parsing_and_option_split():
-    from camserve.engine.classifier.compare import parse_methods, split_options
+    from camserve.engine.core.compare import parse_methods, split_options
 
     methods = parse_methods("shallowcam, captum.integrated_gradients,captum.noise_tunnel")
     assert methods == ["shallowcam", "captum.integrated_gradients", "captum.noise_tunnel"]

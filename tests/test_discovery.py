@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from camserve.engine.errors import UnknownLayerError
-from camserve.engine.layers import LayerCatalog, LayerRow, format_table, grid_stride, infer_layout, token_grid
+from camserve.engine.core.layers import LayerCatalog, LayerRow, format_table, grid_stride, infer_layout, token_grid
 
 
 def _torchvision(name, **kwargs):
@@ -230,7 +230,7 @@ def test_discovery_costs_one_probe_forward():
 def test_cam_finds_the_classifier_the_pooled_map_feeds(catalogs):
     """CAM's classifier is the first Linear after the layer; MobileNetV3's is a hidden layer."""
     from camserve.engine.errors import NotAFeatureMapError
-    from camserve.engine.classifier.methods.cam import classifier_for
+    from camserve.engine.methods.cam.cam import classifier_for
 
     model, catalog = catalogs("resnet18")
     assert classifier_for("layer4", catalog, model) is model.fc

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from camserve.engine import Explainer, ExplainSpec
-from camserve.engine.classifier.explainer import model_device
+from camserve.engine.pipeline import model_device
 
 
 def no_hooks(model: nn.Module) -> bool:

@@ -1,5 +1,5 @@
 """Lean gradients: segments that compute their ordinary gradient from their input and output, so a
-gradient pass at a shallow layer need not keep autograd's saved tensors (``engine/classifier/lean_gradient.py``).
+gradient pass at a shallow layer need not keep autograd's saved tensors (``engine/core/lean_gradient.py``).
 
 The gradients must be the ones plain autograd gives — bit for bit on the CPU, because Grad-CAM++'s
 α amplifies float noise — and a conv whose forward the verified geometry does not reproduce must
@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from camserve.engine import Explainer
-from camserve.engine.classifier.capture import ForwardCapture
-from camserve.engine.classifier.lean_gradient import trace_conv_geometries
+from camserve.engine.core.capture import ForwardCapture
+from camserve.engine.core.lean_gradient import trace_conv_geometries
 from camserve.engine.models import load_torchvision
 
 
@@ -120,8 +120,8 @@ def test_resnet_lean_gradient_with_in_place_residual_adds():
 def test_relevance_with_geometry_equals_relevance_through_the_modules(effnet, effnet_batch):
     """Relevance passes evaluate z⁺ from the verified geometry (symmetric padding folded into the
     conv, no padded copy); the relevance is the one the modules' own forward gives."""
-    from camserve.engine.classifier.relevance.rules import stabilize
-    from camserve.engine.classifier.targets import contrastive_seed
+    from camserve.engine.lrp.rules import stabilize
+    from camserve.engine.core.targets import contrastive_seed
 
     explainer = Explainer(effnet, (224, 224))
     x = effnet_batch[0][:2]

@@ -2,7 +2,7 @@
 architectures at every stage.
 
 The engine realises each rule as a modified gradient ``g`` with ``R_t = t ⊙ g_t`` (see
-``camserve.engine.classifier.relevance.rules``); relevance at a layer is read from a :class:`ForwardCapture`
+``camserve.engine.lrp.rules``); relevance at a layer is read from a :class:`ForwardCapture`
 as ``A ⊙ g`` and at the input as ``x ⊙ g_x``.
 """
 
@@ -15,15 +15,15 @@ import torch
 from torch import nn
 
 from camserve.engine import Explainer, ExplainSpec
-from camserve.engine.classifier.capture import ForwardCapture
+from camserve.engine.core.capture import ForwardCapture
 from camserve.engine.models import EFFNET_LITE0, TORCHVISION_PROFILES, load_torchvision
-from camserve.engine.preprocess import to_model_input
-from camserve.engine.classifier.relevance.composites import epsilon_alpha2_beta1, epsilon_gamma, epsilon_plus, get_composite
-from camserve.engine.classifier.relevance.rules import GammaRule
+from camserve.engine.imaging.preprocess import to_model_input
+from camserve.engine.lrp.composites import epsilon_alpha2_beta1, epsilon_gamma, epsilon_plus, get_composite
+from camserve.engine.lrp.rules import GammaRule
 from camserve.engine.errors import InvalidOptionError
-from camserve.engine.classifier.relevance.folding import batchnorm_pairs, fold_batchnorm
-from camserve.engine.classifier.relevance.rules import stabilize
-from camserve.engine.classifier.targets import contrastive_seed
+from camserve.engine.lrp.canonizers import batchnorm_pairs, fold_batchnorm
+from camserve.engine.lrp.rules import stabilize
+from camserve.engine.core.targets import contrastive_seed
 
 from conftest import SAMPLES, load_uint8
 
@@ -379,7 +379,7 @@ def test_shallowcam_follows_its_definition(effnet, effnet_batch):
     The independent pass hooks every rule; the explainer hooks only those above the layer. This
     caught a bug: EfficientNet's top-level ``_swish`` (ReLU6) runs after the stem *and* after the
     head, was judged by its first call and lost its pass rule above ``_blocks.2`` (maps off by 0.14)."""
-    from camserve.engine.render import normalise
+    from camserve.engine.imaging.render import normalise
 
     x, layer = effnet_batch[0][:1], "_blocks.2"
     explainer = Explainer(effnet)
@@ -409,8 +409,8 @@ def test_shallowcam_readings_follow_their_definitions(resnet20):
     """``beta=one`` + gradient spatial weights is LayerCAM exactly; ``beta=positive`` is the ReLU of
     the signed β; ``beta_from=above`` spreads l+1's spatial relevance over l's channels in
     proportion to their activation; the default options are unchanged."""
-    from camserve.engine.classifier.methods import get_method
-    from camserve.engine.render import normalise
+    from camserve.engine.methods import get_method
+    from camserve.engine.imaging.render import normalise
 
     model, x = resnet20
     explainer = Explainer(model, (32, 32))
@@ -454,7 +454,7 @@ def test_resnet20_relevance_conservation_per_stage(resnet20):
     part grows towards the top (signed ``bn2`` outputs in the residual sums). The served
     contrastive start (+1 / −1/N, each divided by its own logit in the ε-rule of the head)
     cancels: ΣR⁺ is many times the net. Normalised by the margin instead, it does not."""
-    from camserve.cli.evaluate_faithfulness import make_explainer  # noqa: F401 - the margin switch lives there
+    from camserve.lab.evaluate_faithfulness import make_explainer  # noqa: F401 - the margin switch lives there
 
     model, x = resnet20
     logits = model(x).detach()
@@ -481,7 +481,7 @@ def test_contrastive_start_normalised_by_the_margin_gives_the_plain_maps(resnet2
     (the margin ``y_t − Σ_{c≠t} y_c / N``), the contrastive start's maps are the plain start's
     (the head's rows sum to ≈ 0: ``|Σ_c W_c|`` is 1.6 % of a row's norm for ResNet-20), while
     the served contrastive start (each ``−1/N`` divided by its own logit) gives other maps."""
-    from camserve.cli.evaluate_faithfulness import make_explainer
+    from camserve.lab.evaluate_faithfulness import make_explainer
     from camserve.engine.evaluation.metrics import spearman
 
     model, x = resnet20

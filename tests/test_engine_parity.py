@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from camserve.engine import Explainer, ExplainSpec
-from camserve.engine.render import normalise, upsample
+from camserve.engine.imaging.render import normalise, upsample
 
 # grad-cam is pinned in requirements.txt: a missing peer is an import error, not a skip
 from engine_checks import no_hooks

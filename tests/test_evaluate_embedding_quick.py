@@ -10,9 +10,9 @@ import math
 import pytest
 import torch
 
-from camserve.cli.evaluate_embedding import DifferentiableEmbedding
+from camserve.lab.evaluate_embedding import DifferentiableEmbedding
 from camserve.cli.main import main
-from camserve.engine.similarity.embedding import EmbeddingModel, load_effnet_lite0_embedding
+from camserve.engine.models.embedding import EmbeddingModel, load_effnet_lite0_embedding
 from conftest import SAMPLES, load_uint8, sample_rows
 
 
@@ -99,7 +99,7 @@ def test_evaluate_embedding_user_model_torchvision_pooled(tmp_path, resnet18_emb
     assert meta["input_size"] == [64, 64]
     assert meta["pairs"]["zoom"]["reference_files"][0].endswith("(resize 80, crop 64)")  # 1.25 × resize 64
     # the flip pairs' clean similarity, recomputed from the saved model with the spec's preprocessing
-    from camserve.engine.preprocess import to_model_input
+    from camserve.engine.imaging.preprocess import to_model_input
 
     rows = sample_rows()[::31][:2]
     assert meta["query_files"] == [r["file"] for r in rows]

@@ -63,7 +63,7 @@ def test_evaluate_faithfulness_quick_cifar_resnet(tmp_path):
     """The issue-15 protocol end to end on the CIFAR ResNet-20, 6 images of the choose half: both
     deletion baselines, 16 steps, paired differences vs LayerCAM, the class-sensitivity checks and
     the model-randomisation test, for LayerCAM, two Shallow-CAM readings and the random floor."""
-    from camserve.cli.evaluate_faithfulness import main as evaluate_faithfulness
+    from camserve.lab.evaluate_faithfulness import main as evaluate_faithfulness
 
     out = tmp_path / "faith"
     code = evaluate_faithfulness(["--model", "cifar-resnet", "--depth", "20", "--half", "choose", "--limit", "6",
@@ -97,7 +97,7 @@ def test_evaluate_faithfulness_quick_cifar_resnet(tmp_path):
 def test_image_rows_interleave_class_folders():
     """A class-folder data set is read class-interleaved (a balanced sample for --stride/--limit),
     class index = sorted folder position; a LABELS.tsv folder keeps its rows."""
-    from camserve.cli.image_folders import default_data_dir, image_rows
+    from camserve.lab.image_folders import default_data_dir, image_rows
 
     rows = image_rows(CIFAR, stride=1, limit=20)
     assert [r["file"] for r in rows[:10]] == [f"{c}/0000.jpg" for c in CIFAR_CLASSES]
@@ -182,7 +182,7 @@ def test_bench_memory_child_gets_the_same_model():
     """A memory child's command line parses back to the parent's spec, layers, images and threads."""
     import argparse
 
-    from camserve.cli import bench
+    from camserve.lab import bench
     from camserve.cli.model_args import spec_from_args
 
     def parse(argv):

@@ -12,13 +12,13 @@ import torch
 from torch import nn
 
 from conftest import SAMPLES, load_uint8
-from camserve.engine.similarity.embedding import EmbeddingModel, load_effnet_lite0_embedding
+from camserve.engine.models.embedding import EmbeddingModel, load_effnet_lite0_embedding
 from camserve.engine.errors import (InvalidInputError, InvalidOptionError, InvalidReferenceError,
                                     UnknownMethodError)
-from camserve.engine.similarity.fam import FamExplainer, FamSpec
-from camserve.engine.similarity.gallery import Gallery
+from camserve.engine.methods.similarity.fam import FamExplainer, FamSpec
+from camserve.engine.methods.similarity.gallery import Gallery
 from camserve.engine.models import EFFNET_LITE0
-from camserve.engine.preprocess import to_model_input
+from camserve.engine.imaging.preprocess import to_model_input
 
 NAMES = ["Japanese_spaniel", "Blenheim_spaniel", "house_finch", "brambling", "airliner"]
 SPANIEL, BLENHEIM, FINCH, BRAMBLING, AIRLINER = range(5)

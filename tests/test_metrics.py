@@ -105,7 +105,7 @@ def test_real_model_good_map_beats_random_beats_inverted(effnet, effnet_batch):
 
 
 def test_similarity_variant_tracks_cosine_to_the_reference(effnet, effnet_batch):
-    from camserve.engine.similarity.embedding import load_effnet_lite0_embedding
+    from camserve.engine.models.embedding import load_effnet_lite0_embedding
 
     embedding = load_effnet_lite0_embedding(normalize=True, backbone=effnet)
     query = effnet_batch[0][:1]

@@ -162,7 +162,7 @@ def test_embedding_routes_follow_the_model():
 
 
 def test_a_model_without_a_feature_map_is_refused(tmp_path):
-    from camserve.engine.classifier.explainer import Explainer
+    from camserve.engine.pipeline import Explainer
 
     mlp = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 4))
     with pytest.raises(ValueError, match="no layer with a \\(C, H, W\\) feature map"):

@@ -14,7 +14,7 @@ import torch
 
 from camserve.engine import Explainer, ExplainSpec
 from camserve.engine.errors import UnsupportedModelError
-from camserve.engine.render import normalise
+from camserve.engine.imaging.render import normalise
 
 pytest.importorskip("pytorch_grad_cam")
 timm = pytest.importorskip("timm")

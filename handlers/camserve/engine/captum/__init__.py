@@ -1,1 +1,0 @@
-"""Captum attributions as baselines answering the same specs as the CAM methods."""

@@ -1,1 +1,0 @@
-"""Similarity explanation for embedding models: the embedding wrapper, FAM and galleries."""

@@ -1,0 +1,211 @@
+"""``camserve archive``: one command from a model spec to a TorchServe ``.mar``.
+
+    camserve archive pets --source torchvision --arch resnet50 --num-classes 37 --weights ft.pt \\
+        --labels index_to_name.json
+    camserve archive vit --source timm --arch vit_small_patch16_224 --weights vit.safetensors
+    camserve archive cifar20 --source eager --model-file model.py --class-name CifarResNet \\
+        --kwargs '{"depth": 20}' --weights resnet20.th --preprocess crop=32 --labels cifar10.json
+
+It loads the model first, exactly as the worker will (no network, state dicts only), runs the
+layer discovery and checks the default method and layers, so a spec that cannot serve fails here
+with the reason instead of in a worker's log. Then it writes ``model-config.yaml`` (TorchServe's
+batching keys + the ``handler:`` section with the spec and the defaults) and calls
+``torch-model-archiver`` with the camserve package, the entry file for the task, the weights, the
+model file, the label map (as ``index_to_name.json``), a transformers folder (as ``hf_model/``)
+and any ``--extra-file``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Dict, List
+
+import yaml
+
+from camserve.cli.model_args import add_model_arguments, spec_from_args
+
+#: TorchServe keys when neither --config nor --spec gives them (the bundled archives' values)
+DEFAULT_CONFIG: Dict[str, Any] = {"minWorkers": 1, "maxWorkers": 1, "batchSize": 8, "maxBatchDelay": 100,
+                                  "responseTimeout": 120, "startupTimeout": 300}
+ENTRY = {"classify": ("classifier_handler.py", "camserve.serving.classifier", "ImageClassifierHandler"),
+         "embed": ("embedding_handler.py", "camserve.serving.embedding", "EmbeddingHandler")}
+PACKAGE_SUFFIXES = (".py", ".tsv", ".json")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", help="model name (the .mar file and the /predictions/<name> route)")
+    add_model_arguments(parser)
+    parser.add_argument("--config", default=None,
+                        help="base model-config.yaml (TorchServe batching keys and handler defaults)")
+    parser.add_argument("--default-method", default=None, help="method of /explanations and explain=1")
+    parser.add_argument("--default-layer", default=None, help="layer when a request names none (module path or stageN)")
+    parser.add_argument("--method-layer", action="append", default=[], metavar="METHOD=LAYER",
+                        help="a method's own default layer, e.g. shallowcam=stage2 (repeatable)")
+    parser.add_argument("--method-option", action="append", default=[], metavar="METHOD.OPTION=VALUE",
+                        help="a default method option (handler.method_options; a request's own options win), "
+                             "e.g. shallowcam.temperature=4 (repeatable)")
+    parser.add_argument("--extra-file", action="append", default=[], help="another file for the archive (repeatable)")
+    parser.add_argument("--export-path", default="model_store", help="folder for the .mar (default: model_store)")
+    parser.add_argument("--version", default="1.0", help="model version (default: 1.0)")
+    parser.add_argument("--no-check", action="store_true", help="do not load the model before archiving")
+
+
+def handler_section(args, spec, base: Dict[str, Any]) -> Dict[str, Any]:
+    """The ``handler:`` section: the base's, the archive-relative spec, and the defaults given."""
+    section = copy.deepcopy(dict(base.get("handler") or {}))
+    archived = replace(spec,
+                       weights=None,  # the weights travel as the archive's --serialized-file
+                       model_file=os.path.basename(spec.model_file) if spec.model_file else None,
+                       labels=None,   # the label map travels as index_to_name.json
+                       path="hf_model" if spec.path else None)
+    model = archived.to_mapping()
+    if spec.source == "effnet_lite0" and spec.task == "classify" and set(model) <= {"source", "task"}:
+        model = {}
+    if model:
+        section["model"] = model
+    else:
+        section.pop("model", None)
+    if args.default_method:
+        section["default_method"] = args.default_method
+    if args.default_layer:
+        section["default_layer"] = args.default_layer
+    for item in args.method_layer:
+        method, sep, layer = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--method-layer {item!r}: expected METHOD=LAYER")
+        section.setdefault("method_layers", {})[method.strip()] = layer.strip()
+    for item in args.method_option:
+        key, sep, value = item.partition("=")
+        method, dot, option = key.partition(".")
+        if not sep or not dot or not method.strip() or not option.strip():
+            raise SystemExit(f"--method-option {item!r}: expected METHOD.OPTION=VALUE")
+        section.setdefault("method_options", {}).setdefault(method.strip().lower(), {})[option.strip().lower()] = \
+            value.strip()
+    return section
+
+
+def check_servable(spec, section: Dict[str, Any]) -> str:
+    """Load the model as a worker would and check the defaults; returns a one-line summary."""
+    from camserve.engine.pipeline import ExplainSpec, Explainer
+    from camserve.engine.models import embedding_model_for, load_spec, profile_with_layers
+    from camserve.engine.methods.similarity.fam import FamExplainer
+
+    from camserve.serving.settings import check_method_options
+
+    try:  # the worker's reading of them (method names lower-cased), used for the checks below too
+        defaults = check_method_options(section.get("method_options"))
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
+    loaded = load_spec(spec, os.getcwd())
+    if spec.task == "embed":
+        model, route = embedding_model_for(loaded)
+        fam = FamExplainer(model, None, loaded.profile.input_size)
+        return f"embed: D = {fam.dim}, feature map {fam.channels} channels, FAM route {route}"
+    explainer = Explainer(loaded.module, loaded.profile.input_size,
+                          default_layer=section.get("default_layer") or loaded.profile.default_layer)
+    profile = profile_with_layers(loaded.profile, explainer.catalog)
+    method = section.get("default_method", "shallowcam")
+    layers = dict(section.get("method_layers") or {})
+    for name, layer in [(method, layers.get(method) or section.get("default_layer"))] + list(layers.items()):
+        try:
+            explainer.validate(ExplainSpec(name, layer=layer, options=dict(defaults.get(name) or {})))
+        except Exception as error:  # noqa: BLE001 - reported as the archive's configuration error
+            raise SystemExit(f"default method {name!r} at layer {layer or explainer.default_layer!r} cannot serve "
+                             f"this model: {error}") from None
+    return (f"classify: {explainer.num_classes} classes, default layer {explainer.default_layer}, "
+            f"stages {', '.join(profile.stages)}")
+
+
+def stage_package(stage: Path) -> Path:
+    """A copy of the camserve package (sources and data only) under ``stage/pkg/camserve``."""
+    import camserve
+
+    source = Path(camserve.__file__).resolve().parent
+    target = stage / "pkg" / "camserve"
+    for path in sorted(source.rglob("*")):
+        if path.is_file() and "__pycache__" not in path.parts and path.suffix in PACKAGE_SUFFIXES:
+            out = target / path.relative_to(source)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, out)
+    return stage / "pkg"
+
+
+def entry_file(task: str, stage: Path) -> Path:
+    """The task's entry file: the repository's ``handlers/<kind>_handler.py`` (beside ``src/``), else a
+    generated one."""
+    import camserve
+
+    name, module, base = ENTRY[task]
+    repo_entry = Path(camserve.__file__).resolve().parents[2] / "handlers" / name
+    if repo_entry.is_file():
+        return repo_entry
+    generated = stage / name
+    generated.write_text(f'"""TorchServe entry file written by camserve archive."""\n\nfrom {module} import {base}\n\n\n'
+                         f'class Camserve{base}({base}):\n    """All logic in {module}."""\n')
+    return generated
+
+
+def archiver() -> str:
+    local = Path(sys.executable).parent / "torch-model-archiver"
+    found = str(local) if local.exists() else shutil.which("torch-model-archiver")
+    if not found:
+        raise SystemExit("torch-model-archiver not found: pip install 'camserve[serve]'")
+    return found
+
+
+def run(args: argparse.Namespace) -> int:
+    spec, spec_config = spec_from_args(args)
+    base = copy.deepcopy(DEFAULT_CONFIG)
+    for config in (spec_config, yaml.safe_load(Path(args.config).read_text()) if args.config else {}):
+        for key, value in (config or {}).items():
+            if key == "handler":
+                base["handler"] = {**dict(base.get("handler") or {}), **dict(value or {})}
+            else:
+                base[key] = value
+    for path, what in ((spec.weights, "--weights"), (spec.model_file, "--model-file"), (spec.labels, "--labels"),
+                       (spec.path, "--hf-dir"), *[(f, "--extra-file") for f in args.extra_file]):
+        if path and not os.path.exists(path):
+            raise SystemExit(f"{what} {path!r} not found")
+    base["handler"] = handler_section(args, spec, base)
+    if not args.no_check:
+        try:
+            print(f"checked {args.name}: {check_servable(spec, base['handler'])}")
+        except SystemExit:
+            raise
+        except Exception as error:  # noqa: BLE001 - any load failure stops the archive with its reason
+            raise SystemExit(f"{args.name}: the model cannot be served: {type(error).__name__}: {error}") from None
+    with tempfile.TemporaryDirectory(prefix="camserve-archive-") as tmp:
+        stage = Path(tmp)
+        pkg = stage_package(stage)
+        if spec.labels:
+            shutil.copy2(spec.labels, pkg / "index_to_name.json")
+        if spec.path:
+            shutil.copytree(spec.path, pkg / "hf_model")
+        for extra in args.extra_file:
+            shutil.copy2(extra, pkg / os.path.basename(extra))
+        config_file = stage / "model-config.yaml"
+        config_file.write_text(f"# model-config.yaml of {args.name}.mar, written by camserve archive\n"
+                               + yaml.safe_dump(base, sort_keys=False))
+        os.makedirs(args.export_path, exist_ok=True)
+        cmd: List[str] = [archiver(), "--force", "--model-name", args.name, "--version", args.version,
+                          "--handler", str(entry_file(spec.task, stage)), "--extra-files", str(pkg),
+                          "--config-file", str(config_file), "--export-path", args.export_path]
+        if spec.weights:
+            cmd += ["--serialized-file", os.path.abspath(spec.weights)]
+        if spec.model_file:
+            cmd += ["--model-file", os.path.abspath(spec.model_file)]
+        env = dict(os.environ, TMPDIR=str(stage))  # the archiver stages in $TMPDIR/<name>: keep builds apart
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"torch-model-archiver failed ({done.returncode}):\n{done.stdout}{done.stderr}")
+    mar = Path(args.export_path) / f"{args.name}.mar"
+    print(f"built {mar} ({mar.stat().st_size / 1e6:.1f} MB)")
+    return 0

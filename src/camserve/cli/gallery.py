@@ -1,0 +1,46 @@
+"""Build the FAM gallery shipped in ``effnet_lite0_embed.mar`` (run by ``archive.sh``).
+
+``python -m camserve.cli.gallery PHOTOS_DIR OUT.npz [--count 12]`` takes every
+``len/count``-th photograph of ``PHOTOS_DIR/LABELS.tsv`` (class_index, wnid, name, file), embeds it
+with the pretrained EfficientNet-Lite0 and writes a retrieval gallery (embeddings, labels, float16
+feature maps) as ``.npz`` (no pickle). The gallery then lives inside the archive: serving never
+reads the photo folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from pathlib import Path
+
+import torch
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("photos", type=Path)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--count", type=int, default=12)
+    args = parser.parse_args(argv)
+    from camserve.engine.models.embedding import load_effnet_lite0_embedding
+    from camserve.engine.methods.similarity.gallery import Gallery
+    from camserve.engine.models import EFFNET_LITE0 as p
+    from camserve.engine.imaging.preprocess import to_model_input
+    from camserve.serving.images import decode_image
+
+    with open(args.photos / "LABELS.tsv") as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    step = max(1, len(rows) // args.count)
+    chosen = rows[::step][:args.count]
+    images = [decode_image((args.photos / r["file"]).read_bytes()) for r in chosen]
+    batch, _ = to_model_input(images, p.resize, p.crop, p.mean, p.std, torch.device("cpu"))
+    model = load_effnet_lite0_embedding(normalize=True)
+    gallery = Gallery.build(model, batch, [r["name"] for r in chosen])
+    gallery.save(str(args.out))
+    print(f"gallery of {len(gallery)} items ({', '.join(gallery.labels)}) → {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Pixels on the device: preprocessing (resize, crop, normalise) and rendering (normalise, upsample, colour, overlay, PNG)."""

@@ -1,0 +1,1 @@
+"""Methods read from an LRP relevance pass: Relevance-CAM and Shallow-CAM."""

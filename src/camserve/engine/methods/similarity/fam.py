@@ -1,0 +1,408 @@
+"""FAM — Feature Activation Maps for embedding models (Liao, Gao, Zhang, 2023), batched, on the device.
+
+An embedding model has no class score: its decision is a similarity ``s(q, r)`` between the query's
+embedding and a reference's. FAM splits ``s`` into per-channel contributions ``c_k`` of the last
+convolutional map ``A`` and draws ``map = ReLU(Σ_k w_k A_k)`` with ``w = c / max_k |c_k|`` (sign
+kept), min-max normalised to [0, 1] and upsampled bilinearly. The same weights applied to the
+reference's map explain the reference: both heatmaps come out of one call.
+
+Contributions, with ``q = GAP(A_q)``, ``r = GAP(A_r)`` the embeddings (L2-normalised or not):
+
+* ``dot``:       ``c_k = q_k r_k``                      (Σ_k c_k = q·r exactly)
+* ``cosine``:    ``c_k = q_k r_k / (‖q‖ ‖r‖)``           (Σ_k c_k = cos(q, r) exactly)
+* ``euclidean``: similarity ``−‖q − r‖²``; ``c_k = 2 q_k r_k − r_k²``, the reference-dependent
+  part (Σ_k c_k = similarity + ‖q‖²; ``−‖q‖²`` is the same for every reference).
+
+Routes (recorded in ``FamExplanation.route`` and ``.method``):
+
+* ``"pooled"`` / method ``"fam"`` — the embedding is the pooled map: the formulas above, under
+  ``torch.no_grad`` — **no backward pass, no autograd graph**.
+* ``"jacobian"`` / method ``"fam-jacobian"`` — a projection head (or a user model whose forward
+  returns embeddings) sits between pooling and the similarity: ``c_k = f_k · ∂s̃/∂f_k`` at the
+  pooled feature ``f = GAP(A_q)`` (computed as ``f_k · Σ_ij ∂s̃/∂A_kij``, one backward through the
+  part after A). ``s̃`` is the similarity linearised in the query: the reference side and the
+  L2 norms are held constant (``s̃ = ẽ_q·r`` for dot, ``ẽ_q·r/(‖ẽ_q‖‖r‖)`` for cosine,
+  ``2 ẽ_q·r`` for euclidean, where ``ẽ_q = u_q/‖u_q‖`` with ‖u_q‖ detached), so that for a linear
+  bias-free head Σ c_k = s exactly (differentiating through a normalisation would make the sum 0).
+  The reference map uses the query's weights.
+* ``"gradient"`` / method ``"gradcam_similarity"`` — the baseline of pytorch-grad-cam's
+  similarity tutorial: Grad-CAM on the full similarity ``s``: ``α_k = mean_ij ∂s/∂A_kij``,
+  ``map = ReLU(Σ α_k A_k)``; for a reference image its own Grad-CAM from the same backward;
+  ``contributions`` then holds the Grad-CAM weights ``α`` (which do not sum to ``s``).
+
+Public API (everything a handler or a benchmark needs)::
+
+    from camserve.engine.models.embedding import load_effnet_lite0_embedding
+    from camserve.engine.methods.similarity.fam import FamExplainer, FamSpec
+    from camserve.engine.methods.similarity.gallery import Gallery
+
+    model = load_effnet_lite0_embedding(normalize=True)          # D = 1280, pooled route
+    gallery = Gallery.load("gallery.npz")                        # or Gallery.build(model, images, labels)
+    fam = FamExplainer(model, gallery)
+    result = fam.explain(batch, [FamSpec(reference_image=ref),   # (3, H, W), same size as batch
+                                 FamSpec(reference_embedding=[...1280 floats...], similarity="dot"),
+                                 FamSpec(gallery_topk=3),
+                                 FamSpec(reference_image=ref, method="gradcam_similarity"),
+                                 None])                          # embedding only
+    result.embeddings            # (N, D) from the one forward
+    item = result.items[0]       # FamExplanation or None
+    item.similarity, item.contributions, item.query_map, item.reference_map, item.route, item.matches
+
+``FamExplainer.embed(images)`` is the plain embedding (``torch.inference_mode``), the cost baseline.
+One forward runs over the queries and all reference images together; a gallery request adds no
+forward (its maps come from ``Gallery.feature_maps``); gradient routes add one backward per match
+rank (1 for image/embedding references, k for ``gallery_topk = k``) through the layers after A only.
+Errors are :class:`~camserve.engine.errors.ExplanationInputError` subclasses (HTTP 400):
+``InvalidReferenceError`` (reference missing/ambiguous, wrong length, NaN/inf, empty or missing
+gallery, k < 1 or k > gallery size, reference image of the wrong shape), ``InvalidInputError`` (the
+query batch or spec count), ``InvalidOptionError`` (unknown similarity or route),
+``UnknownMethodError`` (unknown method).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from camserve.engine.models.embedding import EmbeddingModel, EmbeddingTrace
+from camserve.engine.errors import InvalidInputError, InvalidOptionError, InvalidReferenceError, UnknownMethodError
+from camserve.engine.pipeline import check_images
+from camserve.engine.methods.similarity.gallery import Gallery
+from camserve.engine.imaging.render import prepare_maps
+from camserve.engine.timing import clock
+
+SIMILARITIES = ("cosine", "dot", "euclidean")
+METHODS = ("fam", "gradcam_similarity")
+ROUTES = ("auto", "pooled", "jacobian")
+EPS = 1e-12
+
+
+@dataclass
+class FamSpec:
+    """One request: exactly one of ``reference_image`` (normalised ``(3, H, W)`` tensor),
+    ``reference_embedding`` (``D`` floats) or ``gallery_topk`` (k best gallery matches);
+    ``similarity`` in ``cosine|dot|euclidean``; ``method`` in ``fam|gradcam_similarity``;
+    ``route`` ``auto`` (pooled when the model allows it) or forced ``pooled``/``jacobian`` (FAM only)."""
+
+    reference_image: Optional[torch.Tensor] = None
+    reference_embedding: Any = None
+    gallery_topk: Optional[int] = None
+    similarity: str = "cosine"
+    method: str = "fam"
+    route: str = "auto"
+
+
+@dataclass
+class FamExplanation:
+    """The explanation of one query: for a gallery request, the fields describe the best match and
+    ``matches`` lists all k (``{index, label, similarity, query_map, reference_map}``)."""
+
+    similarity: float
+    contributions: torch.Tensor
+    query_map: torch.Tensor
+    reference_map: Optional[torch.Tensor]
+    route: str
+    method: str
+    metric: str
+    reference: str
+    matches: Optional[List[Dict[str, Any]]]
+    seconds: float
+    passes: Dict[str, int]
+    batch_seconds: float = 0.0  # the whole batched call; ``seconds`` is this query's share of it
+
+
+@dataclass
+class FamResult:
+    """``embeddings (N, D)`` of the queries, from the one forward, and per query its explanation."""
+
+    embeddings: torch.Tensor
+    items: List[Optional[FamExplanation]]
+    forward_seconds: float = 0.0
+
+
+@dataclass
+class _Plan:
+    index: int
+    kind: str                       # "image" | "embedding" | "gallery"
+    similarity: str
+    method: str
+    route: str                      # "pooled" | "jacobian" | "gradient"
+    reference: Optional[torch.Tensor] = None   # image (3,H,W) or embedding (D,)
+    k: int = 1
+    row: int = -1                   # batch row of a reference image
+    # filled after the forward: one entry per match rank
+    ref_embeddings: List[torch.Tensor] = field(default_factory=list)
+    ref_maps: List[Optional[torch.Tensor]] = field(default_factory=list)
+    ref_ids: List[Tuple[int, Optional[str]]] = field(default_factory=list)
+
+
+def similarity_scores(query: torch.Tensor, references: torch.Tensor, kind: str) -> torch.Tensor:
+    """``s(q, r_m)`` for ``q (D,)`` against ``references (M, D)``: cosine, dot or ``−‖q − r‖²``."""
+    if kind == "dot":
+        return references @ query
+    if kind == "cosine":
+        return (references @ query) / (query.norm() * references.norm(dim=-1)).clamp_min(EPS)
+    return -((references - query) ** 2).sum(dim=-1)
+
+
+def contributions(query: torch.Tensor, reference: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-channel ``c_k``: ``q_k r_k`` (dot), ``q_k r_k/(‖q‖‖r‖)`` (cosine), ``2 q_k r_k − r_k²`` (euclidean)."""
+    if kind == "dot":
+        return query * reference
+    if kind == "cosine":
+        return query * reference / (query.norm() * reference.norm()).clamp_min(EPS)
+    return 2 * query * reference - reference ** 2
+
+
+def _reported_similarity(query: torch.Tensor, reference: torch.Tensor, kind: str) -> float:
+    """The similarity of one pair, accumulated in float64 (the float32 dot of 1280 terms drifts by ~1e-7·|s|)."""
+    return float(similarity_scores(query.double(), reference.double()[None], kind)[0])
+
+
+def weighted_map(weights: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+    """``ReLU(Σ_k w_k A_k)`` for ``weights (C,)`` and ``maps (C, h, w)``."""
+    return torch.relu(torch.einsum("c,chw->hw", weights.float(), maps.float()))
+
+
+def normalised_weights(c: torch.Tensor) -> torch.Tensor:
+    """``w = c / max_k |c_k|`` (sign kept)."""
+    return c / c.abs().max().clamp_min(EPS)
+
+
+class FamExplainer:
+    """FAM and the Grad-CAM-on-similarity baseline for an :class:`EmbeddingModel`.
+
+    Holds no per-request state: safe to share between threads. ``gallery`` (optional) serves
+    ``gallery_topk`` requests; it is moved to the model's device once here."""
+
+    def __init__(self, embedding_model: EmbeddingModel, gallery: Optional[Gallery] = None,
+                 input_size: Tuple[int, int] = (224, 224)):
+        self.model = embedding_model.eval()
+        with torch.no_grad():
+            probe = self.model.trace(torch.zeros(1, 3, *input_size, device=self.device))
+        self.dim = int(probe.embedding.shape[-1])
+        self.channels = int(probe.maps.shape[1])
+        if gallery is not None and len(gallery) and gallery.dim != self.dim:
+            raise InvalidReferenceError(f"gallery embeddings have {gallery.dim} dimensions, the model gives {self.dim}")
+        if gallery is not None and gallery.feature_maps is not None and len(gallery) \
+                and gallery.feature_maps.shape[1] != self.channels:
+            raise InvalidReferenceError(f"gallery feature maps have {gallery.feature_maps.shape[1]} channels, "
+                                        f"the model's map has {self.channels}")
+        self.gallery = gallery.to(self.device) if gallery is not None else None
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    # -- public API ---------------------------------------------------------------------------
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Plain embeddings ``(N, D)`` under ``torch.inference_mode`` (the cost baseline)."""
+        check_images(images)
+        with torch.inference_mode():
+            return self.model(images)
+
+    def explain(self, images: torch.Tensor, specs: Sequence[Optional[FamSpec]],
+                output_size: Optional[Tuple[int, int]] = None) -> FamResult:
+        """Embeddings of ``images (N, 3, H, W)`` and, where ``specs[i]`` is not ``None``, its FAM.
+
+        Maps are ``(H, W)`` (or ``output_size``) in [0, 1] on the model's device."""
+        check_images(images)
+        if len(specs) != images.shape[0]:
+            raise InvalidInputError(f"got {len(specs)} FAM specs for a batch of {images.shape[0]} images")
+        plans = [self._plan(i, spec, images) for i, spec in enumerate(specs) if spec is not None]
+        start = clock(images.device)
+        n = images.shape[0]
+        ref_rows = [p for p in plans if p.kind == "image"]
+        for offset, plan in enumerate(ref_rows):
+            plan.row = n + offset
+        batch = torch.cat([images] + [p.reference[None].to(images) for p in ref_rows]) if ref_rows else images
+        need_grad = any(p.route != "pooled" for p in plans)
+        trace = self.model.trace(batch, grad=need_grad)
+        forward_seconds = clock(images.device) - start
+        embeddings = trace.embedding.detach()
+        maps = trace.maps.detach()
+        size = tuple(output_size) if output_size is not None else tuple(images.shape[-2:])
+
+        items: List[Optional[FamExplanation]] = [None] * n
+        raw: Dict[int, List[Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], float]]] = {}
+        with torch.no_grad():
+            for plan in plans:
+                self._resolve_references(plan, embeddings, maps)
+        passes = {p.index: {"forward": 1, "backward": 0} for p in plans}
+        with torch.no_grad():
+            for plan in (p for p in plans if p.route == "pooled"):
+                raw[plan.index] = [self._pooled_pair(plan, m, embeddings, maps) for m in range(len(plan.ref_ids))]
+        gradient_plans = [p for p in plans if p.route != "pooled"]
+        if gradient_plans:
+            raw.update(self._gradient_pairs(gradient_plans, trace, embeddings, maps, passes))
+
+        seconds = clock(images.device) - start
+        rows = batch.shape[0]
+        pair_share = (seconds - forward_seconds) / max(1, len(plans))  # the pairs' work, split over the plans
+        for plan in plans:
+            pairs = raw[plan.index]
+            stacked_q = prepare_maps(torch.stack([q for _, q, _, _ in pairs]), size)
+            ref_present = [r is not None for _, _, r, _ in pairs]
+            stacked_r = (prepare_maps(torch.stack([r for _, _, r, _ in pairs if r is not None]), size)
+                         if any(ref_present) else None)
+            ref_maps, cursor = [], 0
+            for present in ref_present:
+                ref_maps.append(stacked_r[cursor] if present else None)
+                cursor += int(present)
+            matches = None
+            if plan.kind == "gallery":
+                matches = [{"index": idx, "label": label, "similarity": sim, "query_map": stacked_q[m],
+                            "reference_map": ref_maps[m]}
+                           for m, ((idx, label), (_, _, _, sim)) in enumerate(zip(plan.ref_ids, pairs))]
+            method = {"pooled": "fam", "jacobian": "fam-jacobian", "gradient": "gradcam_similarity"}[plan.route]
+            items[plan.index] = FamExplanation(
+                similarity=pairs[0][3], contributions=pairs[0][0], query_map=stacked_q[0], reference_map=ref_maps[0],
+                route=plan.route, method=method, metric=plan.similarity, reference=plan.kind, matches=matches,
+                seconds=forward_seconds * (1 + (plan.kind == "image")) / rows + pair_share,
+                passes=passes[plan.index], batch_seconds=seconds)
+        return FamResult(embeddings[:n], items, forward_seconds)
+
+    # -- planning -----------------------------------------------------------------------------
+    def _plan(self, index: int, spec: FamSpec, images: torch.Tensor) -> _Plan:
+        if not isinstance(spec, FamSpec):
+            raise InvalidInputError(f"spec {index} must be a FamSpec or None, got {type(spec).__name__}")
+        if spec.similarity not in SIMILARITIES:
+            raise InvalidOptionError(f"unknown similarity {spec.similarity!r}; choose one of {list(SIMILARITIES)}")
+        if spec.method not in METHODS:
+            raise UnknownMethodError(f"unknown FAM method {spec.method!r}; choose one of {list(METHODS)}")
+        if spec.route not in ROUTES:
+            raise InvalidOptionError(f"unknown FAM route {spec.route!r}; choose one of {list(ROUTES)}")
+        given = [name for name, value in (("reference_image", spec.reference_image),
+                                          ("reference_embedding", spec.reference_embedding),
+                                          ("gallery_topk", spec.gallery_topk)) if value is not None]
+        if not given:
+            raise InvalidReferenceError(f"request {index}: no reference given (reference_image, "
+                                        "reference_embedding or gallery_topk)")
+        if len(given) > 1:
+            raise InvalidReferenceError(f"request {index}: give exactly one reference, got {given}")
+        route = self._route(spec)
+        plan = _Plan(index, "", spec.similarity, spec.method, route)
+        if spec.reference_image is not None:
+            plan.kind, plan.reference = "image", self._check_image(index, spec.reference_image, images)
+        elif spec.reference_embedding is not None:
+            plan.kind, plan.reference = "embedding", self._check_embedding(index, spec.reference_embedding)
+        else:
+            plan.kind, plan.k = "gallery", self._check_topk(index, spec.gallery_topk)
+        return plan
+
+    def _route(self, spec: FamSpec) -> str:
+        if spec.method == "gradcam_similarity":
+            return "gradient"
+        if spec.route == "pooled" and not self.model.pooled_route:
+            raise InvalidOptionError("the pooled route needs an embedding that is the pooled map itself "
+                                     "(this model has a projection head or is a user embedding model)")
+        if spec.route == "auto":
+            return "pooled" if self.model.pooled_route else "jacobian"
+        return spec.route
+
+    def _check_image(self, index: int, image, images: torch.Tensor) -> torch.Tensor:
+        if not isinstance(image, torch.Tensor):
+            raise InvalidReferenceError(f"request {index}: reference_image must be a tensor")
+        if image.dim() == 4 and image.shape[0] == 1:
+            image = image[0]
+        if image.dim() != 3 or tuple(image.shape) != tuple(images.shape[1:]):
+            raise InvalidReferenceError(f"request {index}: reference image must have shape {tuple(images.shape[1:])} "
+                                        f"like the queries, got {tuple(image.shape)}")
+        if not image.is_floating_point() or not torch.isfinite(image).all():
+            raise InvalidReferenceError(f"request {index}: reference image must be finite floats")
+        return image
+
+    def _check_embedding(self, index: int, value) -> torch.Tensor:
+        try:
+            vector = torch.as_tensor(value, dtype=torch.float32, device=self.device)
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise InvalidReferenceError(f"request {index}: reference embedding is not a list of numbers ({error})") from None
+        if vector.dim() != 1 or vector.shape[0] != self.dim:
+            raise InvalidReferenceError(f"request {index}: reference embedding must have {self.dim} values, "
+                                        f"got shape {tuple(vector.shape)}")
+        if not torch.isfinite(vector).all():
+            raise InvalidReferenceError(f"request {index}: reference embedding contains NaN or infinite values")
+        return vector
+
+    def _check_topk(self, index: int, k) -> int:
+        if isinstance(k, bool) or not isinstance(k, int):
+            raise InvalidReferenceError(f"request {index}: gallery_topk must be an integer, got {k!r}")
+        if self.gallery is None or len(self.gallery) == 0:
+            raise InvalidReferenceError(f"request {index}: gallery_topk needs a gallery, but the gallery is empty")
+        if k < 1:
+            raise InvalidReferenceError(f"request {index}: gallery_topk must be ≥ 1, got {k}")
+        if k > len(self.gallery):
+            raise InvalidReferenceError(f"request {index}: gallery_topk = {k} exceeds the gallery size {len(self.gallery)}")
+        return k
+
+    # -- pairs --------------------------------------------------------------------------------
+    def _resolve_references(self, plan: _Plan, embeddings: torch.Tensor, maps: torch.Tensor) -> None:
+        """Fill the plan's per-rank reference embeddings, reference maps (or None) and ids."""
+        if plan.kind == "image":
+            plan.ref_embeddings, plan.ref_maps, plan.ref_ids = [embeddings[plan.row]], [maps[plan.row]], [(0, None)]
+        elif plan.kind == "embedding":
+            plan.ref_embeddings, plan.ref_maps, plan.ref_ids = [plan.reference], [None], [(0, None)]
+        else:
+            scores = similarity_scores(embeddings[plan.index], self.gallery.embeddings, plan.similarity)
+            top = torch.topk(scores, plan.k).indices.tolist()
+            plan.ref_embeddings = [self.gallery.embeddings[i] for i in top]
+            fmaps = self.gallery.feature_maps
+            plan.ref_maps = [fmaps[i] if fmaps is not None else None for i in top]
+            plan.ref_ids = [(i, self.gallery.labels[i]) for i in top]
+
+    def _pooled_pair(self, plan: _Plan, rank: int, embeddings: torch.Tensor, maps: torch.Tensor):
+        """Gradient-free FAM for one (query, reference) pair: ``(c, query map, reference map, s)``."""
+        query, reference = embeddings[plan.index], plan.ref_embeddings[rank]
+        c = contributions(query, reference, plan.similarity)
+        w = normalised_weights(c)
+        ref_map = plan.ref_maps[rank]
+        sim = _reported_similarity(query, reference, plan.similarity)
+        return (c, weighted_map(w, maps[plan.index]), weighted_map(w, ref_map) if ref_map is not None else None, sim)
+
+    def _gradient_pairs(self, plans: List[_Plan], trace: EmbeddingTrace, embeddings: torch.Tensor,
+                        maps: torch.Tensor, passes):
+        """Jacobian FAM and Grad-CAM-on-similarity: one backward per match rank for all such plans."""
+        out: Dict[int, list] = {p.index: [] for p in plans}
+        rounds = max(len(p.ref_ids) for p in plans)
+        for rank in range(rounds):
+            active = [p for p in plans if len(p.ref_ids) > rank]
+            scalar = sum(self._differentiable_score(p, rank, trace) for p in active)
+            grads = torch.autograd.grad(scalar, trace.maps, retain_graph=rank < rounds - 1)[0].detach()
+            with torch.no_grad():
+                for p in active:
+                    passes[p.index]["backward"] += 1
+                    q = p.index
+                    reference = p.ref_embeddings[rank]
+                    sim = _reported_similarity(embeddings[q], reference, p.similarity)
+                    ref_map = p.ref_maps[rank]
+                    if p.route == "jacobian":
+                        c = trace.pooled[q].detach() * grads[q].sum(dim=(1, 2))
+                        w = normalised_weights(c)
+                        pair = (c, weighted_map(w, maps[q]), weighted_map(w, ref_map) if ref_map is not None else None, sim)
+                    else:
+                        alpha = grads[q].mean(dim=(1, 2))
+                        ref = weighted_map(grads[p.row].mean(dim=(1, 2)), maps[p.row]) if p.kind == "image" else None
+                        pair = (alpha, weighted_map(alpha, maps[q]), ref, sim)
+                    out[q].append(pair)
+        return out
+
+    def _differentiable_score(self, plan: _Plan, rank: int, trace: EmbeddingTrace) -> torch.Tensor:
+        """The scalar whose gradient w.r.t. A gives the channel weights of this plan and rank.
+
+        Jacobian: ``s̃`` linear in the query with reference and norms held constant (see module
+        docstring). Baseline: the full similarity ``s`` (reference image in the graph)."""
+        q = plan.index
+        if plan.route == "gradient":
+            query = trace.embedding[q]
+            reference = trace.embedding[plan.row] if plan.kind == "image" else plan.ref_embeddings[rank]
+            return similarity_scores(query, reference[None].float(), plan.similarity)[0]
+        raw = trace.raw[q]
+        query = raw / raw.detach().norm().clamp_min(EPS) if self.model.normalize else raw
+        reference = plan.ref_embeddings[rank].detach().float()
+        if plan.similarity == "dot":
+            return query @ reference
+        if plan.similarity == "cosine":
+            return (query @ reference) / (query.detach().norm() * reference.norm()).clamp_min(EPS)
+        return 2 * (query @ reference)

@@ -1,0 +1,343 @@
+"""The classifier explainer: predictions and explanations for a batch from one forward pass.
+
+``Explainer.explain(images, specs)`` takes a batch ``(N, 3, H, W)`` already on the model's device
+and one :class:`ExplainSpec` (or ``None`` for a plain prediction) per image. It
+
+1. validates everything it can before touching the model (input, methods, layers, targets, options);
+2. runs **one** forward inside a :class:`ForwardCapture` over the union of requested layers, with
+   switches (LRP rules for relevance passes, lean gradients for gradient passes) hooked only above
+   the shallowest requested layer; autograd records only above that layer;
+3. per target round (top-1 needs one round; top-k needs k), runs at most one ordinary backward and
+   one relevance backward over that same graph, each seeded per row;
+4. lets each method compute its maps, grouped by (method, layer, options), vectorised over rows;
+5. normalises each map to [0, 1] at layer resolution and upsamples it on the device.
+
+The logits of that forward are returned with the maps, so the prediction and its explanation
+always come from the same pass. The explainer holds no per-request state: it is safe to call from
+several threads on one model.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from camserve.engine.methods.captum.attribute import explain_with_captum, is_captum, plan_row, wants_captum
+from camserve.engine.core.capture import ForwardCapture
+from camserve.engine.methods.captum.catalog import DEFAULT_LIMITS, CaptumLimits
+from camserve.engine.core.explanation import ExplainResult, ExplainSpec, Explanation, check_images, model_device
+from camserve.engine.errors import InvalidTargetError, UnsupportedModelError
+from camserve.engine.core.layers import LayerCatalog
+from camserve.engine.core.lean_gradient import trace_conv_geometries
+from camserve.engine.methods import Captured, get_method
+from camserve.engine.lrp.composites import Composite, epsilon_plus
+from camserve.engine.imaging.render import prepare_maps
+from camserve.engine.core.targets import (TargetSpec, one_hot_seed, relevance_seed, resolve_targets, start_of, temperature_of,
+                      validate_target)
+from camserve.engine.timing import clock
+
+
+@dataclass
+class _Row:
+    index: int
+    method: Any
+    layer: str
+    spec_target: TargetSpec
+    options: Dict[str, Any]
+    targets: List[int] = field(default_factory=list)
+
+    @property
+    def group(self) -> Tuple:
+        return (self.method.name, self.layer, tuple(sorted(self.options.items())))
+
+
+
+def check_graph_rows(value, what: str = "graph_rows"):
+    """``value`` if it is ``None`` or a positive integer (the chunk size of :class:`Explainer`), else a
+    ``ValueError`` naming ``what``."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"{what} must be a positive integer or None, got {value!r}")
+    return value
+
+class Explainer:
+    """Explanations for an image classifier, batched, in the forward that predicts.
+
+    ``default_layer`` (a module path or a stage alias) is used when a spec names none (default:
+    the catalog's, :meth:`LayerCatalog.default_layer` — the last map before pooling, or a ViT's last
+    block's first norm); ``stages`` (e.g. a hand-written profile's) replace the discovered stages
+    that the aliases ``stage1`` … name; ``composite`` chooses the LRP rules. A request's layer may
+    be a module path or a stage alias; token (ViT) and channels-last (Swin) layers are converted to
+    ``(N, C, h, w)`` maps with :meth:`LayerCatalog.as_map` before a method sees them.
+    ``captum_limits`` caps the Captum baselines' work (:class:`CaptumLimits`, e.g. from the archive's
+    ``handler.captum``); it is read-only after construction, like everything here.
+    ``graph_rows`` bounds how many images' autograd graphs are alive at once: a larger batch is
+    explained in consecutive chunks of that many rows, each image still in exactly one forward
+    (memory of the graph ∝ ``graph_rows`` instead of the batch; logits and maps equal the whole
+    batch's up to the float rounding of a smaller convolution batch). ``None``: the whole batch.
+    """
+
+    def __init__(self, model: nn.Module, input_size: Tuple[int, int] = (224, 224),
+                 default_layer: Optional[str] = None, composite: Optional[Composite] = None,
+                 max_topk: int = 5, stages: Optional[Sequence[str]] = None,
+                 captum_limits: Optional[CaptumLimits] = None, graph_rows: Optional[int] = None):
+        self.graph_rows = check_graph_rows(graph_rows)
+        self.model = model.eval()
+        self.captum_limits = captum_limits or DEFAULT_LIMITS
+        self.input_size = tuple(input_size)
+        self._disable_inplace()
+        self.catalog = LayerCatalog.trace(model, self.input_size).with_stages(stages)
+        maps = self.catalog.feature_map_layers()
+        if not maps:
+            raise ValueError("the model has no layer with a (C, H, W) feature map output")
+        self.default_layer = self.catalog.resolve(default_layer) if default_layer else self.catalog.default_layer()
+        self.catalog.feature_map(self.default_layer)
+        self.composite = composite or epsilon_plus()
+        self._rules = self.composite.assign(model.named_modules())
+        self.max_topk = max_topk
+        # read-only after this: which convs' gradient the capture may compute from x and y alone
+        # and whose outputs a later in-place op overwrites (their switches hand on a copy)
+        overwritten: set = set()
+        self._conv_geometry, probe = trace_conv_geometries(model, self.input_size, overwritten)
+        self._overwritten = frozenset(overwritten)
+        self.num_classes = int(probe.shape[-1])
+
+    def _disable_inplace(self) -> None:
+        """In-place activations would overwrite captured tensors; switch them off (same values)."""
+        for module in self.model.modules():
+            if getattr(module, "inplace", False) is True:
+                module.inplace = False
+
+    @property
+    def device(self) -> torch.device:
+        return model_device(self.model)
+
+    # -- public API ---------------------------------------------------------------------------
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        """Plain inference: logits under ``torch.inference_mode``."""
+        check_images(images)
+        with torch.inference_mode():
+            return self.model(images)
+
+    def explain(self, images: torch.Tensor, specs: Sequence[Optional[ExplainSpec]],
+                output_size: Optional[Tuple[int, int]] = None, layer_resolution: bool = False,
+                dtype: torch.dtype = torch.float32) -> ExplainResult:
+        """Logits and maps for a batch; ``specs[i] is None`` means prediction only for image ``i``.
+
+        Maps are normalised to [0, 1] per map and upsampled to ``output_size`` (default: the
+        input's size) unless ``layer_resolution``; they stay on the model's device.
+        """
+        # -- Captum rows (captum.*) are answered by the Captum adapter, which calls back here -----
+        if wants_captum(specs):
+            return explain_with_captum(self, images, specs, output_size, layer_resolution, dtype)
+        # -- end Captum dispatch --------------------------------------------------------------------
+        check_images(images)
+        if len(specs) != images.shape[0]:
+            raise InvalidTargetError(f"got {len(specs)} explanation specs for a batch of {images.shape[0]} images")
+        rows = [self._plan(i, spec) for i, spec in enumerate(specs) if spec is not None]  # all, before any forward
+        chunk = self.graph_rows
+        if rows and chunk and images.shape[0] > chunk:
+            return self._explain_in_chunks(images, specs, chunk, output_size, layer_resolution, dtype)
+        return self._explain_batch(images, specs, rows, output_size, layer_resolution, dtype)
+
+    def _explain_in_chunks(self, images, specs, chunk: int, output_size, layer_resolution, dtype) -> ExplainResult:
+        """``explain`` over consecutive chunks of ``chunk`` rows (``graph_rows``): only one chunk's
+        graph is alive at a time; every image waited for the whole batch (``batch_seconds``)."""
+        start = clock(images.device)
+        parts = []
+        for begin in range(0, images.shape[0], chunk):
+            part_specs = specs[begin:begin + chunk]
+            rows = [self._plan(i, spec) for i, spec in enumerate(part_specs) if spec is not None]
+            parts.append(self._explain_batch(images[begin:begin + chunk], part_specs, rows, output_size,
+                                             layer_resolution, dtype))
+        seconds = clock(images.device) - start
+        explanations = [e for part in parts for e in part.explanations]
+        for explanation in explanations:
+            if explanation is not None:
+                explanation.batch_seconds = seconds
+        return ExplainResult(torch.cat([part.logits for part in parts]), explanations,
+                             sum(part.forward_seconds for part in parts))
+
+    def _explain_batch(self, images, specs, rows, output_size, layer_resolution, dtype) -> ExplainResult:
+        """One forward over the whole ``images`` batch and the backward rounds its ``rows`` need."""
+        device = images.device
+        if not rows:
+            start = clock(device)
+            logits = self.predict(images)
+            return ExplainResult(logits, [None] * len(specs), clock(device) - start)
+
+        layers = [name for row in rows for name in row.method.layers(row.layer, self.catalog, row.options)]
+        # switches above the shallowest layer: they carry the LRP rules for relevance passes and
+        # compute lean gradients (lean_gradient.py) for gradient passes
+        rules = self._rules_above(layers)
+        floor = min(layers, key=lambda name: self.catalog.get(name).exited)  # no gradient needed below it
+        start = clock(device)
+        gradient_passes = any(row.method.needs_gradient_for(row.options) for row in rows)
+        relevance_passes = any(row.method.needs_relevance_for(row.options) for row in rows)
+        with ForwardCapture(self.model, layers, rules, grad_from=floor, gradient_passes=gradient_passes,
+                            conv_geometry=self._conv_geometry, overwritten=self._overwritten,
+                            relevance_passes=relevance_passes) as capture, \
+                torch.enable_grad():
+            with torch.no_grad():  # the capture switches grad on at ``floor``; this block restores the mode
+                logits = self.model(images)
+            forward_seconds = clock(device) - start
+            shares = {row.index: forward_seconds / images.shape[0] for row in rows}  # the shared forward
+            for row in rows:
+                row.targets = resolve_targets(row.spec_target, logits[row.index].detach())
+            maps, passes = self._backward_rounds(capture, logits, rows, shares)
+        size = None if layer_resolution else (output_size or tuple(images.shape[-2:]))
+        explanations: List[Optional[Explanation]] = [None] * len(specs)
+        for row in rows:
+            own = clock(device)
+            stacked = torch.stack(maps[row.index])
+            layer_shape = tuple(stacked.shape[-2:])
+            prepared = prepare_maps(stacked, size, dtype)
+            shares[row.index] += clock(device) - own
+            explanations[row.index] = Explanation(
+                row.method.name, row.layer, row.targets, prepared, layer_shape, row.options, shares[row.index],
+                passes[row.index])
+        seconds = clock(device) - start
+        for row in rows:
+            explanations[row.index].batch_seconds = seconds
+        return ExplainResult(logits.detach(), explanations, forward_seconds)
+
+    # -- planning -----------------------------------------------------------------------------
+    def validate(self, spec: ExplainSpec) -> None:
+        """Check a spec against the model before any forward (method, layer or alias, target,
+        options, Captum caps); raises the :class:`ExplanationInputError` a request would get."""
+        self._plan(0, spec)
+
+    def _plan(self, index: int, spec: ExplainSpec) -> _Row:
+        if is_captum(spec.method):  # Captum rows (captum.*) are validated by the adapter
+            return plan_row(self, index, spec)
+        method = get_method(spec.method)
+        options = method.options(spec.options)
+        layer = self.catalog.resolve(spec.layer) if spec.layer else self.default_layer
+        self.catalog.feature_map(layer)
+        method.validate(layer, self.catalog, self.model)
+        names = method.layers(layer, self.catalog, options)  # validates l+1 where needed
+        if method.needs_relevance_for(options):
+            self._check_relevance(method.name, names)
+        target = validate_target(spec.target, self.num_classes, self.max_topk)
+        return _Row(index, method, layer, target, options)
+
+    def _check_relevance(self, method: str, layers: Sequence[str]) -> None:
+        """LRP relevance passes have rules for convolutions, linear layers, pooling, BatchNorm and
+        activations, none for attention or token mixing: refuse a token layer or a layer with an
+        attention module above it (:class:`UnsupportedModelError`, a 400)."""
+        for name in layers:
+            info = self.catalog.get(name)
+            if info.layout == "tokens":
+                raise UnsupportedModelError(
+                    f"{method} propagates LRP relevance, which has no rules for attention or token mixing; layer "
+                    f"{name!r} is a token sequence ({info.output_shape[0]} tokens) of a transformer — use gradcam, "
+                    f"gradcampp or layercam")
+            attention = self.catalog.attention_above(name)
+            if attention is not None:
+                raise UnsupportedModelError(
+                    f"{method} propagates LRP relevance, which has no rules for attention; the pass from the "
+                    f"logits down to {name!r} crosses {attention!r} ({self.catalog.get(attention).type_name}) — "
+                    f"use gradcam, gradcampp or layercam")
+
+    def _rules_above(self, layers: Sequence[str]):
+        """LRP rules for the modules that run (at least once) after the shallowest requested layer
+        is left. A module called several times (EfficientNet's shared ``_swish``: after the stem
+        *and* after the head) is judged by its last call, so its calls above the layer keep their
+        rule; its calls below are hooked too, which changes nothing above."""
+        if not layers:
+            return {}
+        floor = min(self.catalog.get(name).exited for name in layers)
+        return {name: rule for name, rule in self._rules.items()
+                if name in self.catalog.layers and self.catalog.layers[name].exited > floor}
+
+    # -- passes -------------------------------------------------------------------------------
+    def _backward_rounds(self, capture: ForwardCapture, logits: torch.Tensor, rows: List[_Row],
+                         shares: Optional[Dict[int, float]] = None):
+        """Per round ``r`` (the r-th target of each row): one gradient and/or one relevance backward.
+        ``shares[row]`` accumulates the row's part of each pass (split over the rows it served) and
+        of its group's map computation (split over the group)."""
+        shares = {} if shares is None else shares
+        device = logits.device
+
+        def charge(members, since):
+            spent = clock(device) - since
+            for member in members:
+                shares[member.index] = shares.get(member.index, 0.0) + spent / len(members)
+        maps: Dict[int, List[torch.Tensor]] = defaultdict(list)
+        passes: Dict[int, Dict[str, int]] = {r.index: {"forward": 1, "backward": 0, "relevance": 0} for r in rows}
+        rounds = max(len(r.targets) for r in rows)
+        for round_index in range(rounds):
+            active = [r for r in rows if len(r.targets) > round_index]
+            targets = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+            for r in active:
+                targets[r.index] = r.targets[round_index]
+            last = round_index == rounds - 1
+            relevance_follows = any(r.method.needs_relevance_for(r.options) for r in active)
+            since = clock(device)
+            gradients = self._pass(capture, logits, targets, active, "gradient", passes,
+                                   retain=not last or relevance_follows)
+            charge([r for r in active if r.method.needs_gradient_for(r.options)] or active, since)
+            since = clock(device)
+            relevance = self._pass(capture, logits, targets, active, "relevance", passes, retain=not last)
+            charge([r for r in active if r.method.needs_relevance_for(r.options)] or active, since)
+            groups: Dict[Tuple, List[_Row]] = defaultdict(list)
+            for r in active:
+                groups[r.group].append(r)
+            for group_rows in groups.values():
+                since = clock(device)
+                first = group_rows[0]
+                indices = [r.index for r in group_rows]
+                idx = torch.tensor(indices, device=logits.device)
+                # a group of the whole batch in order reads the tensors themselves: no copy of a
+                # (shallow, large) layer's activations and gradients; methods never write to them
+                rows_of = (lambda t: t) if indices == list(range(logits.shape[0])) else (lambda t: t[idx])
+                names = first.method.layers(first.layer, self.catalog, first.options)
+                as_map = self.catalog.as_map  # (N, C, h, w): NCHW as is, NHWC permuted, tokens on the grid
+                captured = Captured(
+                    activations={n: as_map(n, rows_of(capture.activations[n].detach())) for n in names},
+                    gradients={n: as_map(n, rows_of(gradients[n])) for n in names if n in gradients},
+                    relevance_gradients={n: as_map(n, rows_of(relevance[n])) for n in names if n in relevance},
+                    targets=targets[idx], logits=logits.detach()[idx], model=self.model, catalog=self.catalog)
+                with torch.no_grad():
+                    cams = first.method.compute(first.layer, captured, first.options)
+                for r, cam in zip(group_rows, cams):
+                    maps[r.index].append(cam)
+                charge(group_rows, since)
+        return maps, passes
+
+    def _pass(self, capture, logits, targets, active, mode, passes, retain) -> Dict[str, torch.Tensor]:
+        """One backward in ``mode`` for the rows that need it; returns ``{layer: ∂/∂A^l}``."""
+        if mode == "gradient":
+            needing = [r for r in active if r.method.needs_gradient_for(r.options)]
+        else:
+            needing = [r for r in active if r.method.needs_relevance_for(r.options)]
+        if not needing:
+            return {}
+        names = list(dict.fromkeys(n for r in needing for n in r.method.layers(r.layer, self.catalog, r.options)))
+        mask = torch.zeros(logits.shape[0], 1, device=logits.device, dtype=logits.dtype)
+        mask[[r.index for r in needing]] = 1.0
+        with torch.no_grad():
+            if mode == "gradient":
+                seed = one_hot_seed(logits, targets) * mask
+            else:  # per row: the start its options ask for (targets.relevance_seed; R_logits = logits ⊙ g)
+                starts = ["target"] * logits.shape[0]
+                temperatures = [1.0] * logits.shape[0]
+                for r in needing:
+                    starts[r.index] = start_of(r.options)
+                    temperatures[r.index] = temperature_of(r.options)
+                seed = relevance_seed(logits, targets, starts, temperatures) * mask
+        capture.mode = mode
+        capture.release_graph = not retain  # the graph's last pass: nothing of it outlives this backward
+        try:
+            grads = torch.autograd.grad(logits, [capture.activations[n] for n in names], seed,
+                                        retain_graph=retain, allow_unused=True)
+        finally:
+            capture.mode = "gradient"
+            capture.release_graph = False
+        for r in needing:
+            passes[r.index]["backward" if mode == "gradient" else "relevance"] += 1
+        return {n: (g if g is not None else torch.zeros_like(capture.activations[n])) for n, g in zip(names, grads)}
+

@@ -1,0 +1,1 @@
+"""Operations beside serving: the audit log, handler metrics and process tuning."""

@@ -1,0 +1,293 @@
+"""The image-classifier handler: top-k predictions and, per request, an explanation from the same pass.
+
+Batch flow (:meth:`ClassifierHandler.run_batch`):
+
+1. per request, per image: decode (limits), parse options, validate the :class:`ExplainSpec` against
+   the model (method, layer, target, method options) — a failure fails only that request;
+2. all valid images → one ``to_model_input`` on the device → **one** ``Explainer.explain`` with one
+   spec per image (``None`` for plain predictions) at layer resolution;
+3. per image: softmax top-k, maps encoded as asked (PNG at the model input's size, array, colour,
+   overlay over the crop), crop box in original pixels, passes and time.
+
+An image asking ``compare=<m1>,<m2>`` is validated the same way (every method, layer, option and
+target before any forward) but runs outside the batched call: :func:`camserve.engine.core.compare.compare`
+explains it with each method in its own call (each explanation's ``seconds`` is its whole cost) and
+its answer carries ``explanations`` (one per method, maps at the model input's size) and
+``comparison`` (methods, target, seconds, Spearman ρ matrix over pixels).
+
+Captum baselines (``captum.*``) are capped by the ``handler.captum`` section of ``model-config.yaml``
+(:class:`~camserve.engine.methods.captum.catalog.CaptumLimits`: ``max_steps``, ``max_samples``,
+``max_internal_batch_size``, ``max_evaluations``); a request beyond a cap is a 400. The batch as a
+whole is bounded by ``max_batch_evaluations`` (:meth:`ImageClassifierHandler.budget`): requests are
+admitted in batch order while their model evaluations (a Captum row: evaluations × targets; a
+``compare``: each method's, at least 1) fit; the rest are answered 503 with ``Retry-After`` (sent
+again they land in a later batch), and a request that alone exceeds the cap is a 400.
+
+Faults are isolated with :meth:`CamserveHandler.run_isolated`: the batched call, and each compare
+request on its own.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from camserve.engine.methods.captum.catalog import CaptumLimits, is_captum, resolve
+from camserve.engine.core.compare import compare, comparison_json
+from camserve.engine.pipeline import Explainer
+from camserve.engine.models import EFFNET_LITE0, ModelProfile, labels_for, load_spec, profile_with_layers
+from camserve.engine.imaging.preprocess import crop_box
+from camserve.engine.core.targets import validate_target
+from camserve.engine.timing import clock
+from camserve.serving.base import BatchBudgetExceededError, CamserveHandler
+from camserve.serving.encode import heatmap_fields, top_predictions
+from camserve.serving.errors import InvalidRequestOptionError, MissingInputError
+from camserve.serving.images import b64decode, decode_image, image_size
+from camserve.ops.metrics import record_explanations
+from camserve.serving.options import ExplainOptions, parse_options
+from camserve.serving.requests import ParsedRequest
+from camserve.serving.settings import model_spec
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Prepared:
+    """One image ready for the batch: decoded pixels, options and where it came from."""
+
+    request: int
+    position: int
+    image: torch.Tensor
+    options: ExplainOptions
+
+
+def image_bytes(payload: Any, what: str = "image") -> bytes:
+    """Raw bytes stay bytes; text (JSON, text parts) is base64."""
+    if isinstance(payload, (bytes, bytearray)):
+        return bytes(payload)
+    if isinstance(payload, str):
+        return b64decode(payload, what)
+    raise MissingInputError(f"{what}: expected image bytes or a base64 string, got {type(payload).__name__}")
+
+
+def build_explainer(model, profile: ModelProfile, default_layer: Optional[str], max_targets: int,
+                    limits: Optional[CaptumLimits] = None, graph_rows: Optional[int] = None) -> Explainer:
+    """The explainer at the profile's input size; default layer: the archive's, else the profile's, else
+    the one discovered by the explainer's probe forward."""
+    return Explainer(model, profile.input_size, default_layer=default_layer or profile.default_layer,
+                     max_topk=max_targets, stages=profile.stages or None, captum_limits=limits,
+                     graph_rows=graph_rows)
+
+
+def captum_limits(section: Any) -> CaptumLimits:
+    """The ``handler.captum`` caps of ``model-config.yaml`` (absent: Captum's defaults); unknown keys or
+    non-positive values are a configuration error that stops the worker from loading."""
+    section = dict(section or {})
+    known = set(CaptumLimits.__dataclass_fields__)
+    unknown = sorted(set(section) - known)
+    if unknown:
+        raise ValueError(f"handler.captum: unknown key(s) {unknown}; known: {sorted(known)}")
+    if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in section.values()):
+        raise ValueError(f"handler.captum: caps must be positive integers, got {section}")
+    limits = CaptumLimits(**section)
+    if limits.max_batch_evaluations < limits.max_evaluations:
+        raise ValueError(f"handler.captum: max_batch_evaluations ({limits.max_batch_evaluations}) must be ≥ "
+                         f"max_evaluations ({limits.max_evaluations}), or a request within the caps could never run")
+    return limits
+
+
+class ImageClassifierHandler(CamserveHandler):
+    """TorchServe handler for an image classifier: the archive's model spec (EfficientNet-Lite0 by default)."""
+
+    profile: ModelProfile = EFFNET_LITE0
+
+    def load(self, context) -> None:
+        """Build the archive's model from its spec (``handler.model``; the bundled EfficientNet-Lite0
+        when absent), the explainer (one probe forward: layers, stages, class count) and the labels."""
+        spec = model_spec(self.settings, self.manifest, "classify")
+        loaded = load_spec(spec, self.model_dir, self.device, self.manifest.get("model", {}).get("serializedFile"))
+        self.model = loaded.module
+        self.explainer = build_explainer(self.model, loaded.profile, self.settings.default_layer,
+                                         self.settings.max_targets, captum_limits(self.settings.extra.get("captum")),
+                                         self.settings.graph_rows)
+        self.profile = profile_with_layers(loaded.profile, self.explainer.catalog)
+        self.labels = labels_for(spec, self.model_dir, self.explainer.num_classes)
+
+    # -- per image ----------------------------------------------------------------------------
+    def prepare(self, index: int, request: ParsedRequest) -> List[Prepared]:
+        prepared = []
+        for position, item in enumerate(request.items):
+            what = "image" if len(request.items) == 1 else f"image {position}"
+            pixels = decode_image(image_bytes(item.payloads["image"], what), self.settings.max_pixels, what)
+            options = parse_options(item.options, self.settings, request.explain_route)
+            for spec in options.compare or [s for s in [options.spec()] if s is not None]:
+                self.explainer.validate(spec)  # the engine's own validation, before any forward
+            if options.compare:
+                self.check_compare_target(options.target)
+            prepared.append(Prepared(index, position, pixels, options))
+        return prepared
+
+    def check_compare_target(self, target: Any) -> None:
+        """A comparison explains one class per method: the predicted one (``top1``) or an index."""
+        normalised = validate_target(target, self.explainer.num_classes, self.explainer.max_topk)
+        if isinstance(normalised, list) or (isinstance(normalised, str) and normalised != "top1"):
+            raise InvalidRequestOptionError(f"compare explains one target per method: use target=top1 or a class "
+                                            f"index, got target={target!r}")
+
+    # -- batch --------------------------------------------------------------------------------
+    def run_batch(self, requests: Sequence[Tuple[int, ParsedRequest]], context) -> Dict[int, Any]:
+        deadline = clock(self.device) + self.retry_window_s  # fault retries end in time for responseTimeout
+        images, outcomes = self.prepare_all(requests)
+        outcomes.update(self.budget(images))
+        images = [p for p in images if p.request not in outcomes]
+        if not images:
+            return outcomes
+        batched = [p for p in images if not p.options.compare]
+        # one batched engine call; a failure is split down to the request(s) that cause it
+        results, failed = self.run_isolated(batched, self.explain_images, deadline=deadline)
+        outcomes.update(failed)
+        for index in dict.fromkeys(p.request for p in images if p.options.compare):
+            if index in outcomes:
+                continue
+            own = [p for p in images if p.request == index]  # compare runs per request, serially
+            done, failed = self.run_isolated(own, self.compare_images, deadline=deadline)
+            results.update(done)
+            outcomes.update(failed)
+        return self.in_request_order(images, results, outcomes)
+
+    def evaluations(self, prepared: Prepared) -> int:
+        """Model evaluations one image costs against ``max_batch_evaluations``: a Captum row its
+        ``steps × nt_samples`` (or ``nt_samples``, or 1) per target; a ``compare`` each method's own
+        (non-Captum methods 1); CAM-family rows 0 (they share the batch's one forward/backward)."""
+        compared = bool(prepared.options.compare)
+        specs = prepared.options.compare or [s for s in [prepared.options.spec()] if s is not None]
+        limits = self.explainer.captum_limits
+        total = 0
+        for spec in specs:
+            if not is_captum(spec.method):
+                total += 1 if compared else 0
+                continue
+            _, options = resolve(spec.method, spec.options, limits)
+            per_target = options.get("steps", 1) * (options.get("nt_samples", 1) if options.get("smooth") else 1)
+            target = validate_target(spec.target, self.explainer.num_classes, self.explainer.max_topk)
+            targets = len(target) if isinstance(target, list) else (
+                int(target[3:]) if isinstance(target, str) and target.startswith("top") else 1)
+            total += per_target * targets
+        return total
+
+    def budget(self, images: Sequence[Prepared]) -> Dict[int, Exception]:
+        """Admit requests in batch order while their evaluations fit ``max_batch_evaluations``; the
+        others get a 503 (:class:`BatchBudgetExceededError`), a request over the cap on its own a 400."""
+        limits = self.explainer.captum_limits
+        cap = limits.max_batch_evaluations
+        cost: Dict[int, int] = {}
+        refused: Dict[int, Exception] = {}
+        for prepared in images:
+            try:
+                cost[prepared.request] = cost.get(prepared.request, 0) + self.evaluations(prepared)
+            except Exception as error:  # noqa: BLE001 - isolated per request (validated before: unexpected)
+                refused[prepared.request] = self._guard(error)
+        for index in refused:
+            cost.pop(index, None)
+        used = 0
+        for index, evaluations in cost.items():
+            if evaluations > cap:
+                refused[index] = InvalidRequestOptionError(
+                    f"this request would evaluate the model {evaluations} times (Captum steps × samples × targets, "
+                    f"each compare method at least once); this server's cap per batch is max_batch_evaluations={cap}")
+            elif used + evaluations > cap:
+                refused[index] = BatchBudgetExceededError(
+                    f"this batch's work budget is spent: the request needs {evaluations} model evaluations and "
+                    f"{cap - used} of max_batch_evaluations={cap} are left; send it again (Retry-After: 1 s)")
+            else:
+                used += evaluations
+        if refused:
+            from camserve.ops.metrics import record_counters
+            record_counters(getattr(self, "context", None), {"BatchBudgetRejected": len(refused)})
+        return refused
+
+    def compare_images(self, images: List[Prepared]) -> Dict[Tuple[int, int], Dict[str, Any]]:
+        """:meth:`compare_image` for each image, keyed by (request, position)."""
+        return {(p.request, p.position): self.compare_image(p) for p in images}
+
+    def explain_images(self, images: List[Prepared]) -> Dict[Tuple[int, int], Dict[str, Any]]:
+        """One preprocessing and one engine call for all ``images``; results keyed by (request, position)."""
+        p = self.profile
+        start = clock(self.device)
+        batch, crops = p.model_input([i.image for i in images], self.device)
+        specs = [i.options.spec() for i in images]
+        result = self.explainer.explain(batch, specs, layer_resolution=True)
+        probabilities = torch.softmax(result.logits.float(), dim=-1)
+        engine_seconds = clock(self.device) - start
+        out: Dict[Tuple[int, int], Dict[str, Any]] = {}
+        seconds_by_method: Dict[str, float] = {}
+        counts: Counter = Counter()
+        for row, (prepared, explanation) in enumerate(zip(images, result.explanations)):
+            width, height = image_size(prepared.image)
+            answer: Dict[str, Any] = {
+                "predictions": top_predictions(probabilities[row], self.labels, prepared.options.topk),
+                "batch_size": len(images),
+            }
+            if explanation is not None:
+                answer["explanation"] = self.explanation_json(
+                    explanation, prepared.options, crops[row:row + 1], (height, width), len(images))
+                # each row's share of the batch's passes, summed per method (not the batch's time per row)
+                seconds_by_method[explanation.method] = seconds_by_method.get(explanation.method, 0.0) + explanation.seconds
+                counts[explanation.method] += 1
+            out[(prepared.request, prepared.position)] = answer
+        record_explanations(self.context, seconds_by_method, counts)
+        logger.info("camserve batch of %d images (%d explained) in %.3f s", len(images), sum(counts.values()),
+                    engine_seconds)
+        return out
+
+    def compare_image(self, prepared: Prepared) -> Dict[str, Any]:
+        """Explain one image with each compared method (one engine call each) and correlate the maps."""
+        p = self.profile
+        batch, crops = p.model_input([prepared.image], self.device)
+        comparison = compare(self.explainer, batch, prepared.options.compare, output_size=(p.crop, p.crop))
+        width, height = image_size(prepared.image)
+        probabilities = torch.softmax(comparison.logits.float(), dim=-1)
+        answer = {
+            "predictions": top_predictions(probabilities[0], self.labels, prepared.options.topk),
+            "batch_size": 1,
+            "explanations": [self.explanation_json(e, prepared.options, crops, (height, width), 1)
+                             for e in comparison.explanations],
+            "comparison": comparison_json(comparison),
+        }
+        seconds: Dict[str, float] = {}
+        for e in comparison.explanations:  # each method's own call (a method named twice: both)
+            seconds[e.method] = seconds.get(e.method, 0.0) + e.seconds
+        record_explanations(self.context, seconds,
+                            Counter(e.method for e in comparison.explanations))
+        logger.info("camserve comparison of %s in %.3f s", comparison.methods, sum(comparison.seconds))
+        return answer
+
+    def explanation_json(self, explanation, options: ExplainOptions, crop01: torch.Tensor,
+                         original_hw: Tuple[int, int], batch_size: int) -> Dict[str, Any]:
+        p = self.profile
+        body: Dict[str, Any] = {
+            "method": explanation.method,
+            "layer": explanation.layer,
+            "target": explanation.targets[0],
+            "targets": list(explanation.targets),
+            "labels": [self.labels[t] for t in explanation.targets],
+            "format": options.format,
+            "layer_shape": list(explanation.layer_shape),
+        }
+        body.update(heatmap_fields(explanation.maps, crop01, options, (p.crop, p.crop), self.settings.array_decimals))
+        if options.colormap:
+            body["colormap"] = options.colormap
+        body.update({
+            "crop_box": crop_box(original_hw, p.resize, p.crop),
+            "image_size": [original_hw[1], original_hw[0]],
+            "options": dict(explanation.options),
+            "passes": dict(explanation.passes),
+            "seconds": round(explanation.seconds, 4),
+            "batch_seconds": round(getattr(explanation, "batch_seconds", 0.0) or explanation.seconds, 4),
+            "batch_size": batch_size,
+        })
+        return body

@@ -1,0 +1,231 @@
+"""The embedding handler: the embedding of each image and, when asked, its FAM explanation.
+
+Per request: ``image`` plus at most one reference — ``reference`` (an image: multipart field or
+base64 JSON), ``reference_embedding`` (``D`` floats, JSON list or a JSON text field) or
+``gallery=k`` (the k best matches in the archive's gallery; ``gallery=true``: its ``gallery_topk``).
+The answer holds the embedding, and with a reference the similarity and the FAM pair (query map,
+reference map: base64 8-bit PNGs at the model input's size); with a gallery, the k matches each with
+their pair. Options:
+``similarity=cosine|dot|euclidean``, ``method=fam|gradcam_similarity``, ``embedding=0`` to omit the
+vector, ``overlay=1`` (query map over the query crop), ``colormap``. Every option is validated
+(:func:`parse_embed_options`) whether the request has a reference or not.
+
+One batch = one ``to_model_input`` (queries and reference images together) and one
+``FamExplainer.explain`` (one forward over queries + reference images).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from camserve.engine.methods.similarity.fam import METHODS as FAM_METHODS, SIMILARITIES, FamExplainer, FamSpec
+from camserve.engine.methods.similarity.gallery import Gallery
+from camserve.engine.models import EFFNET_LITE0, ModelProfile, embedding_model_for, load_spec
+from camserve.engine.imaging.preprocess import crop_box
+from camserve.engine.imaging.render import overlay, to_uint8
+from camserve.serving.base import CamserveHandler
+from camserve.serving.classifier import image_bytes
+from camserve.serving.encode import b64png
+from camserve.serving.errors import InvalidRequestOptionError, MissingInputError
+from camserve.serving.images import decode_image, image_size
+from camserve.ops.metrics import record_explanations
+from camserve.serving.options import as_text, parse_colormap, parse_flag, parse_int
+from camserve.serving.requests import EMBED_FIELDS, ParsedRequest
+from camserve.serving.settings import model_spec
+
+
+@dataclass
+class EmbedItem:
+    request: int
+    position: int
+    image: torch.Tensor
+    reference: Optional[torch.Tensor]
+    spec: Optional[FamSpec]
+    include_embedding: bool
+    overlay: bool
+    colormap: str
+
+
+def parse_embedding(value: Any) -> List[float]:
+    """A JSON list of numbers, or a text field holding one."""
+    if isinstance(value, (bytes, bytearray, str)):
+        try:
+            value = json.loads(as_text(value))
+        except ValueError as error:
+            raise InvalidRequestOptionError(f"reference_embedding is not a JSON list of numbers ({error})") from None
+    if not isinstance(value, list) or not value or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                            for v in value):
+        raise InvalidRequestOptionError("reference_embedding must be a non-empty list of numbers")
+    return [float(v) for v in value]
+
+
+EMBED_OPTIONS = ("similarity", "method", "explain", "gallery", "topk", "embedding", "overlay", "colormap",
+                 "model_name")
+
+
+@dataclass
+class EmbedOptions:
+    """One embedding request's options, every one validated whether the request uses it or not.
+    ``method`` None: ``explain=0`` (no explanation); ``gallery``: None (no gallery), True (the
+    archive's ``gallery_topk``) or the k asked for (range-checked against the gallery later)."""
+
+    similarity: str
+    method: Optional[str]
+    gallery: Any
+    embedding: bool
+    overlay: bool
+    colormap: str
+
+
+def parse_embed_options(raw: Dict[str, Any], settings) -> EmbedOptions:
+    """Validate the embedding model's options: unknown names, similarity, method, gallery/topk,
+    embedding/overlay flags and colormap — a bad value is a 400 even when no reference uses it.
+
+    ``gallery=true|yes|on`` → the archive's ``gallery_topk`` matches (``topk=k`` overrides it),
+    ``gallery=<k>`` → k matches, ``gallery=0|false|no|off`` → none; ``topk=<k>`` alone → k matches."""
+    raw = {str(k).lower(): as_text(v, str(k)) for k, v in raw.items()}
+    unknown = sorted(set(raw) - set(EMBED_OPTIONS))
+    if unknown:
+        raise InvalidRequestOptionError(f"unknown option(s) {unknown} for the embedding model; "
+                                        f"options: {sorted(set(EMBED_OPTIONS) - {'model_name'})}")
+    given = [str(raw[k]).strip().lower() for k in ("method", "explain") if raw.get(k) not in (None, "")]
+    words = ["fam" if (w in ("1", "true", "yes", "on")) else w for w in given]
+    if len(set(words)) > 1:
+        raise InvalidRequestOptionError(f"options 'method' and 'explain' disagree: {raw.get('method')!r} vs "
+                                        f"{raw.get('explain')!r}")
+    method: Optional[str] = words[0] if words else "fam"
+    if method in ("0", "false", "no", "off"):
+        method = None
+    elif method not in FAM_METHODS:
+        raise InvalidRequestOptionError(f"unknown FAM method {method!r}; choose one of {list(FAM_METHODS)}")
+    similarity = str(raw.get("similarity") or settings.similarity).strip().lower()
+    if similarity not in SIMILARITIES:
+        raise InvalidRequestOptionError(f"unknown similarity {similarity!r}; choose one of {list(SIMILARITIES)}")
+    gallery, topk = raw.get("gallery"), raw.get("topk")
+    topk = None if topk in (None, "") else parse_int("topk", topk, 1, settings.max_gallery_topk)
+    if gallery in (None, ""):
+        chosen: Any = topk
+    elif isinstance(gallery, bool) or str(gallery).strip().lower() in ("true", "yes", "on", "false", "no", "off"):
+        chosen = (topk if topk is not None else True) if parse_flag("gallery", gallery) else None
+        if chosen is None and topk is not None:
+            raise InvalidRequestOptionError("topk counts gallery matches, but gallery is off: add gallery=true")
+    else:
+        chosen = parse_int("gallery", gallery, 0, settings.max_gallery_topk)
+        if topk is not None and topk != chosen:
+            raise InvalidRequestOptionError(f"gallery={gallery!r} and topk={topk!r} disagree: give one of them")
+        chosen = chosen or None  # gallery=0: no gallery
+    colormap = parse_colormap(raw.get("colormap") or settings.colormap)
+    return EmbedOptions(similarity, method, chosen, parse_flag("embedding", raw.get("embedding", True)),
+                        parse_flag("overlay", raw.get("overlay", False)), colormap)
+
+
+class EmbeddingHandler(CamserveHandler):
+    """TorchServe handler for an embedding model: the archive's model spec (EfficientNet-Lite0 features,
+    D = 1280, by default)."""
+
+    payload_fields = EMBED_FIELDS
+    profile: ModelProfile = EFFNET_LITE0
+    embedding_decimals = 5
+
+    def load(self, context) -> None:
+        """The archive's model spec (``handler.model``, task ``embed``; EfficientNet-Lite0 features by
+        default) as an :class:`EmbeddingModel`, its gallery and the FAM explainer."""
+        spec = model_spec(self.settings, self.manifest, "embed")
+        loaded = load_spec(spec, self.model_dir, self.device, self.manifest.get("model", {}).get("serializedFile"))
+        self.model, self.route = embedding_model_for(loaded)
+        self.model.to(self.device)
+        self.profile = loaded.profile
+        gallery_path = self.artifact(self.settings.gallery_file)
+        self.gallery = Gallery.load(gallery_path, device=self.device) if gallery_path else None
+        self.fam = FamExplainer(self.model, self.gallery, self.profile.input_size)
+
+    def prepare(self, index: int, request: ParsedRequest) -> List[EmbedItem]:
+        items = []
+        s = self.settings
+        for position, item in enumerate(request.items):
+            what = "image" if len(request.items) == 1 else f"image {position}"
+            image = decode_image(image_bytes(item.payloads["image"], what), s.max_pixels, what)
+            options = parse_embed_options(item.options, s)
+            references = [k for k in ("reference", "reference_embedding") if k in item.payloads]
+            if len(references) + (options.gallery is not None) > 1:
+                raise InvalidRequestOptionError("give at most one of reference, reference_embedding, gallery")
+            if options.method is None and (references or options.gallery is not None):
+                raise InvalidRequestOptionError("explain=0 asks for no explanation, but the request has a "
+                                                "reference or gallery (each is explained): drop one of them")
+            reference = None
+            spec = None
+            if "reference" in item.payloads:
+                reference = decode_image(image_bytes(item.payloads["reference"], "reference"), s.max_pixels, "reference")
+                spec = FamSpec(similarity=options.similarity, method=options.method)
+            elif "reference_embedding" in item.payloads:
+                spec = FamSpec(reference_embedding=parse_embedding(item.payloads["reference_embedding"]),
+                               similarity=options.similarity, method=options.method)
+            elif options.gallery is not None:
+                if self.gallery is None or not len(self.gallery):
+                    raise MissingInputError("this archive has no gallery; send a reference or reference_embedding")
+                high = min(s.max_gallery_topk, len(self.gallery))
+                k = min(s.gallery_topk, high) if options.gallery is True else options.gallery
+                k = parse_int("gallery", k, 1, high)
+                spec = FamSpec(gallery_topk=k, similarity=options.similarity, method=options.method)
+            items.append(EmbedItem(index, position, image, reference, spec, options.embedding, options.overlay,
+                                   options.colormap))
+        return items
+
+    def run_batch(self, requests: Sequence[Tuple[int, ParsedRequest]], context) -> Dict[int, Any]:
+        items, outcomes = self.prepare_all(requests)
+        if not items:
+            return outcomes
+        # one batched call; an unexpected error or out-of-memory is split down to the request causing it
+        results, failed = self.run_isolated(items, self.explain_items)
+        outcomes.update(failed)
+        return self.in_request_order(items, results, outcomes)
+
+    def explain_items(self, items: List[EmbedItem]) -> Dict[Tuple[int, int], Dict[str, Any]]:
+        p = self.profile
+        pixels = [i.image for i in items] + [i.reference for i in items if i.reference is not None]
+        batch, crops = p.model_input(pixels, self.device)
+        n = len(items)
+        cursor = n
+        for item in items:
+            if item.reference is not None:
+                item.spec.reference_image = batch[cursor]
+                cursor += 1
+        result = self.fam.explain(batch[:n], [i.spec for i in items])
+        out: Dict[Tuple[int, int], Dict[str, Any]] = {}
+        seconds, counts = {}, Counter()
+        for row, (item, fam) in enumerate(zip(items, result.items)):
+            height_width = tuple(reversed(image_size(item.image)))
+            answer: Dict[str, Any] = {"dim": int(result.embeddings.shape[-1]), "batch_size": n}
+            if item.include_embedding:
+                scale = 10 ** self.embedding_decimals
+                answer["embedding"] = (torch.round(result.embeddings[row].float() * scale) / scale).cpu().tolist()
+            answer["crop_box"] = crop_box(height_width, p.resize, p.crop)
+            if fam is not None:
+                answer.update({
+                    "similarity": round(float(fam.similarity), 6), "metric": fam.metric, "method": fam.method,
+                    "route": fam.route, "reference": fam.reference,
+                    "query_map": b64png(to_uint8(fam.query_map)),
+                    "reference_map": b64png(to_uint8(fam.reference_map)) if fam.reference_map is not None else None,
+                    "size": [int(fam.query_map.shape[-1]), int(fam.query_map.shape[-2])],
+                    "passes": dict(fam.passes), "seconds": round(fam.seconds, 4),
+                    "batch_seconds": round(getattr(fam, "batch_seconds", 0.0) or fam.seconds, 4),
+                })
+                if item.overlay:
+                    answer["overlay"] = b64png(overlay(fam.query_map[None], crops[row:row + 1], item.colormap,
+                                                       self.settings.overlay_alpha)[0])
+                if fam.matches is not None:
+                    answer["matches"] = [{
+                        "index": int(m["index"]), "label": m["label"], "similarity": round(float(m["similarity"]), 6),
+                        "query_map": b64png(to_uint8(m["query_map"])),
+                        "reference_map": b64png(to_uint8(m["reference_map"])) if m["reference_map"] is not None else None,
+                    } for m in fam.matches]
+                seconds[fam.method] = seconds.get(fam.method, 0.0) + fam.seconds  # the rows' shares, summed
+                counts[fam.method] += 1
+            out[(item.request, item.position)] = answer
+        record_explanations(self.context, seconds, counts)
+        return out
