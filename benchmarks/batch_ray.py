@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from camserve.cli.machine import cpu_model
+from camserve.commands.machine import cpu_model
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = Path(os.environ.get("CAMSERVE_SHARED", REPO.parent / "shared")) / "data" / "imagenet-samples"

@@ -48,7 +48,7 @@ import requests
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 import serverkit  # noqa: E402  (the test suite's TorchServe starter: ports, derived config, keys, stop)
-from camserve.cli.machine import machine_description  # noqa: E402
+from camserve.commands.machine import machine_description  # noqa: E402
 
 PHOTOS = REPO.parent / "shared" / "data" / "imagenet-samples"
 MODEL = "effnet_lite0"

@@ -47,7 +47,7 @@ sys.path.insert(0, str(REPO / "tests"))
 from conftest import SAMPLES  # noqa: E402
 from serverkit import start_kserve, start_server  # noqa: E402
 
-from camserve.cli.machine import cpu_model  # noqa: E402
+from camserve.commands.machine import cpu_model  # noqa: E402
 
 MODEL = "effnet_lite0"
 RESULTS = REPO / "benchmarks" / "results"

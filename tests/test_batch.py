@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from camserve.cli.batch import placed_overlay
+from camserve.cli.batch_steps import placed_overlay
 from camserve.cli.main import main
 from camserve.cli.records import RecordStore
 

@@ -13,7 +13,8 @@ from camserve.engine import Explainer, ExplainSpec
 from camserve.engine.methods.captum.attribute import (UnsupportedModelError, attribute, reduce_channels, shadow_copy,
                                             similarity_forward)
 from camserve.engine.methods.captum.catalog import CaptumLimits, resolve
-from camserve.engine.core.compare import average_ranks, compare, spearman, spearman_matrix
+from camserve.engine.comparison import compare
+from camserve.engine.core.rank_correlation import average_ranks, spearman, spearman_matrix
 from camserve.engine.errors import ExplanationInputError, InvalidOptionError, UnknownMethodError
 from camserve.engine.imaging.render import prepare_maps
 
@@ -337,7 +338,8 @@ def test_compare_shallowcam_and_integrated_gradients_on_a_photograph(effnet_expl
 
 
 def test_compare_request_parsing_and_option_split():
-    from camserve.engine.core.compare import parse_methods, split_options
+    from camserve.engine.methods import REGISTRY
+    parse_methods, split_options = REGISTRY.parse_methods, REGISTRY.split_options
 
     methods = parse_methods("shallowcam, captum.integrated_gradients,captum.noise_tunnel")
     assert methods == ["shallowcam", "captum.integrated_gradients", "captum.noise_tunnel"]

@@ -8,7 +8,7 @@ import torch
 
 from camserve.engine import (Explainer, ExplainSpec, InvalidInputError, InvalidOptionError,
                              InvalidTargetError, NotAFeatureMapError, UnknownLayerError, UnknownMethodError)
-from camserve.engine.core.capture import ForwardCapture
+from camserve.engine.capture import ForwardCapture
 from camserve.engine.imaging.render import colorize
 from engine_checks import no_hooks, refused_before_forward
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from camserve.engine import Explainer
-from camserve.engine.core.capture import ForwardCapture
+from camserve.engine.capture import ForwardCapture
 from camserve.engine.core.lean_gradient import trace_conv_geometries
 from camserve.engine.models import load_torchvision
 
@@ -121,7 +121,7 @@ def test_relevance_with_geometry_equals_relevance_through_the_modules(effnet, ef
     """Relevance passes evaluate z⁺ from the verified geometry (symmetric padding folded into the
     conv, no padded copy); the relevance is the one the modules' own forward gives."""
     from camserve.engine.lrp.rules import stabilize
-    from camserve.engine.core.targets import contrastive_seed
+    from camserve.engine.lrp.starts import contrastive_seed
 
     explainer = Explainer(effnet, (224, 224))
     x = effnet_batch[0][:2]

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from camserve.engine import Explainer, ExplainSpec
-from camserve.engine.core.capture import ForwardCapture
+from camserve.engine.capture import ForwardCapture
 from camserve.engine.models import EFFNET_LITE0, TORCHVISION_PROFILES, load_torchvision
 from camserve.engine.imaging.preprocess import to_model_input
 from camserve.engine.lrp.composites import epsilon_alpha2_beta1, epsilon_gamma, epsilon_plus, get_composite
@@ -23,7 +23,7 @@ from camserve.engine.lrp.rules import GammaRule
 from camserve.engine.errors import InvalidOptionError
 from camserve.engine.lrp.canonizers import batchnorm_pairs, fold_batchnorm
 from camserve.engine.lrp.rules import stabilize
-from camserve.engine.core.targets import contrastive_seed
+from camserve.engine.lrp.starts import contrastive_seed
 
 from conftest import SAMPLES, load_uint8
 

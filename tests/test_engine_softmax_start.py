@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from camserve.engine import Explainer, ExplainSpec
-from camserve.engine.core.capture import ForwardCapture
+from camserve.engine.capture import ForwardCapture
 from camserve.engine.methods import get_method
 from camserve.engine.lrp.composites import epsilon_plus
 from camserve.engine.lrp.rules import stabilize
-from camserve.engine.core.targets import contrastive_seed, relevance_seed, rival_seed, softmax_seed
+from camserve.engine.lrp.starts import contrastive_seed, relevance_seed, rival_seed, softmax_seed
 from camserve.engine.errors import ExplanationInputError, InvalidOptionError
 from camserve.engine.evaluation.metrics import spearman
 

@@ -183,7 +183,7 @@ def test_bench_memory_child_gets_the_same_model():
     import argparse
 
     from camserve.lab import bench
-    from camserve.cli.model_args import spec_from_args
+    from camserve.commands.model_args import spec_from_args
 
     def parse(argv):
         parser = argparse.ArgumentParser()

@@ -13,7 +13,8 @@ from camserve.serving.errors import (DecompressionBombError, ImageTooLargeError,
                                      MissingInputError)
 from camserve.serving.images import b64decode, decode_image
 from camserve.serving.options import parse_options
-from camserve.serving.requests import KSERVE_V1, KSERVE_V2, PLAIN, parse_request
+from camserve.serving.protocol import KSERVE_V1, KSERVE_V2, PLAIN
+from camserve.serving.requests import parse_request
 from camserve.serving.settings import HandlerSettings
 
 SETTINGS = HandlerSettings.from_model_config({"handler": {"default_method": "shallowcam",
@@ -129,7 +130,7 @@ def test_json_output_and_outputs_are_v2_only_and_validated():
 
 
 def test_v2_reference_embedding_input_is_an_embedding():
-    from camserve.serving.requests import EMBED_FIELDS
+    from camserve.serving.protocol import EMBED_FIELDS
     image = base64.b64encode(jpeg()).decode()
     vector = [0.5, -0.25, 1.0, 0.0]
     for shape, data in (([4], vector), ([1, 4], vector), ([1, 4], [vector])):

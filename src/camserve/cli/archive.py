@@ -30,7 +30,12 @@ from typing import Any, Dict, List
 
 import yaml
 
-from camserve.cli.model_args import add_model_arguments, spec_from_args
+from camserve.commands.model_args import add_model_arguments, spec_from_args
+from camserve.engine.pipeline import ExplainSpec, Explainer
+from camserve.engine.models import embedding_model_for, load_spec, profile_with_layers
+from camserve.engine.methods.similarity.fam import FamExplainer
+from camserve.serving.settings import check_method_options
+import camserve
 
 #: TorchServe keys when neither --config nor --spec gives them (the bundled archives' values)
 DEFAULT_CONFIG: Dict[str, Any] = {"minWorkers": 1, "maxWorkers": 1, "batchSize": 8, "maxBatchDelay": 100,
@@ -94,11 +99,7 @@ def handler_section(args, spec, base: Dict[str, Any]) -> Dict[str, Any]:
 
 def check_servable(spec, section: Dict[str, Any]) -> str:
     """Load the model as a worker would and check the defaults; returns a one-line summary."""
-    from camserve.engine.pipeline import ExplainSpec, Explainer
-    from camserve.engine.models import embedding_model_for, load_spec, profile_with_layers
-    from camserve.engine.methods.similarity.fam import FamExplainer
 
-    from camserve.serving.settings import check_method_options
 
     try:  # the worker's reading of them (method names lower-cased), used for the checks below too
         defaults = check_method_options(section.get("method_options"))
@@ -126,7 +127,6 @@ def check_servable(spec, section: Dict[str, Any]) -> str:
 
 def stage_package(stage: Path) -> Path:
     """A copy of the camserve package (sources and data only) under ``stage/pkg/camserve``."""
-    import camserve
 
     source = Path(camserve.__file__).resolve().parent
     target = stage / "pkg" / "camserve"
@@ -141,7 +141,6 @@ def stage_package(stage: Path) -> Path:
 def entry_file(task: str, stage: Path) -> Path:
     """The task's entry file: the repository's ``handlers/<kind>_handler.py`` (beside ``src/``), else a
     generated one."""
-    import camserve
 
     name, module, base = ENTRY[task]
     repo_entry = Path(camserve.__file__).resolve().parents[2] / "handlers" / name

@@ -17,8 +17,8 @@ resumability as the local run (:mod:`camserve.cli.batch`); only who does the wor
    Hashing runs in these tasks, not in the driver, so a cluster reads each file once, where it lies.
 3. **explain** — ``map_batches`` with a stateful class on an actor pool (``--workers`` actors, each
    ``--gpus-per-worker`` GPUs and ``--cpus-per-worker`` CPUs): each actor builds the same
-   :class:`~camserve.cli.batch.LocalBackend` as a local run (any model spec), explains its block
-   in one batched call and renders PNG bytes and the record (:func:`~camserve.cli.batch.render_item`).
+   :class:`~camserve.cli.batch_steps.LocalBackend` as a local run (any model spec), explains its block
+   in one batched call and renders PNG bytes and the record (:func:`~camserve.cli.batch_steps.render_item`).
 4. **driver** — consumes the output blocks as they complete: writes each block's files (atomic
    renames), then appends its records in one write + fsync (:class:`~camserve.cli.records.RecordStore`).
 
@@ -45,7 +45,11 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
-from camserve.cli import batch as batch_module
+from camserve.cli import batch_steps as batch_module
+from camserve.engine.errors import ExplanationInputError
+from camserve.engine.imaging.render import encode_png, to_uint8
+from camserve.cli import report as report_module
+from camserve.cli.records import RecordStore
 
 URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
 ADDRESS = re.compile(r"^(local|auto|ray://\S+|[\w.\-\[\]:]+:\d+)$")
@@ -83,7 +87,7 @@ def _uri_join(base_uri: str, entry: str) -> str:
 
 
 def discover(inputs: Sequence[str]) -> List[str]:
-    """Input paths as strings: local items exactly as :func:`camserve.cli.batch.discover_inputs`
+    """Input paths as strings: local items exactly as :func:`camserve.cli.batch_steps.discover_inputs`
     finds them (absolute paths), URIs through ``pyarrow.fs`` (a folder: its image files, recursive,
     sorted; a ``.txt``/``.lst``/``.list`` file: its lines, relative ones against the list's folder);
     unique, in order."""
@@ -220,7 +224,7 @@ def _output_schema():
 
 
 class ExplainWorker:
-    """An actor holding one engine (:class:`~camserve.cli.batch.LocalBackend`, any model spec).
+    """An actor holding one engine (:class:`~camserve.cli.batch_steps.LocalBackend`, any model spec).
 
     ``__call__`` explains one block in one batched call and returns per row its status, its record
     (JSON) and its files (names + bytes); skipped rows pass through bare."""
@@ -246,8 +250,6 @@ class ExplainWorker:
         import pyarrow as pa
         import torch
 
-        from camserve.engine.errors import ExplanationInputError
-        from camserve.engine.imaging.render import encode_png, to_uint8
 
         settings, sid, backend = self.settings, self.sid, self.backend
         rows = table.to_pylist()
@@ -383,8 +385,6 @@ def run_ray(args: argparse.Namespace) -> int:
                          "(or the ray[data] line of requirements-extras.txt)") from None
     import pyarrow as pa
 
-    from camserve.cli import report as report_module
-    from camserve.cli.records import RecordStore
 
     if args.server:
         raise SystemExit("camserve batch: --ray runs the engine in Ray actors; it does not combine with --server")

@@ -15,6 +15,11 @@ import sys
 from pathlib import Path
 
 import torch
+from camserve.engine.models.embedding import load_effnet_lite0_embedding
+from camserve.engine.methods.similarity.gallery import Gallery
+from camserve.engine.models import EFFNET_LITE0 as p
+from camserve.engine.imaging.preprocess import to_model_input
+from camserve.serving.images import decode_image
 
 
 def main(argv=None) -> int:
@@ -23,11 +28,6 @@ def main(argv=None) -> int:
     parser.add_argument("out", type=Path)
     parser.add_argument("--count", type=int, default=12)
     args = parser.parse_args(argv)
-    from camserve.engine.models.embedding import load_effnet_lite0_embedding
-    from camserve.engine.methods.similarity.gallery import Gallery
-    from camserve.engine.models import EFFNET_LITE0 as p
-    from camserve.engine.imaging.preprocess import to_model_input
-    from camserve.serving.images import decode_image
 
     with open(args.photos / "LABELS.tsv") as f:
         rows = list(csv.DictReader(f, delimiter="\t"))

@@ -23,7 +23,7 @@ import os
 import shutil
 import sys
 
-from camserve.cli.model_args import add_model_arguments, spec_from_args
+from camserve.commands.model_args import add_model_arguments, spec_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

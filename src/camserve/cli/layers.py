@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 
-from camserve.cli.model_args import add_model_arguments
+from camserve.commands.model_args import add_model_arguments
+from camserve.engine.core.layers import format_table
+from camserve.commands.local_model import load_local_model
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,8 +26,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from camserve.engine.core.layers import format_table
-    from camserve.cli.local_model import load_local_model
 
     model = load_local_model(args, torch.device("cpu"))  # a spec that cannot be built exits with why
     spec, profile = model.spec, model.profile

@@ -17,6 +17,7 @@ import os
 from collections import Counter
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Sequence
+from camserve.cli.records import RecordStore
 
 _STYLE = """
 body{font:14px/1.4 system-ui,sans-serif;margin:0;background:#f4f4f6;color:#222}
@@ -162,7 +163,6 @@ def write_report(out: Path, records: Sequence[Mapping[str, Any]], settings: Mapp
 
 
 def load_records(out: Path) -> List[dict]:
-    from camserve.cli.records import RecordStore
 
     return RecordStore(Path(out) / "records.jsonl").records
 

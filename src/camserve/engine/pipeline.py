@@ -26,34 +26,21 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from camserve.engine.methods.captum.attribute import explain_with_captum, is_captum, plan_row, wants_captum
-from camserve.engine.core.capture import ForwardCapture
-from camserve.engine.methods.captum.catalog import DEFAULT_LIMITS, CaptumLimits
+from camserve.engine.capture import ForwardCapture
 from camserve.engine.core.explanation import ExplainResult, ExplainSpec, Explanation, check_images, model_device
-from camserve.engine.errors import InvalidTargetError, UnsupportedModelError
 from camserve.engine.core.layers import LayerCatalog
 from camserve.engine.core.lean_gradient import trace_conv_geometries
-from camserve.engine.methods import Captured, get_method
-from camserve.engine.lrp.composites import Composite, epsilon_plus
+from camserve.engine.core.plan import PlannedRow
+from camserve.engine.core.targets import one_hot_seed, resolve_targets
+from camserve.engine.errors import InvalidTargetError
 from camserve.engine.imaging.render import prepare_maps
-from camserve.engine.core.targets import (TargetSpec, one_hot_seed, relevance_seed, resolve_targets, start_of, temperature_of,
-                      validate_target)
+from camserve.engine.lrp.canonizers import CANONIZERS
+from camserve.engine.lrp.composites import Composite, epsilon_plus
+from camserve.engine.lrp.starts import relevance_seed, start_of, temperature_of
+from camserve.engine.methods import REGISTRY, Captured, Registry
+from camserve.engine.methods.captum.attribute import attribute_rows
+from camserve.engine.methods.captum.catalog import DEFAULT_LIMITS, CaptumLimits
 from camserve.engine.timing import clock
-
-
-@dataclass
-class _Row:
-    index: int
-    method: Any
-    layer: str
-    spec_target: TargetSpec
-    options: Dict[str, Any]
-    targets: List[int] = field(default_factory=list)
-
-    @property
-    def group(self) -> Tuple:
-        return (self.method.name, self.layer, tuple(sorted(self.options.items())))
-
 
 
 def check_graph_rows(value, what: str = "graph_rows"):
@@ -83,7 +70,8 @@ class Explainer:
     def __init__(self, model: nn.Module, input_size: Tuple[int, int] = (224, 224),
                  default_layer: Optional[str] = None, composite: Optional[Composite] = None,
                  max_topk: int = 5, stages: Optional[Sequence[str]] = None,
-                 captum_limits: Optional[CaptumLimits] = None, graph_rows: Optional[int] = None):
+                 captum_limits: Optional[CaptumLimits] = None, graph_rows: Optional[int] = None,
+                 canonizer: Optional[str] = None, registry: Registry = REGISTRY):
         self.graph_rows = check_graph_rows(graph_rows)
         self.model = model.eval()
         self.captum_limits = captum_limits or DEFAULT_LIMITS
@@ -96,7 +84,13 @@ class Explainer:
         self.default_layer = self.catalog.resolve(default_layer) if default_layer else self.catalog.default_layer()
         self.catalog.feature_map(self.default_layer)
         self.composite = composite or epsilon_plus()
+        self.registry = registry
         self._rules = self.composite.assign(model.named_modules())
+        if canonizer is not None:
+            if canonizer not in CANONIZERS:
+                raise ValueError(f"unknown canonizer {canonizer!r}; choose one of {sorted(CANONIZERS)}")
+            self._rules = CANONIZERS[canonizer](model, self._rules, self.input_size)
+        self.canonizer = canonizer
         self.max_topk = max_topk
         # read-only after this: which convs' gradient the capture may compute from x and y alone
         # and whose outputs a later in-place op overwrites (their switches hand on a copy)
@@ -130,14 +124,31 @@ class Explainer:
         Maps are normalised to [0, 1] per map and upsampled to ``output_size`` (default: the
         input's size) unless ``layer_resolution``; they stay on the model's device.
         """
-        # -- Captum rows (captum.*) are answered by the Captum adapter, which calls back here -----
-        if wants_captum(specs):
-            return explain_with_captum(self, images, specs, output_size, layer_resolution, dtype)
-        # -- end Captum dispatch --------------------------------------------------------------------
         check_images(images)
         if len(specs) != images.shape[0]:
             raise InvalidTargetError(f"got {len(specs)} explanation specs for a batch of {images.shape[0]} images")
         rows = [self._plan(i, spec) for i, spec in enumerate(specs) if spec is not None]  # all, before any forward
+        own = [row for row in rows if row.own_forwards]
+        if not own:
+            return self._explain_captured(images, specs, rows, output_size, layer_resolution, dtype)
+        # rows with forwards of their own (Captum): the shared forward first (it predicts every image
+        # and answers the other rows), then theirs, their targets read from its logits
+        start = clock(images.device)
+        shared = [None if (spec is not None and i in {r.index for r in own}) else spec for i, spec in enumerate(specs)]
+        result = self._explain_captured(images, shared, [r for r in rows if not r.own_forwards], output_size,
+                                        layer_resolution, dtype)
+        forward_share = result.forward_seconds / images.shape[0]  # every row's part of the shared forward
+        for index, explanation in attribute_rows(self.model, images, own, result.logits, forward_share, output_size,
+                                                 layer_resolution, dtype).items():
+            result.explanations[index] = explanation
+        total = clock(images.device) - start
+        for explanation in result.explanations:
+            if explanation is not None:
+                explanation.batch_seconds = total
+        return result
+
+    def _explain_captured(self, images, specs, rows, output_size, layer_resolution, dtype) -> ExplainResult:
+        """The rows that read the shared forward's capture: in chunks of ``graph_rows`` or at once."""
         chunk = self.graph_rows
         if rows and chunk and images.shape[0] > chunk:
             return self._explain_in_chunks(images, specs, chunk, output_size, layer_resolution, dtype)
@@ -210,37 +221,9 @@ class Explainer:
         options, Captum caps); raises the :class:`ExplanationInputError` a request would get."""
         self._plan(0, spec)
 
-    def _plan(self, index: int, spec: ExplainSpec) -> _Row:
-        if is_captum(spec.method):  # Captum rows (captum.*) are validated by the adapter
-            return plan_row(self, index, spec)
-        method = get_method(spec.method)
-        options = method.options(spec.options)
-        layer = self.catalog.resolve(spec.layer) if spec.layer else self.default_layer
-        self.catalog.feature_map(layer)
-        method.validate(layer, self.catalog, self.model)
-        names = method.layers(layer, self.catalog, options)  # validates l+1 where needed
-        if method.needs_relevance_for(options):
-            self._check_relevance(method.name, names)
-        target = validate_target(spec.target, self.num_classes, self.max_topk)
-        return _Row(index, method, layer, target, options)
-
-    def _check_relevance(self, method: str, layers: Sequence[str]) -> None:
-        """LRP relevance passes have rules for convolutions, linear layers, pooling, BatchNorm and
-        activations, none for attention or token mixing: refuse a token layer or a layer with an
-        attention module above it (:class:`UnsupportedModelError`, a 400)."""
-        for name in layers:
-            info = self.catalog.get(name)
-            if info.layout == "tokens":
-                raise UnsupportedModelError(
-                    f"{method} propagates LRP relevance, which has no rules for attention or token mixing; layer "
-                    f"{name!r} is a token sequence ({info.output_shape[0]} tokens) of a transformer — use gradcam, "
-                    f"gradcampp or layercam")
-            attention = self.catalog.attention_above(name)
-            if attention is not None:
-                raise UnsupportedModelError(
-                    f"{method} propagates LRP relevance, which has no rules for attention; the pass from the "
-                    f"logits down to {name!r} crosses {attention!r} ({self.catalog.get(attention).type_name}) — "
-                    f"use gradcam, gradcampp or layercam")
+    def _plan(self, index: int, spec: ExplainSpec) -> PlannedRow:
+        """The one planner: the registry's method for the spec validates it (:meth:`Method.plan`)."""
+        return self.registry.lookup(spec.method).plan(index, spec, self)
 
     def _rules_above(self, layers: Sequence[str]):
         """LRP rules for the modules that run (at least once) after the shallowest requested layer
@@ -254,7 +237,7 @@ class Explainer:
                 if name in self.catalog.layers and self.catalog.layers[name].exited > floor}
 
     # -- passes -------------------------------------------------------------------------------
-    def _backward_rounds(self, capture: ForwardCapture, logits: torch.Tensor, rows: List[_Row],
+    def _backward_rounds(self, capture: ForwardCapture, logits: torch.Tensor, rows: List[PlannedRow],
                          shares: Optional[Dict[int, float]] = None):
         """Per round ``r`` (the r-th target of each row): one gradient and/or one relevance backward.
         ``shares[row]`` accumulates the row's part of each pass (split over the rows it served) and
@@ -283,7 +266,7 @@ class Explainer:
             since = clock(device)
             relevance = self._pass(capture, logits, targets, active, "relevance", passes, retain=not last)
             charge([r for r in active if r.method.needs_relevance_for(r.options)] or active, since)
-            groups: Dict[Tuple, List[_Row]] = defaultdict(list)
+            groups: Dict[Tuple, List[PlannedRow]] = defaultdict(list)
             for r in active:
                 groups[r.group].append(r)
             for group_rows in groups.values():

@@ -41,6 +41,9 @@ import yaml
 
 from camserve.kserve.batcher import MicroBatcher
 from camserve.kserve.metrics import PrometheusSink
+from camserve.serving.encode import dumps
+from camserve.serving.embedding import EmbeddingHandler
+from camserve.serving.classifier import ImageClassifierHandler
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +65,6 @@ class CamserveReply(Exception):
 
 def error_reply(status: int, kind: str, message: str) -> CamserveReply:
     """A reply in the handlers' error format (``{"error": {"status", "type", "message"}}``)."""
-    from camserve.serving.encode import dumps
 
     return CamserveReply(status, dumps({"error": {"status": status, "type": kind, "message": message}}),
                          {"content-type": "application/json"})
@@ -134,10 +136,8 @@ def setup_from_spec(spec, config: Dict[str, Any], name: Optional[str] = None,
 
 def _handler_class(task: str):
     if task == "embed":
-        from camserve.serving.embedding import EmbeddingHandler
 
         return EmbeddingHandler
-    from camserve.serving.classifier import ImageClassifierHandler
 
     return ImageClassifierHandler
 

@@ -30,9 +30,12 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from camserve.lab.image_folders import default_data_dir, load_images
-from camserve.cli.local_model import LocalModel, load_local_model
-from camserve.cli.machine import machine_description
-from camserve.cli.model_args import add_model_arguments, model_argv
+from camserve.commands.local_model import LocalModel, load_local_model
+from camserve.commands.machine import machine_description
+from camserve.commands.model_args import add_model_arguments, model_argv
+from camserve.engine import ExplainSpec
+from camserve.engine.methods.similarity.fam import FamExplainer, FamSpec
+from camserve.engine import Explainer
 
 
 def case_targets(head: str, shallow: str) -> Dict[str, float]:
@@ -80,7 +83,6 @@ def classifier_cases(model, explainer, quick: bool, ig_max_batch: int = 1, head:
                      shallow: str = "_blocks.2") -> Dict[str, Tuple[Callable, int]]:
     """``name → (fn(batch) → predictions, largest batch size)``; each returns the predicted classes;
     head CAMs at ``head``, shallow ones at ``shallow`` (module paths)."""
-    from camserve.engine import ExplainSpec
 
     def plain(x):
         return explainer.predict(x).argmax(1)
@@ -148,7 +150,6 @@ def classifier_cases(model, explainer, quick: bool, ig_max_batch: int = 1, head:
 def fam_cases(local: LocalModel, images: torch.Tensor) -> Dict[str, Callable]:
     """8 query/reference pairs (16 images) — plain embedding vs FAM routes (the pooled one only where
     the embedding is the pooled map)."""
-    from camserve.engine.methods.similarity.fam import FamExplainer, FamSpec
 
     embedding, _route = local.embedding()
     fam = FamExplainer(embedding, input_size=local.profile.input_size)
@@ -222,7 +223,6 @@ FAM_CASE_PREFIXES = ("camserve fam", "camserve gradcam_sim", "plain embedding")
 def bench_model(args, device: torch.device):
     """``(LocalModel, Explainer or None, head layer, shallow layer)`` of the spec flags; an ``embed``
     spec gets no explainer (no classifier cases)."""
-    from camserve.engine import Explainer
 
     local = load_local_model(args, device)
     head = local.resolve_layers([args.head_layer or local.profile.default_layer], "--head-layer")[0]

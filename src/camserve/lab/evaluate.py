@@ -23,7 +23,11 @@ from camserve.engine.evaluation.metrics import mean_and_sem
 from camserve.lab.evaluation_args import add_evaluation_arguments, start_run
 from camserve.lab.evaluation_report import command_line, machine_summary, plot_bars, plot_curves, write_result_files
 from camserve.lab.image_folders import default_data_dir, load_images
-from camserve.cli.local_model import load_local_model
+from camserve.commands.local_model import load_local_model
+from camserve.engine import ExplainSpec
+from camserve.engine import Explainer
+from camserve.engine.evaluation.metrics import classifier_score, deletion_insertion, endpoint_scores, gaussian_blur, random_maps
+from camserve.engine.lrp.composites import get_composite
 
 #: evaluation name → (engine method, options); a method name expands to all its variants.
 SHALLOWCAM_VARIANTS = OrderedDict([
@@ -72,7 +76,6 @@ def expand_methods(text: str) -> List[str]:
 def ig_options(explainer, images, steps: int) -> Tuple[Optional[str], Dict]:
     """``(None, options)`` if the explainer serves ``captum.integrated_gradients`` (with ``steps``
     when the adapter takes it), else ``(why not, {})``."""
-    from camserve.engine import ExplainSpec
 
     errors = []
     for options in ({"steps": steps}, {"n_steps": steps}, {}):
@@ -87,7 +90,6 @@ def ig_options(explainer, images, steps: int) -> Tuple[Optional[str], Dict]:
 def explain_maps(explainer, images, classes, method: str, layer: Optional[str], options: Dict,
                  batch: int) -> torch.Tensor:
     """Maps ``(N, H, W)`` at input resolution for the predicted classes, ``batch`` images per pass."""
-    from camserve.engine import ExplainSpec
 
     out = []
     for start in range(0, images.shape[0], batch):
@@ -102,9 +104,6 @@ def explain_maps(explainer, images, classes, method: str, layer: Optional[str], 
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from camserve.engine import Explainer
-    from camserve.engine.evaluation.metrics import classifier_score, deletion_insertion, endpoint_scores, gaussian_blur, random_maps
-    from camserve.engine.lrp.composites import get_composite
 
     methods = expand_methods(args.methods)
     device, out = start_run(args)

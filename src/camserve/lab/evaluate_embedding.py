@@ -44,7 +44,13 @@ from camserve.engine.evaluation.metrics import mean_and_sem
 from camserve.lab.evaluation_args import add_evaluation_arguments, start_run
 from camserve.lab.evaluation_report import command_line, machine_summary, plot_bars, plot_curves, write_result_files
 from camserve.lab.image_folders import default_data_dir, image_rows, read_photos
-from camserve.cli.local_model import load_local_model
+from camserve.commands.local_model import load_local_model
+from camserve.engine.imaging.preprocess import to_model_input
+from camserve.engine.methods.captum.attribute import attribute, similarity_forward
+from camserve.engine.methods.similarity.fam import FamSpec
+from camserve.engine.evaluation.metrics import random_maps
+from camserve.engine.methods.similarity.fam import FamExplainer
+from camserve.engine.evaluation.metrics import deletion_insertion, endpoint_scores, gaussian_blur, similarity_score
 
 PAIR_KINDS = ("flip", "zoom", "neighbour")
 METHODS = ("fam", "gradcam_similarity", "captum.integrated_gradients", "random")
@@ -92,7 +98,6 @@ def embed_all(model, images: torch.Tensor, batch: int) -> torch.Tensor:
 
 def build_pairs(args, profile, model, device) -> Tuple[Dict[str, dict], List[dict], List[str]]:
     """``{kind: {"queries": (n,3,H,W), "references": (n,3,H,W), "reference_files": [...]}}``."""
-    from camserve.engine.imaging.preprocess import to_model_input
 
     data = Path(args.data) if args.data else default_data_dir()
     all_rows = image_rows(data)
@@ -137,9 +142,6 @@ def build_pairs(args, profile, model, device) -> Tuple[Dict[str, dict], List[dic
 
 def method_maps(method: str, fam, ig_model, queries, references, ref_embeddings, args, device) -> torch.Tensor:
     """Query maps ``(n, H, W)`` in [0, 1] at input resolution explaining ``cos(E(query), E(reference))``."""
-    from camserve.engine.methods.captum.attribute import attribute, similarity_forward
-    from camserve.engine.methods.similarity.fam import FamSpec
-    from camserve.engine.evaluation.metrics import random_maps
 
     n = queries.shape[0]
     if method == "random":
@@ -161,8 +163,6 @@ def method_maps(method: str, fam, ig_model, queries, references, ref_embeddings,
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from camserve.engine.methods.similarity.fam import FamExplainer
-    from camserve.engine.evaluation.metrics import deletion_insertion, endpoint_scores, gaussian_blur, similarity_score
 
     methods = parse_list(args.methods, METHODS, "method")
     device, out = start_run(args)

@@ -55,6 +55,21 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import torch
+from camserve.engine.imaging.preprocess import to_model_input
+from camserve.engine.models import EFFNET_LITE0 as p
+from camserve.engine.models import load_effnet_lite0
+from camserve.engine.pipeline import Explainer
+from camserve.engine.methods import get_method
+from camserve.engine.lrp.composites import get_composite
+from camserve.engine.lrp.starts import start_of
+from camserve.engine import ExplainSpec
+from camserve.engine.evaluation.metrics import auc, class_probabilities, perturbation_curves, spearman
+from camserve.engine.imaging.render import prepare_maps
+from camserve.engine.evaluation.metrics import mean_and_sem, paired
+from camserve.engine.methods import REGISTRY, CamMethod
+from camserve.engine.lrp.starts import START_OPTION_CHOICES, RelevanceStartOptions
+from camserve.engine.lrp.starts import relevance_seed, start_of, temperature_of
+from camserve.engine.evaluation.metrics import gaussian_blur
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -149,7 +164,6 @@ def load_batch(kind: str, data: Path, files: List[str], device) -> torch.Tensor:
     import numpy as np
     from PIL import Image
 
-    from camserve.engine.imaging.preprocess import to_model_input
 
     images = [torch.from_numpy(np.array(Image.open(data / f).convert("RGB"))).permute(2, 0, 1).contiguous()
               for f in files]
@@ -157,7 +171,6 @@ def load_batch(kind: str, data: Path, files: List[str], device) -> torch.Tensor:
         mean = torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1)
         std = torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1)
         return ((torch.stack(images).float() / 255 - mean) / std).to(device)
-    from camserve.engine.models import EFFNET_LITE0 as p
     batch, _ = to_model_input(images, p.resize, p.crop, p.mean, p.std, device)
     return batch
 
@@ -169,13 +182,12 @@ def build(args, device):
                                       {20: "resnet20-12fca82f.th", 56: "resnet56-4bfd9763.th"}[args.depth])
         model = load_cifar_resnet(weights, args.depth, device)
         return "cifar", model, (32, 32), ["layer1", "layer2", "layer3"], Path(args.data or shared_dir() / "data" / "cifar10-test")
-    from camserve.engine.models import load_effnet_lite0
     model = load_effnet_lite0(device=device).to(memory_format=torch.channels_last)  # ~1.1-1.5× faster on CPU
     return ("imagenet", model, (224, 224), ["_blocks.0", "_blocks.2", "_blocks.4", "_blocks.10", "_conv_head"],
             Path(args.data or shared_dir() / "data" / "imagenet-samples"))
 
 
-def make_explainer(model, input_size, composite: str, fold: str = "none", seed_norm: str = "logit"):
+def make_explainer(model, input_size, composite: str, fold: str = "none", seed_norm: str = "logit", registry=REGISTRY):
     """The engine's explainer with two evaluation-local switches:
 
     * ``fold``: ``bias`` / ``nobias`` fold each BatchNorm into the conv before it for the
@@ -189,11 +201,6 @@ def make_explainer(model, input_size, composite: str, fold: str = "none", seed_n
     """
     import dataclasses
 
-    from camserve.engine.pipeline import Explainer
-    from camserve.engine.methods import get_method
-    from camserve.engine.lrp.composites import get_composite
-    from camserve.engine.lrp.canonizers import fold_batchnorm
-    from camserve.engine.core.targets import start_of
 
     class EvaluationExplainer(Explainer):
         def explain(self, images, specs, *a, **k):
@@ -204,10 +211,9 @@ def make_explainer(model, input_size, composite: str, fold: str = "none", seed_n
                          for spec in specs]
             return super().explain(images, specs, *a, **k)
 
-    explainer = EvaluationExplainer(model, input_size, composite=get_composite(composite))
-    if fold != "none":  # BN folded into the convs, for the relevance path only (no switch in the explainer yet)
-        explainer._rules = fold_batchnorm(model, explainer._rules, input_size, keep_bias=fold == "bias")
-    return explainer
+    canonizer = {"none": None, "bias": "fold_bn", "nobias": "fold_bn_nobias"}[fold]  # BN folded, relevance path only
+    return EvaluationExplainer(model, input_size, composite=get_composite(composite), canonizer=canonizer,
+                               registry=registry)
 
 
 def randomised(model, explainer, layer: str, scope: str, seed: int):
@@ -231,7 +237,6 @@ def randomised(model, explainer, layer: str, scope: str, seed: int):
 def layer_maps(explainer, images, method: Optional[str], options: Dict, layer: str, target, batch: int,
                seed: int = 0) -> torch.Tensor:
     """Raw maps at layer resolution ``(N, k, h, w)`` for ``target`` ("top2" or a class tensor)."""
-    from camserve.engine import ExplainSpec
 
     if method is None:  # the random floor: uniform maps, two per image (seeded)
         h, w = explainer.catalog.feature_map(layer).output_shape[-2:]
@@ -253,8 +258,6 @@ def layer_maps(explainer, images, method: Optional[str], options: Dict, layer: s
 
 # -- one (layer, method) -----------------------------------------------------------------------
 def evaluate_one(explainer, rand_explainers, model, images, top2, layer, name, args) -> dict:
-    from camserve.engine.evaluation.metrics import auc, class_probabilities, perturbation_curves, spearman
-    from camserve.engine.imaging.render import prepare_maps
 
     method, options = VARIANTS[name]
     t0 = time.perf_counter()
@@ -297,7 +300,6 @@ KEYS = ("overall0", "overallB", "del0", "delB", "ins", "rho12", "cds", "oma", "r
 
 
 def summarise(results: Dict[Tuple[str, str], dict]) -> Tuple[List[dict], List[dict]]:
-    from camserve.engine.evaluation.metrics import mean_and_sem, paired
 
     summary, comparisons = [], []
     for (layer, name), r in results.items():
@@ -391,10 +393,6 @@ def write(out: Path, stem: str, meta, results) -> None:
 # -- conservation ------------------------------------------------------------------------------
 def conservation(args, model, input_size, layers, images) -> int:
     """Positive / negative / net relevance per stage, relative to the initial relevance."""
-    from camserve.engine import ExplainSpec
-    from camserve.engine.methods import METHODS, CamMethod
-    from camserve.engine.lrp.starts import START_OPTION_CHOICES, RelevanceStartOptions
-    from camserve.engine.core.targets import relevance_seed, start_of, temperature_of
 
     sums: List[torch.Tensor] = []
 
@@ -412,11 +410,11 @@ def conservation(args, model, input_size, layers, images) -> int:
             sums.append(torch.stack([r.clamp(min=0).sum(1), r.clamp(max=0).sum(1), r.sum(1), initial], 1))
             return captured.activations[layer].sum(1)
 
-    METHODS[Probe.name] = Probe()
+    registry = REGISTRY.extended(Probe())  # the probe is the lab's own: the served registry is not written
     rows = []
     for fold, seed_norm in (("none", "logit"), ("none", "margin"), ("bias", "logit"), ("nobias", "logit"),
                             ("nobias", "margin")):
-        explainer = make_explainer(model, input_size, args.composite, fold, seed_norm)
+        explainer = make_explainer(model, input_size, args.composite, fold, seed_norm, registry)
         for start in ("target", "contrastive", "softmax"):
             if seed_norm == "margin" and start != "contrastive":
                 continue  # identical to the plain start / not affected
@@ -533,7 +531,6 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
         raise SystemExit(f"unknown methods {unknown}; choose from {list(VARIANTS)}")
     started = time.time()
-    from camserve.engine.evaluation.metrics import gaussian_blur
 
     with torch.inference_mode():
         logits = torch.cat([model(images[i:i + 256]) for i in range(0, len(images), 256)])

@@ -14,7 +14,7 @@ from typing import Tuple
 
 import torch
 
-from camserve.cli.model_args import add_model_arguments
+from camserve.commands.model_args import add_model_arguments
 
 
 def add_evaluation_arguments(parser: argparse.ArgumentParser, *, limit: int, stride: int, steps: int,

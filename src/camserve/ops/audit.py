@@ -54,6 +54,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence
 
+from camserve.engine.core.flags import truth
+
 logger = logging.getLogger(__name__)
 
 _STOP = object()
@@ -431,5 +433,5 @@ def record_answers(audit: AuditLog, handler: Any, answered: Sequence[Any], conte
 
 def _as_bool(value: Any) -> bool:
     if isinstance(value, str):
-        return value.strip().lower() in ("1", "true", "yes", "on")
+        return truth(value) is True
     return bool(value)

@@ -35,7 +35,8 @@ from camserve.engine.timing import clock
 from camserve.serving.encode import answer_limit, dumps, envelope_body
 from camserve.serving.errors import PHRASES, AnswerTooLargeError, RequestError, error_body, is_client_error, status_of
 from camserve.ops.metrics import record_counters
-from camserve.serving.requests import IMAGE_FIELDS, ParsedRequest, is_json_part, parse_request
+from camserve.serving.protocol import IMAGE_FIELDS
+from camserve.serving.requests import ParsedRequest, is_json_part, parse_request
 from camserve.ops.audit import AuditLog, record_answers
 from camserve.ops.process import tune_malloc
 from camserve.serving.settings import HandlerSettings

@@ -36,8 +36,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from camserve.engine.methods.captum.catalog import CaptumLimits, is_captum, resolve
-from camserve.engine.core.compare import compare, comparison_json
+from camserve.engine.methods import REGISTRY
+from camserve.engine.methods.captum.catalog import CaptumLimits
+from camserve.engine.comparison import compare, comparison_json
 from camserve.engine.pipeline import Explainer
 from camserve.engine.models import EFFNET_LITE0, ModelProfile, labels_for, load_spec, profile_with_layers
 from camserve.engine.imaging.preprocess import crop_box
@@ -51,6 +52,7 @@ from camserve.ops.metrics import record_explanations
 from camserve.serving.options import ExplainOptions, parse_options
 from camserve.serving.requests import ParsedRequest
 from camserve.serving.settings import model_spec
+from camserve.ops.metrics import record_counters
 
 logger = logging.getLogger(__name__)
 
@@ -168,11 +170,12 @@ class ImageClassifierHandler(CamserveHandler):
         limits = self.explainer.captum_limits
         total = 0
         for spec in specs:
-            if not is_captum(spec.method):
+            method = REGISTRY.lookup(spec.method)
+            if method.family != "captum":
                 total += 1 if compared else 0
                 continue
-            _, options = resolve(spec.method, spec.options, limits)
-            per_target = options.get("steps", 1) * (options.get("nt_samples", 1) if options.get("smooth") else 1)
+            _, options = method.resolve(spec.options, limits)
+            per_target = method.evaluations(options)
             target = validate_target(spec.target, self.explainer.num_classes, self.explainer.max_topk)
             targets = len(target) if isinstance(target, list) else (
                 int(target[3:]) if isinstance(target, str) and target.startswith("top") else 1)
@@ -206,7 +209,6 @@ class ImageClassifierHandler(CamserveHandler):
             else:
                 used += evaluations
         if refused:
-            from camserve.ops.metrics import record_counters
             record_counters(getattr(self, "context", None), {"BatchBudgetRejected": len(refused)})
         return refused
 

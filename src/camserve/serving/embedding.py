@@ -24,6 +24,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from camserve.engine.methods.similarity.fam import METHODS as FAM_METHODS, SIMILARITIES, FamExplainer, FamSpec
+from camserve.engine.core.flags import truth
 from camserve.engine.methods.similarity.gallery import Gallery
 from camserve.engine.models import EFFNET_LITE0, ModelProfile, embedding_model_for, load_spec
 from camserve.engine.imaging.preprocess import crop_box
@@ -35,7 +36,8 @@ from camserve.serving.errors import InvalidRequestOptionError, MissingInputError
 from camserve.serving.images import decode_image, image_size
 from camserve.ops.metrics import record_explanations
 from camserve.serving.options import as_text, parse_colormap, parse_flag, parse_int
-from camserve.serving.requests import EMBED_FIELDS, ParsedRequest
+from camserve.serving.protocol import EMBED_FIELDS
+from camserve.serving.requests import ParsedRequest
 from camserve.serving.settings import model_spec
 
 
@@ -94,12 +96,12 @@ def parse_embed_options(raw: Dict[str, Any], settings) -> EmbedOptions:
         raise InvalidRequestOptionError(f"unknown option(s) {unknown} for the embedding model; "
                                         f"options: {sorted(set(EMBED_OPTIONS) - {'model_name'})}")
     given = [str(raw[k]).strip().lower() for k in ("method", "explain") if raw.get(k) not in (None, "")]
-    words = ["fam" if (w in ("1", "true", "yes", "on")) else w for w in given]
+    words = ["fam" if truth(w) is True else w for w in given]
     if len(set(words)) > 1:
         raise InvalidRequestOptionError(f"options 'method' and 'explain' disagree: {raw.get('method')!r} vs "
                                         f"{raw.get('explain')!r}")
     method: Optional[str] = words[0] if words else "fam"
-    if method in ("0", "false", "no", "off"):
+    if method is not None and truth(method) is False:
         method = None
     elif method not in FAM_METHODS:
         raise InvalidRequestOptionError(f"unknown FAM method {method!r}; choose one of {list(FAM_METHODS)}")
@@ -110,7 +112,7 @@ def parse_embed_options(raw: Dict[str, Any], settings) -> EmbedOptions:
     topk = None if topk in (None, "") else parse_int("topk", topk, 1, settings.max_gallery_topk)
     if gallery in (None, ""):
         chosen: Any = topk
-    elif isinstance(gallery, bool) or str(gallery).strip().lower() in ("true", "yes", "on", "false", "no", "off"):
+    elif isinstance(gallery, bool) or (truth(gallery) is not None and str(gallery).strip() not in ("0", "1")):
         chosen = (topk if topk is not None else True) if parse_flag("gallery", gallery) else None
         if chosen is None and topk is not None:
             raise InvalidRequestOptionError("topk counts gallery matches, but gallery is off: add gallery=true")

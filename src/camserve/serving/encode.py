@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from camserve.engine.imaging.render import colorize, encode_png, overlay, upsample
-from camserve.serving.requests import KSERVE_V1, KSERVE_V2
+from camserve.serving.protocol import KSERVE_V1, KSERVE_V2, PNG, V2_OUTPUT_NAMES
 
 
 def b64png(image: torch.Tensor) -> str:
@@ -110,19 +110,6 @@ def envelope_body(envelope: str, results: List[Dict[str, Any]], explain_route: b
 
 
 # -- KServe v2 (Open Inference Protocol) named output tensors ----------------------------------
-PNG = {"content_type": "image/png", "encoding": "base64"}
-
-#: every output name :func:`v2_outputs` can produce (a request's ``outputs`` may name only these)
-V2_OUTPUT_NAMES = {
-    # classifier
-    "scores", "indices", "labels", "batch_size", "method", "layer", "targets", "target_labels", "layer_shape",
-    "heatmap", "heatmap_color", "overlay", "heatmap_array", "size", "colormap", "crop_box", "image_size",
-    "options", "seconds", "batch_seconds", "passes_forward", "passes_backward", "passes_relevance", "spearman",
-    "comparison_target", "comparison_seconds",
-    # embedding model
-    "embedding", "dim", "similarity", "metric", "route", "reference", "query_map", "reference_map",
-    "match_index", "match_label", "match_similarity", "match_query_map", "match_reference_map",
-}
 
 
 @dataclass

@@ -15,9 +15,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional
 
-from camserve.engine.core.compare import parse_methods, split_options
+from camserve.engine.methods import REGISTRY
 from camserve.engine.pipeline import ExplainSpec
 from camserve.engine.imaging.render import COLORMAPS
+from camserve.engine.core import flags
 from camserve.serving.errors import InvalidRequestOptionError
 from camserve.serving.settings import HandlerSettings
 
@@ -27,7 +28,6 @@ SERVING_OPTIONS = {"explain", "method", "compare", "layer", "target", "format", 
 #: the serving options a plain prediction (no explanation) uses
 PLAIN_OPTIONS = {"explain", "method", "compare", "topk", "model_name"}
 FORMATS = ("png", "array")
-_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
 
 
 def as_text(value: Any, name: Optional[str] = None) -> Any:
@@ -42,14 +42,8 @@ def as_text(value: Any, name: Optional[str] = None) -> Any:
 
 
 def parse_flag(name: str, value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in _TRUE:
-        return True
-    if text in _FALSE:
-        return False
-    raise InvalidRequestOptionError(f"option {name!r} must be 0/1/true/false, got {value!r}")
+    """A serving option's yes/no value (an empty text is no)."""
+    return flags.parse_flag(name, value, InvalidRequestOptionError)
 
 
 def parse_colormap(value: Any) -> str:
@@ -152,8 +146,8 @@ def parse_options(raw: Mapping[str, Any], settings: HandlerSettings, explain_rou
     if compare is None:
         options.method_options = settings.options_for(method, method_options)
         return options
-    names = parse_methods(compare)
+    names = REGISTRY.parse_methods(compare)
     options.compare = [ExplainSpec(name, settings.layer_for(name, requested_layer), options.target,
                                    settings.options_for(name, own))
-                       for name, own in zip(names, split_options(names, method_options))]
+                       for name, own in zip(names, REGISTRY.split_options(names, method_options))]
     return options

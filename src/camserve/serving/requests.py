@@ -43,22 +43,15 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
+from camserve.engine.core.flags import parse_flag
 from camserve.serving.errors import InvalidJSONError, InvalidRequestOptionError, MissingInputError
-
-#: field name → role. ``image`` is the query image; the embedding handler adds reference roles.
-IMAGE_FIELDS = {"body": "image", "data": "image", "image": "image", "file": "image", "b64": "image"}
-EMBED_FIELDS = {**IMAGE_FIELDS, "reference": "reference", "reference_embedding": "reference_embedding"}
-
-PLAIN, KSERVE_V1, KSERVE_V2 = "torchserve", "kserve_v1", "kserve_v2"
+from camserve.serving.protocol import (EMBED_FIELDS, ENVELOPE_OPTIONS, FLOAT_DATATYPES, IMAGE_FIELDS, KSERVE_V1,
+                                       KSERVE_V2, PLAIN, V2_OUTPUT_NAMES)
 
 #: deepest JSON nesting a request may have (a KServe v2 body needs 4; nested tensor data a few more)
 MAX_JSON_DEPTH = 32
 #: most JSON values (objects, arrays, strings, numbers, …) in one request
 MAX_JSON_VALUES = 262_144
-#: KServe v2 datatypes accepted for a ``reference_embedding`` input
-FLOAT_DATATYPES = ("FP16", "FP32", "FP64")
-#: request-level options that are about the answer's envelope, never passed to a handler
-ENVELOPE_OPTIONS = ("json_output",)
 
 
 @dataclass
@@ -295,8 +288,6 @@ def _requested_outputs(body: dict) -> Optional[List[str]]:
     if not isinstance(outputs, list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str)
                                                 for o in outputs):
         raise InvalidRequestOptionError("KServe v2: 'outputs' must be a list of {\"name\": <output name>}")
-    from camserve.serving.encode import V2_OUTPUT_NAMES  # local: encode imports this module
-
     names = [o["name"] for o in outputs]
     unknown = sorted({n for n in names if n.split(".")[0] not in V2_OUTPUT_NAMES})
     if unknown:
@@ -305,8 +296,6 @@ def _requested_outputs(body: dict) -> Optional[List[str]]:
 
 
 def _kserve_v2(body: dict, query: Dict[str, Any], fields, max_instances, explain_route) -> ParsedRequest:
-    from camserve.serving.options import parse_flag  # local: options imports the engine
-
     inputs = body.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise MissingInputError("KServe v2: 'inputs' must be a non-empty list")

@@ -28,6 +28,11 @@ from typing import Any, Dict, Mapping, Optional
 
 from camserve.engine.models.spec import ModelSpec
 from camserve.serving.images import DEFAULT_MAX_PIXELS
+from camserve.engine.pipeline import check_graph_rows
+from camserve.engine.imaging.render import COLORMAPS
+from camserve.engine.methods import get_method
+from camserve.engine.methods import METHODS, get_method
+from camserve.engine.errors import ExplanationInputError
 
 
 @dataclass
@@ -70,8 +75,6 @@ class HandlerSettings:
     def check(self) -> None:
         """Configuration errors stop the worker from loading (the reason in the model log) instead
         of answering every request 400."""
-        from camserve.engine.pipeline import check_graph_rows
-        from camserve.engine.imaging.render import COLORMAPS
 
         if str(self.colormap).lower() not in COLORMAPS:
             raise ValueError(f"handler.colormap {self.colormap!r} is not one of {list(COLORMAPS)}")
@@ -95,7 +98,6 @@ class HandlerSettings:
         defaults = self.method_options.get(method)
         if not defaults:
             return dict(given)
-        from camserve.engine.methods import get_method
 
         named = {str(k).lower() for k in given}
         skipped = {name for group in get_method(method).coupled_options if named & set(group) for name in group}
@@ -107,8 +109,6 @@ class HandlerSettings:
 def check_method_options(section: Any) -> Dict[str, Dict[str, Any]]:
     """``handler.method_options`` checked at load: CAM-family methods only, each one's defaults
     accepted by the method (an unknown method or option, or a bad value, stops the worker)."""
-    from camserve.engine.methods import METHODS, get_method
-    from camserve.engine.errors import ExplanationInputError
 
     if not section:
         return {}

@@ -1,6 +1,6 @@
 """The ordinary gradient of a captured segment from its input and output alone.
 
-A *segment* (see :mod:`camserve.engine.core.capture`) is a ruled module followed by the element-wise
+A *segment* (see :mod:`camserve.engine.capture`) is a ruled module followed by the element-wise
 modules absorbed into its switch, e.g. ``conv → BatchNorm → ReLU6``. Autograd would keep, for a
 gradient pass, the conv's (padded) input, the BatchNorm's input and the activation's input. When
 every part of the segment has a derivative that needs nothing beyond the segment's input ``x``

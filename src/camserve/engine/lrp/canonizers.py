@@ -103,3 +103,19 @@ def fold_batchnorm(model: nn.Module, rules: Mapping[str, Rule], input_size: Tupl
         if conv in result:
             result[conv] = FoldedRule(result[conv], folded_conv(modules[conv], modules[bn], keep_bias))
     return result
+
+
+def fold_batchnorm_keeping_bias(model: nn.Module, rules: Mapping[str, Rule], input_size: Tuple[int, int]):
+    """Canonizer ``fold_bn``: each BatchNorm folded into the conv before it, shift kept."""
+    return fold_batchnorm(model, rules, input_size, keep_bias=True)
+
+
+def fold_batchnorm_dropping_bias(model: nn.Module, rules: Mapping[str, Rule], input_size: Tuple[int, int]):
+    """Canonizer ``fold_bn_nobias``: each BatchNorm folded into the conv before it, its shift dropped
+    from the relevance path."""
+    return fold_batchnorm(model, rules, input_size, keep_bias=False)
+
+
+#: canonizer name → ``(model, rules, input_size) → rules``: how the relevance path sees the model
+#: (an :class:`~camserve.engine.pipeline.Explainer`'s ``canonizer``, a deployment's ``handler.canonizer``)
+CANONIZERS = {"fold_bn": fold_batchnorm_keeping_bias, "fold_bn_nobias": fold_batchnorm_dropping_bias}

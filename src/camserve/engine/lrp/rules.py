@@ -4,7 +4,7 @@ Convention (Montavon et al., "Layer-wise relevance propagation: an overview", 20
 the relevance of any tensor ``t`` of the forward pass is ``R_t = t ⊙ g_t``, where ``g_t`` is the
 gradient that flows back to ``t`` when every hooked layer replaces its output ``y = f(x)`` by a
 *modified* tensor of the same value whose derivative implements the rule. Each rule below states
-that modified tensor; :mod:`camserve.engine.core.capture` applies its derivative during relevance
+that modified tensor; :mod:`camserve.engine.capture` applies its derivative during relevance
 backward passes.
 
 Why this convention: a residual addition ``out = a + b`` needs no canonizer. Its ordinary gradient
@@ -25,6 +25,7 @@ from typing import Callable, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from camserve.engine.core.lean_gradient import max_pool_input_grad
 
 ModuleCall = Callable[[nn.Module, dict, torch.Tensor], torch.Tensor]
 #: what a rule's backward returns: (gradient for the ordinary graph of ``y``, gradient for ``x``)
@@ -74,7 +75,7 @@ class Rule:
     passes_relevance = False
     #: whether :meth:`relevance_grad` reads ``y`` and ``grad`` only through ``R_y = y ⊙ grad``: then
     #: pass-through layers right after the module can be absorbed into it (``R_y`` is the same at
-    #: their output), see :mod:`camserve.engine.core.capture`
+    #: their output), see :mod:`camserve.engine.capture`
     reads_output_relevance = False
 
     def reads_input(self, modules: Tuple[nn.Module, ...]) -> bool:
@@ -315,7 +316,6 @@ class MaxPoolGradientRule(Rule):
     reads_indices = True
 
     def relevance_grad(self, module, x, y, grad, call):
-        from camserve.engine.core.lean_gradient import max_pool_input_grad
 
         return None, max_pool_input_grad(module, x, grad, y)
 

@@ -8,7 +8,7 @@ Two kinds, one interface (:class:`EmbeddingModel`):
   as a callable (``model.extract_features`` for EfficientNet) or as a module path of a classifier
   whose output at that layer is captured (:meth:`EmbeddingModel.from_classifier`).
 * **User embedding model** — its ``forward`` already returns embeddings; the feature map of a named
-  layer is captured with :class:`~camserve.engine.core.capture.ForwardCapture` during the same forward
+  layer is captured with :class:`~camserve.engine.capture.ForwardCapture` during the same forward
   (:meth:`EmbeddingModel.from_embedding_model`). What lies between that map and the embedding is
   unknown, so FAM explains it through the Jacobian route.
 
@@ -28,8 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from camserve.engine.core.capture import ForwardCapture
+from camserve.engine.capture import ForwardCapture
 from camserve.engine.errors import NotAFeatureMapError, UnknownLayerError
+from camserve.engine.models.bundled import load_effnet_lite0
 
 NORM_EPS = 1e-12
 
@@ -180,7 +181,6 @@ def load_effnet_lite0_embedding(normalize: bool = True, projection: Optional[nn.
     """The bundled default: pretrained EfficientNet-Lite0 without its classifier, D = 1280.
 
     ``backbone`` reuses an already loaded EfficientNet-Lite0 (weights are shared, not copied)."""
-    from camserve.engine.models import load_effnet_lite0
 
     model = backbone if backbone is not None else load_effnet_lite0(device=device)
     embedding = EmbeddingModel.from_classifier(model, normalize=normalize, projection=projection)

@@ -21,6 +21,7 @@ from camserve.engine.models.labels import class_names
 from camserve.engine.models.profile import ModelProfile, default_profile, preprocessing_values
 from camserve.engine.models.sources import build_model
 from camserve.engine.models.spec import ModelSpec
+from camserve.engine.models.embedding import EmbeddingModel, load_effnet_lite0_embedding
 
 #: the embedding equals GAP(feature map) when they agree to this tolerance on the probe
 POOLED_TOLERANCE = 1e-4
@@ -101,7 +102,6 @@ def embedding_model_for(loaded: LoadedModel, catalog: Optional[LayerCatalog] = N
     gradient-free; the model's own head is ignored); ``output`` — the model's output is the
     embedding and FAM takes the Jacobian route through whatever lies between ``A`` and it; ``auto`` —
     pooled when the output equals ``GAP(A)`` on a probe, else output."""
-    from camserve.engine.models.embedding import EmbeddingModel, load_effnet_lite0_embedding
 
     spec = loaded.spec
     if spec.source == "effnet_lite0" and spec.feature_layer is None and spec.embedding in ("auto", "pooled"):

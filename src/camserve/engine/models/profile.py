@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from typing import Any, Dict, Mapping, Optional, Tuple
+from camserve.engine.imaging.preprocess import to_model_input
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
@@ -35,7 +36,6 @@ class ModelProfile:
 
     def model_input(self, images_uint8, device):
         """``uint8 (3, H, W)`` images → the normalised batch on ``device`` and the [0, 1] crops."""
-        from camserve.engine.imaging.preprocess import to_model_input
 
         return to_model_input(images_uint8, self.resize, self.crop, self.mean, self.std, device, self.interpolation)
 

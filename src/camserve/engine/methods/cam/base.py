@@ -9,12 +9,15 @@ element-wise product instead.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from camserve.engine.errors import InvalidOptionError
+from camserve.engine.core.flags import parse_bool
+from camserve.engine.core.plan import PlannedRow
+from camserve.engine.core.targets import validate_target
+from camserve.engine.errors import InvalidOptionError, UnsupportedModelError
 from camserve.engine.core.layers import LayerCatalog
 
 
@@ -42,22 +45,33 @@ class Captured:
         return self.activations[layer] * self.relevance_gradients[layer]
 
 
-def parse_bool(name: str, value: Any) -> bool:
-    """Accept booleans and their usual query-string spellings."""
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise InvalidOptionError(f"option {name!r} must be a boolean, got {value!r}")
+
+
+def check_relevance_support(method: str, layers: Sequence[str], catalog: LayerCatalog) -> None:
+    """LRP relevance passes have rules for convolutions, linear layers, pooling, BatchNorm and
+    activations, none for attention or token mixing: refuse a token layer or a layer with an
+    attention module above it (:class:`UnsupportedModelError`, a 400)."""
+    for name in layers:
+        info = catalog.get(name)
+        if info.layout == "tokens":
+            raise UnsupportedModelError(
+                f"{method} propagates LRP relevance, which has no rules for attention or token mixing; layer "
+                f"{name!r} is a token sequence ({info.output_shape[0]} tokens) of a transformer — use gradcam, "
+                f"gradcampp or layercam")
+        attention = catalog.attention_above(name)
+        if attention is not None:
+            raise UnsupportedModelError(
+                f"{method} propagates LRP relevance, which has no rules for attention; the pass from the "
+                f"logits down to {name!r} crosses {attention!r} ({catalog.get(attention).type_name}) — "
+                f"use gradcam, gradcampp or layercam")
 
 
 class CamMethod:
     """A class activation map method. Subclasses set the flags and override :meth:`weights`."""
 
     name = "cam_method"
+    family = "cam"
+    task = "classify"
     needs_gradient = False
     needs_relevance = False
     #: option name → (default, allowed values or None for bool)
@@ -82,6 +96,25 @@ class CamMethod:
                 raise InvalidOptionError(f"option {key!r} of {self.name!r} must be one of {list(choices)}, got {value!r}")
             result[key] = value
         return result
+
+    def accepted_options(self, given: Optional[Mapping[str, Any]] = None) -> set:
+        """The option names a request for this method may carry."""
+        return set(self.option_choices)
+
+    def plan(self, index: int, spec: Any, context: Any) -> PlannedRow:
+        """Validate ``spec`` against ``context`` (the explainer: catalog, default layer, model, number
+        of classes, top-k cap) before any forward: options, layer or stage alias, what the method
+        needs of the layer, LRP support where a relevance pass runs, target."""
+        options = self.options(spec.options)
+        catalog = context.catalog
+        layer = catalog.resolve(spec.layer) if spec.layer else context.default_layer
+        catalog.feature_map(layer)
+        self.validate(layer, catalog, context.model)
+        names = self.layers(layer, catalog, options)  # validates l+1 where needed
+        if self.needs_relevance_for(options):
+            check_relevance_support(self.name, names, catalog)
+        target = validate_target(spec.target, context.num_classes, context.max_topk)
+        return PlannedRow(index, self, layer, target, options)
 
     def needs_gradient_for(self, options: Mapping[str, Any]) -> bool:
         """Whether an ordinary backward pass (``∂y_c/∂A``) is needed with these options."""

@@ -37,7 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from camserve.engine.methods.captum.catalog import (DEFAULT_LIMITS, CaptumLimits, CaptumMethod, display_name, is_captum, resolve)
+from camserve.engine.core.plan import PlannedRow
+from camserve.engine.methods.captum.catalog import (DEFAULT_LIMITS, CaptumLimits, CaptumMethod, accepted_options,
+                                                  display_name, resolve)
 from camserve.engine.core.explanation import ExplainResult, ExplainSpec, Explanation, check_images
 from camserve.engine.errors import (ExplanationInputError, InvalidOptionError, InvalidReferenceError, InvalidTargetError, UnknownLayerError,
                      UnsupportedModelError)
@@ -45,10 +47,6 @@ from camserve.engine.imaging.render import prepare_maps
 from camserve.engine.core.targets import resolve_targets, validate_target
 from camserve.engine.timing import clock
 
-
-
-class UnsupportedModelError(ExplanationInputError):
-    """The Captum method cannot explain this model's structure (HTTP 400)."""
 
 
 # -- shadows and pass counting ------------------------------------------------------------------
@@ -270,71 +268,66 @@ def similarity_forward(embedding_model: nn.Module, reference_embeddings: torch.T
     return SimilarityForward(embedding_model, references, similarity)
 
 
-# -- the Explainer's Captum rows ------------------------------------------------------------------
-def wants_captum(specs: Sequence[Optional["ExplainSpec"]]) -> bool:
-    """Whether any spec of a request names a Captum method."""
-    return any(spec is not None and is_captum(spec.method) for spec in specs)
+# -- the pipeline's Captum rows ---------------------------------------------------------------------
+class CaptumAttribution:
+    """A Captum attribution as a registered :class:`~camserve.engine.methods.registry.Method`
+    (family ``captum``): request name ``captum.<name>`` (``captum.noise_tunnel`` included), options
+    validated by :func:`~camserve.engine.methods.captum.catalog.resolve` within the explainer's
+    :class:`CaptumLimits`, planned as a row with forwards of its own."""
+
+    family = "captum"
+    task = "classify"
+    coupled_options: Tuple[Tuple[str, ...], ...] = ()
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def accepted_options(self, given: Optional[Mapping[str, Any]] = None) -> set:
+        return accepted_options(self.name, given)
+
+    def resolve(self, given: Optional[Mapping[str, Any]], limits: CaptumLimits = DEFAULT_LIMITS
+                ) -> Tuple[CaptumMethod, Dict[str, Any]]:
+        """The catalog method (a noise tunnel's ``base``) and the canonical options."""
+        return resolve(self.name, given, limits)
+
+    def evaluations(self, options: Mapping[str, Any]) -> int:
+        """Model evaluations per image and target: ``steps × nt_samples`` (or either, or 1)."""
+        return options.get("steps", 1) * (options.get("nt_samples", 1) if options.get("smooth") else 1)
+
+    def plan(self, index: int, spec: ExplainSpec, context: Any) -> PlannedRow:
+        """Validate one Captum spec against the explainer's model before any forward: method and
+        options (within ``context.captum_limits``), layer (layer methods; default: the explainer's),
+        LayerLRP support, target."""
+        method, options = self.resolve(spec.options, context.captum_limits)
+        layer = None
+        catalog = context.catalog
+        if method.uses_layer:
+            layer = catalog.resolve(spec.layer) if spec.layer else context.default_layer
+            catalog.feature_map(layer)
+            if catalog.layers[layer].layout != "nchw":
+                raise UnsupportedModelError(f"captum.{method.name} reads layer {layer!r} as an (N, C, H, W) map, but it "
+                                            f"outputs {catalog.layers[layer].layout} "
+                                            f"{catalog.layers[layer].output_shape}; use gradcam, gradcampp or "
+                                            f"layercam (which convert token/channels-last maps) or a pixel method")
+        if method.name == "layer_lrp":
+            check_lrp_support(context.model)
+        target = validate_target(spec.target, context.num_classes, context.max_topk)
+        return PlannedRow(index, method, layer, target, options, own_forwards=True)
 
 
-@dataclass
-class _CaptumRow:
-    index: int
-    method: CaptumMethod
-    options: Dict[str, Any]
-    layer: Optional[str]
-    spec_target: Any
-    targets: List[int]
-
-    @property
-    def group(self):
-        return (self.method.name, self.layer, tuple(sorted(self.options.items())))
-
-
-def plan_row(explainer: Any, index: int, spec: ExplainSpec) -> _CaptumRow:
-    """Validate one Captum spec against the explainer's model before any forward: method and options
-    (within ``explainer.captum_limits``), layer
-    (layer methods; default: the explainer's), LayerLRP support, target."""
-    method, options = resolve(spec.method, spec.options, explainer.captum_limits)
-    layer = None
-    if method.uses_layer:
-        layer = explainer.catalog.resolve(spec.layer) if spec.layer else explainer.default_layer
-        explainer.catalog.feature_map(layer)
-        if explainer.catalog.layers[layer].layout != "nchw":
-            raise UnsupportedModelError(f"captum.{method.name} reads layer {layer!r} as an (N, C, H, W) map, but it "
-                                        f"outputs {explainer.catalog.layers[layer].layout} "
-                                        f"{explainer.catalog.layers[layer].output_shape}; use gradcam, gradcampp or "
-                                        f"layercam (which convert token/channels-last maps) or a pixel method")
-    if method.name == "layer_lrp":
-        check_lrp_support(explainer.model)
-    target = validate_target(spec.target, explainer.num_classes, explainer.max_topk)
-    return _CaptumRow(index, method, options, layer, target, [])
-
-
-def explain_with_captum(explainer: Any, images: torch.Tensor, specs: Sequence[Optional[ExplainSpec]],
-                        output_size=None, layer_resolution: bool = False, dtype: torch.dtype = torch.float32
-                        ) -> "ExplainResult":
-    """The :meth:`Explainer.explain` of a batch where some rows ask for Captum methods.
-
-    Captum rows are validated first (method, options against ``explainer.captum_limits`` if set,
-    layer, target); then the explainer answers the other rows with its single forward, whose logits
-    resolve the Captum rows' targets; then each group of Captum rows with the same method, layer and
-    options is attributed in one Captum call per target round (top-k: k rounds).
-    """
-
-    check_images(images)
-    if len(specs) != images.shape[0]:
-        raise InvalidTargetError(f"got {len(specs)} explanation specs for a batch of {images.shape[0]} images")
-    rows = [plan_row(explainer, index, spec) for index, spec in enumerate(specs)
-            if spec is not None and is_captum(spec.method)]
-    others = [None if (spec is not None and is_captum(spec.method)) else spec for spec in specs]
-    start = clock(images.device)
-    result = explainer.explain(images, others, output_size, layer_resolution, dtype)
-    forward_share = result.forward_seconds / images.shape[0]  # every row's part of the shared forward
+def attribute_rows(model: nn.Module, images: torch.Tensor, rows: Sequence[PlannedRow], logits: torch.Tensor,
+                   forward_share: float, output_size=None, layer_resolution: bool = False,
+                   dtype: torch.dtype = torch.float32) -> Dict[int, Explanation]:
+    """The explanations of the Captum ``rows`` of a batch whose shared forward gave ``logits``: their
+    targets resolved from those logits, then each group of rows with the same method, layer and
+    options attributed in one Captum call per target round (top-k: k rounds). ``forward_share`` is
+    each row's part of the shared forward's seconds."""
     for row in rows:
-        row.targets = resolve_targets(row.spec_target, result.logits[row.index])
-    groups: Dict[Tuple, List[_CaptumRow]] = defaultdict(list)
+        row.targets = resolve_targets(row.spec_target, logits[row.index])
+    groups: Dict[Tuple, List[PlannedRow]] = defaultdict(list)
     for row in rows:
         groups[row.group].append(row)
+    explanations: Dict[int, Explanation] = {}
     for group_rows in groups.values():
         first = group_rows[0]
         maps: Dict[int, List[torch.Tensor]] = defaultdict(list)
@@ -345,7 +338,7 @@ def explain_with_captum(explainer: Any, images: torch.Tensor, specs: Sequence[Op
             active = [r for r in group_rows if len(r.targets) > round_index]
             idx = torch.tensor([r.index for r in active], device=images.device)
             targets = torch.tensor([r.targets[round_index] for r in active], device=images.device)
-            out = attribute(explainer.model, images[idx], targets, first.method.request_name,
+            out = attribute(model, images[idx], targets, first.method.request_name,
                             layer=first.layer, output_size=output_size, layer_resolution=layer_resolution,
                             dtype=dtype, validated=(first.method, first.options))
             shape = out.layer_shape
@@ -355,11 +348,7 @@ def explain_with_captum(explainer: Any, images: torch.Tensor, specs: Sequence[Op
                 for key, value in out.passes.items():
                     passes[r.index][key] += value
         for r in group_rows:
-            result.explanations[r.index] = Explanation(
+            explanations[r.index] = Explanation(
                 display_name(r.method, r.options), r.layer or "input", r.targets, torch.stack(maps[r.index]),
                 shape, dict(r.options), seconds[r.index], passes[r.index])
-    total = clock(images.device) - start
-    for explanation in result.explanations:
-        if explanation is not None:
-            explanation.batch_seconds = total
-    return result
+    return explanations

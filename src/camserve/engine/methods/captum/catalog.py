@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 from camserve.engine.errors import InvalidOptionError, UnknownMethodError
-from camserve.engine.methods.cam.base import parse_bool
+from camserve.engine.core.flags import parse_bool
 
 PREFIX = "captum."
 REDUCTIONS = ("abs", "positive", "sum")

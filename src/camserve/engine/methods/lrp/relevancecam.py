@@ -20,6 +20,7 @@ class RelevanceCAM(RelevanceStartOptions, CamMethod):
     """
 
     name = "relevancecam"
+    family = "lrp"
     needs_relevance = True
     option_choices = {"contrastive": (True, None), **START_OPTION_CHOICES}
     DEFAULT_START = "contrastive"

@@ -77,6 +77,7 @@ class ShallowCAM(RelevanceStartOptions, CamMethod):
     """
 
     name = "shallowcam"
+    family = "lrp"
     needs_relevance = True
     option_choices = {
         # defaults chosen by measurement: spatial=relevance (benchmarks/results/faithfulness.md;

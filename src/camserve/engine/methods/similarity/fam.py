@@ -68,13 +68,33 @@ import torch
 
 from camserve.engine.models.embedding import EmbeddingModel, EmbeddingTrace
 from camserve.engine.errors import InvalidInputError, InvalidOptionError, InvalidReferenceError, UnknownMethodError
-from camserve.engine.pipeline import check_images
+from camserve.engine.core.explanation import check_images
 from camserve.engine.methods.similarity.gallery import Gallery
 from camserve.engine.imaging.render import prepare_maps
 from camserve.engine.timing import clock
 
 SIMILARITIES = ("cosine", "dot", "euclidean")
-METHODS = ("fam", "gradcam_similarity")
+
+
+class SimilarityMethod:
+    """A similarity explanation as a registered :class:`~camserve.engine.methods.registry.Method`
+    (family ``similarity``, task ``embed``): ``fam`` (FAM's per-channel contributions, pooled or
+    Jacobian route) or ``gradcam_similarity`` (Grad-CAM on the similarity). Planned by
+    :class:`FamExplainer`, whose :class:`FamSpec` carries the options."""
+
+    family = "similarity"
+    task = "embed"
+    coupled_options: Tuple[Tuple[str, ...], ...] = ()
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def accepted_options(self, given=None) -> set:
+        return {"similarity", "route"}
+
+
+FAM, GRADCAM_SIMILARITY = SimilarityMethod("fam"), SimilarityMethod("gradcam_similarity")
+METHODS = (FAM.name, GRADCAM_SIMILARITY.name)
 ROUTES = ("auto", "pooled", "jacobian")
 EPS = 1e-12
 

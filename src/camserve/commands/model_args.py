@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import yaml
 
 from camserve.engine.models.spec import EMBEDDINGS, SOURCES, TASKS, ModelSpec
+from camserve.engine.models import load_spec
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, task_default: Optional[str] = "classify") -> None:
@@ -108,7 +109,6 @@ def model_argv(args: argparse.Namespace) -> List[str]:
 
 def load_for_cli(spec: ModelSpec, device=None):
     """Load a spec whose file paths are local (relative to the working directory)."""
-    from camserve.engine.models import load_spec
 
     base = os.getcwd()
     return load_spec(spec, base, device)

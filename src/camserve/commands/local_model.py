@@ -19,7 +19,9 @@ from torch import nn
 from camserve.engine.errors import ExplanationInputError
 from camserve.engine.core.layers import LayerCatalog
 from camserve.engine.models import LoadedModel, ModelProfile, ModelSpec, embedding_model_for, profile_with_layers
-from camserve.cli.model_args import load_for_cli, spec_from_args
+from camserve.commands.model_args import load_for_cli, spec_from_args
+from camserve.engine.models.embedding import EmbeddingModel, load_effnet_lite0_embedding
+from camserve.engine.models import ModelSourceError, WeightsError
 
 
 @dataclass
@@ -70,7 +72,6 @@ class LocalModel:
     def embedding(self) -> Tuple[nn.Module, str]:
         """``(EmbeddingModel, route)``: an ``embed`` spec's embedding (:func:`embedding_model_for`); for
         a classifier the pooled map of its default layer (EfficientNet-Lite0: its ``extract_features``)."""
-        from camserve.engine.models.embedding import EmbeddingModel, load_effnet_lite0_embedding
 
         if self.spec.task == "embed":
             try:
@@ -86,7 +87,6 @@ def load_local_model(args: argparse.Namespace, device: torch.device, task_defaul
                      channels_last: bool = False) -> LocalModel:
     """The model the spec flags describe (default: the bundled EfficientNet-Lite0), ready to explain;
     a spec that cannot be built exits with why."""
-    from camserve.engine.models import ModelSourceError, WeightsError
 
     spec, _config = spec_from_args(args, task_default=task_default)
     try:

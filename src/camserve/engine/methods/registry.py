@@ -1,0 +1,119 @@
+"""The one registry of explanation methods: a request's method name → the :class:`Method` that
+validates and plans it.
+
+Every family registers here at import — the CAM family (``cam``), the methods read from an LRP
+relevance pass (``lrp``), Captum's attributions (``captum``, request names ``captum.<name>``) and the
+similarity explanations of embedding models (``similarity``) — and nothing writes to it afterwards;
+a caller that needs more methods (the lab's probes) builds an extended copy with :meth:`Registry.extended`
+and hands it to its :class:`~camserve.engine.pipeline.Explainer`. Serving, the CLI and the lab ask the
+registry, never a family module, what a name means.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Protocol, Sequence, Tuple, runtime_checkable
+
+from camserve.engine.errors import InvalidOptionError, UnknownMethodError
+
+FAMILIES = ("cam", "lrp", "captum", "similarity")
+TASKS = ("classify", "embed")
+CAPTUM_PREFIX = "captum."
+
+
+@runtime_checkable
+class Method(Protocol):
+    """What every registered method tells the pipeline.
+
+    ``name`` (canonical, lower case), ``family`` (one of :data:`FAMILIES`), ``task`` (``classify`` or
+    ``embed``), ``coupled_options`` (groups of options that only make sense together: a request naming
+    one takes none of its group from a deployment's defaults). ``accepted_options(given)`` is the set of
+    option names a request may carry; ``plan(index, spec, context)`` validates a request against the
+    model before any forward and returns its :class:`~camserve.engine.core.plan.PlannedRow`, whose
+    ``needs`` say what the forward must provide (captured activations, a gradient pass, a relevance
+    pass, or forwards of the method's own, as Captum makes).
+    """
+
+    name: str
+    family: str
+    task: str
+    coupled_options: Tuple[Tuple[str, ...], ...]
+
+    def accepted_options(self, given: Optional[Mapping[str, Any]] = None) -> set: ...
+
+
+class Registry:
+    """Names (and aliases) → methods. Filled at import, read-only afterwards."""
+
+    def __init__(self, methods: Iterable[Tuple[Method, Sequence[str]]] = ()):
+        self._methods: Dict[str, Method] = {}
+        self._aliases: Dict[str, str] = {}
+        for method, aliases in methods:
+            self._add(method, aliases)
+
+    def _add(self, method: Method, aliases: Sequence[str] = ()) -> None:
+        if method.family not in FAMILIES or method.task not in TASKS:
+            raise ValueError(f"method {method.name!r}: family {method.family!r} / task {method.task!r} unknown")
+        if method.name in self._methods:
+            raise ValueError(f"method {method.name!r} registered twice")
+        self._methods[method.name] = method
+        for alias in aliases:
+            self._aliases[alias] = method.name
+
+    def extended(self, *methods: Method) -> "Registry":
+        """A new registry with this one's methods and ``methods`` (this one is not changed)."""
+        copy = Registry()
+        copy._methods, copy._aliases = dict(self._methods), dict(self._aliases)
+        for method in methods:
+            copy._add(method)
+        return copy
+
+    def names(self, family: Optional[str] = None, task: Optional[str] = None) -> List[str]:
+        """The canonical names, sorted, of one family and/or task (default: all)."""
+        return sorted(n for n, m in self._methods.items()
+                      if (family is None or m.family == family) and (task is None or m.task == task))
+
+    def key(self, name: Any) -> str:
+        """The canonical name of ``name`` (case-insensitive, aliases resolved), known or not."""
+        key = str(name).strip().lower()
+        return self._aliases.get(key, key)
+
+    def lookup(self, name: Any, task: str = "classify") -> Method:
+        """The method a request's ``name`` means for a model of ``task``; :class:`UnknownMethodError`
+        (a 400 naming what is available) otherwise."""
+        key = self.key(name)
+        method = self._methods.get(key)
+        if method is not None and method.task == task:
+            return method
+        if task == "embed":
+            raise UnknownMethodError(f"unknown FAM method {name!r}; choose one of {self.names(task='embed')}")
+        if key.startswith(CAPTUM_PREFIX):
+            raise UnknownMethodError(f"unknown Captum method {name!r}; available: {self.names(family='captum')}")
+        classic = sorted(self.names(family="cam") + self.names(family="lrp"))
+        raise UnknownMethodError(f"unknown explanation method {name!r}; available: {classic}")
+
+    def family(self, name: Any, task: str = "classify") -> str:
+        return self.lookup(name, task).family
+
+    # -- comparisons: several methods of one request -------------------------------------------
+    def parse_methods(self, value, max_methods: int = 4) -> List[str]:
+        """``"shallowcam,captum.integrated_gradients"`` (or a list) → the method names, each known,
+        no duplicates, 2 to ``max_methods`` of them."""
+        names = [n.strip().lower() for n in (value.split(",") if isinstance(value, str) else list(value or []))
+                 if isinstance(n, str) and n.strip()]
+        if not 2 <= len(names) <= max_methods:
+            raise InvalidOptionError(f"compare needs 2 to {max_methods} comma-separated methods, got {value!r}")
+        if len(set(names)) != len(names):
+            raise InvalidOptionError(f"compare lists a method twice: {value!r}")
+        for name in names:
+            self.lookup(name)
+        return names
+
+    def split_options(self, methods: Sequence[str], options: Mapping[str, Any]) -> List[Dict[str, Any]]:
+        """Give each method of a comparison the options it accepts (an option several accept goes to
+        each); an option no method accepts is an :class:`InvalidOptionError`."""
+        options = dict(options or {})
+        accepted = [self.lookup(m).accepted_options(options) for m in methods]
+        stray = sorted(k for k in options if not any(str(k).lower() in a for a in accepted))
+        if stray:
+            raise InvalidOptionError(f"option(s) {stray} are taken by none of the compared methods {list(methods)}")
+        return [{k: v for k, v in options.items() if str(k).lower() in a} for a in accepted]
