@@ -101,7 +101,8 @@ def parse_options(raw: Mapping[str, Any], settings: HandlerSettings, explain_rou
                                         "compare=<method>,<method> explains the image with each method")
     if compare is not None:
         method = None
-    elif isinstance(method, bool) or (isinstance(method, str) and method.lower() in _TRUE | _FALSE):
+    elif isinstance(method, bool) or (isinstance(method, str) and flags.truth(method.lower(), empty=False) is not None
+                                      and method == method.strip()):
         method = settings.default_method if parse_flag("explain", method) else None
     elif method is not None:
         method = str(method).strip().lower() or None

@@ -300,7 +300,7 @@ def _kserve_v2(body: dict, query: Dict[str, Any], fields, max_instances, explain
     if not isinstance(inputs, list) or not inputs:
         raise MissingInputError("KServe v2: 'inputs' must be a non-empty list")
     base = {**query, **_options_from(body.get("parameters"), "parameters")}
-    json_output = parse_flag("json_output", base.pop("json_output", False))
+    json_output = parse_flag("json_output", base.pop("json_output", False), InvalidRequestOptionError)
     meta = {"json_output": json_output, "outputs": _requested_outputs(body)}
     images: List[Item] = []
     references: List[Any] = []
