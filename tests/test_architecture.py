@@ -125,3 +125,15 @@ def test_one_registry_answers_every_family():
     strays = [str(p.relative_to(REPO)) for p in SRC.rglob("*.py")
               if "engine/methods" not in str(p) and "is_captum(" in p.read_text()]
     assert strays == []
+
+
+def test_tests_never_import_benchmarks():
+    """Benchmarks may use the tests' server kits; tests never reach into benchmarks/."""
+    found = []
+    for path in sorted((REPO / "tests").rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            text = ast.unparse(node) if isinstance(node, (ast.Import, ast.ImportFrom, ast.Call)) else ""
+            if "benchmarks" in text and ("sys.path" in text or isinstance(node, (ast.Import, ast.ImportFrom))):
+                found.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert found == []

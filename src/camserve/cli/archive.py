@@ -31,10 +31,12 @@ from typing import Any, Dict, List
 import yaml
 
 from camserve.commands.model_args import add_model_arguments, spec_from_args
-from camserve.engine.pipeline import ExplainSpec, Explainer
+from camserve.engine.pipeline import ExplainSpec
 from camserve.engine.models import embedding_model_for, load_spec, profile_with_layers
 from camserve.engine.methods.similarity.fam import FamExplainer
-from camserve.serving.settings import check_method_options
+from camserve.engine.lrp.canonizers import CANONIZERS
+from camserve.serving.classifier import build_explainer
+from camserve.serving.settings import HandlerSettings
 import camserve
 
 #: TorchServe keys when neither --config nor --spec gives them (the bundled archives' values)
@@ -57,6 +59,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method-option", action="append", default=[], metavar="METHOD.OPTION=VALUE",
                         help="a default method option (handler.method_options; a request's own options win), "
                              "e.g. shallowcam.temperature=4 (repeatable)")
+    parser.add_argument("--composite", default=None,
+                        help="LRP composite of relevance passes (handler.composite): epsilon_plus (default), "
+                             "epsilon, epsilon_alpha2_beta1, epsilon_gamma[:γ], …")
+    parser.add_argument("--canonizer", default=None, choices=sorted(CANONIZERS),
+                        help="how relevance passes see the model (handler.canonizer): BatchNorm folded into the "
+                             "conv before it, its shift kept (fold_bn) or dropped (fold_bn_nobias)")
     parser.add_argument("--extra-file", action="append", default=[], help="another file for the archive (repeatable)")
     parser.add_argument("--export-path", default="model_store", help="folder for the .mar (default: model_store)")
     parser.add_argument("--version", default="1.0", help="model version (default: 1.0)")
@@ -82,6 +90,10 @@ def handler_section(args, spec, base: Dict[str, Any]) -> Dict[str, Any]:
         section["default_method"] = args.default_method
     if args.default_layer:
         section["default_layer"] = args.default_layer
+    if args.composite:
+        section["composite"] = args.composite
+    if args.canonizer:
+        section["canonizer"] = args.canonizer
     for item in args.method_layer:
         method, sep, layer = item.partition("=")
         if not sep:
@@ -99,19 +111,20 @@ def handler_section(args, spec, base: Dict[str, Any]) -> Dict[str, Any]:
 
 def check_servable(spec, section: Dict[str, Any]) -> str:
     """Load the model as a worker would and check the defaults; returns a one-line summary."""
-
-
-    try:  # the worker's reading of them (method names lower-cased), used for the checks below too
-        defaults = check_method_options(section.get("method_options"))
+    try:  # the worker's reading of the section (method names lower-cased), used for the checks below too
+        settings = HandlerSettings.from_model_config({"handler": section})
     except ValueError as error:
         raise SystemExit(str(error)) from None
+    defaults = settings.method_options
     loaded = load_spec(spec, os.getcwd())
     if spec.task == "embed":
         model, route = embedding_model_for(loaded)
         fam = FamExplainer(model, None, loaded.profile.input_size)
         return f"embed: D = {fam.dim}, feature map {fam.channels} channels, FAM route {route}"
-    explainer = Explainer(loaded.module, loaded.profile.input_size,
-                          default_layer=section.get("default_layer") or loaded.profile.default_layer)
+    try:
+        explainer = build_explainer(loaded.module, loaded.profile, settings)
+    except ValueError as error:  # e.g. handler.captum caps
+        raise SystemExit(str(error)) from None
     profile = profile_with_layers(loaded.profile, explainer.catalog)
     method = section.get("default_method", "shallowcam")
     layers = dict(section.get("method_layers") or {})

@@ -250,7 +250,6 @@ class ExplainWorker:
         import pyarrow as pa
         import torch
 
-
         settings, sid, backend = self.settings, self.sid, self.backend
         rows = table.to_pylist()
         out: Dict[str, List[Any]] = {name: [] for name in _output_schema().names}
@@ -384,7 +383,6 @@ def run_ray(args: argparse.Namespace) -> int:
         raise SystemExit("camserve batch --ray needs Ray Data: pip install 'camserve[ray]' "
                          "(or the ray[data] line of requirements-extras.txt)") from None
     import pyarrow as pa
-
 
     if args.server:
         raise SystemExit("camserve batch: --ray runs the engine in Ray actors; it does not combine with --server")

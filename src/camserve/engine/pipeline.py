@@ -35,7 +35,7 @@ from camserve.engine.core.targets import one_hot_seed, resolve_targets
 from camserve.engine.errors import InvalidTargetError
 from camserve.engine.imaging.render import prepare_maps
 from camserve.engine.lrp.canonizers import CANONIZERS
-from camserve.engine.lrp.composites import Composite, epsilon_plus
+from camserve.engine.lrp.composites import Composite, epsilon_plus, get_composite
 from camserve.engine.lrp.starts import relevance_seed, start_of, temperature_of
 from camserve.engine.methods import REGISTRY, Captured, Registry
 from camserve.engine.methods.captum.attribute import attribute_rows
@@ -98,6 +98,18 @@ class Explainer:
         self._conv_geometry, probe = trace_conv_geometries(model, self.input_size, overwritten)
         self._overwritten = frozenset(overwritten)
         self.num_classes = int(probe.shape[-1])
+
+    @classmethod
+    def for_profile(cls, model: nn.Module, profile: Any, default_layer: Optional[str] = None,
+                    composite: Optional[str] = None, **options: Any) -> "Explainer":
+        """The explainer every door builds for a loaded model: at the profile's input size with its
+        stages; default layer the given one, else the profile's, else the one the probe forward finds;
+        ``composite`` a composite's name (:func:`~camserve.engine.lrp.composites.get_composite`);
+        the other ``options`` as for the constructor (``max_topk``, ``captum_limits``, ``graph_rows``,
+        ``canonizer``, ``registry``)."""
+        return cls(model, profile.input_size, default_layer=default_layer or profile.default_layer,
+                   stages=profile.stages or None, composite=get_composite(composite) if composite else None,
+                   **options)
 
     def _disable_inplace(self) -> None:
         """In-place activations would overwrite captured tensors; switch them off (same values)."""
@@ -180,7 +192,7 @@ class Explainer:
             logits = self.predict(images)
             return ExplainResult(logits, [None] * len(specs), clock(device) - start)
 
-        layers = [name for row in rows for name in row.method.layers(row.layer, self.catalog, row.options)]
+        layers = [name for row in rows for name in row.layers]
         # switches above the shallowest layer: they carry the LRP rules for relevance passes and
         # compute lean gradients (lean_gradient.py) for gradient passes
         rules = self._rules_above(layers)
@@ -277,7 +289,7 @@ class Explainer:
                 # a group of the whole batch in order reads the tensors themselves: no copy of a
                 # (shallow, large) layer's activations and gradients; methods never write to them
                 rows_of = (lambda t: t) if indices == list(range(logits.shape[0])) else (lambda t: t[idx])
-                names = first.method.layers(first.layer, self.catalog, first.options)
+                names = first.layers
                 as_map = self.catalog.as_map  # (N, C, h, w): NCHW as is, NHWC permuted, tokens on the grid
                 captured = Captured(
                     activations={n: as_map(n, rows_of(capture.activations[n].detach())) for n in names},
@@ -299,7 +311,7 @@ class Explainer:
             needing = [r for r in active if r.method.needs_relevance_for(r.options)]
         if not needing:
             return {}
-        names = list(dict.fromkeys(n for r in needing for n in r.method.layers(r.layer, self.catalog, r.options)))
+        names = list(dict.fromkeys(n for r in needing for n in r.layers))
         mask = torch.zeros(logits.shape[0], 1, device=logits.device, dtype=logits.dtype)
         mask[[r.index for r in needing]] = 1.0
         with torch.no_grad():

@@ -136,7 +136,6 @@ def setup_from_spec(spec, config: Dict[str, Any], name: Optional[str] = None,
 
 def _handler_class(task: str):
     if task == "embed":
-
         return EmbeddingHandler
 
     return ImageClassifierHandler

@@ -230,8 +230,7 @@ def bench_model(args, device: torch.device):
                                    "--shallow-layer")[0]
     explainer = None
     if local.spec.task == "classify":
-        explainer = Explainer(local.module, local.profile.input_size, default_layer=local.profile.default_layer,
-                              stages=local.profile.stages)
+        explainer = Explainer.for_profile(local.module, local.profile)
     return local, explainer, head, shallow
 
 

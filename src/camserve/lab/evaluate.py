@@ -104,7 +104,6 @@ def explain_maps(explainer, images, classes, method: str, layer: Optional[str], 
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-
     methods = expand_methods(args.methods)
     device, out = start_run(args)
     started = time.time()
@@ -115,8 +114,7 @@ def run(args: argparse.Namespace) -> int:
     profile, model = local.profile, local.module
     layers = local.resolve_layers([l.strip() for l in args.layers.split(",") if l.strip()] if args.layers
                                   else profile.stages)
-    explainer = Explainer(model, profile.input_size, default_layer=profile.default_layer, stages=profile.stages,
-                          composite=get_composite(args.composite))
+    explainer = Explainer.for_profile(model, profile, composite=args.composite)
     images, rows = load_images(Path(args.data) if args.data else default_data_dir(), args.limit, args.stride,
                                profile, device)
     n = images.shape[0]

@@ -163,7 +163,6 @@ def method_maps(method: str, fam, ig_model, queries, references, ref_embeddings,
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-
     methods = parse_list(args.methods, METHODS, "method")
     device, out = start_run(args)
     started = time.time()

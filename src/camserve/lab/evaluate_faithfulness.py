@@ -164,7 +164,6 @@ def load_batch(kind: str, data: Path, files: List[str], device) -> torch.Tensor:
     import numpy as np
     from PIL import Image
 
-
     images = [torch.from_numpy(np.array(Image.open(data / f).convert("RGB"))).permute(2, 0, 1).contiguous()
               for f in files]
     if kind == "cifar":

@@ -51,7 +51,7 @@ from camserve.serving.images import b64decode, decode_image, image_size
 from camserve.ops.metrics import record_explanations
 from camserve.serving.options import ExplainOptions, parse_options
 from camserve.serving.requests import ParsedRequest
-from camserve.serving.settings import model_spec
+from camserve.serving.settings import HandlerSettings, model_spec
 from camserve.ops.metrics import record_counters
 
 logger = logging.getLogger(__name__)
@@ -76,13 +76,12 @@ def image_bytes(payload: Any, what: str = "image") -> bytes:
     raise MissingInputError(f"{what}: expected image bytes or a base64 string, got {type(payload).__name__}")
 
 
-def build_explainer(model, profile: ModelProfile, default_layer: Optional[str], max_targets: int,
-                    limits: Optional[CaptumLimits] = None, graph_rows: Optional[int] = None) -> Explainer:
-    """The explainer at the profile's input size; default layer: the archive's, else the profile's, else
-    the one discovered by the explainer's probe forward."""
-    return Explainer(model, profile.input_size, default_layer=default_layer or profile.default_layer,
-                     max_topk=max_targets, stages=profile.stages or None, captum_limits=limits,
-                     graph_rows=graph_rows)
+def build_explainer(model, profile: ModelProfile, settings: HandlerSettings) -> Explainer:
+    """The served explainer (:meth:`Explainer.for_profile`) with the archive's settings: default layer,
+    targets cap, Captum caps, ``graph_rows``, LRP composite and canonizer."""
+    return Explainer.for_profile(model, profile, settings.default_layer, composite=settings.composite,
+                                 max_topk=settings.max_targets, captum_limits=captum_limits(settings.extra.get("captum")),
+                                 graph_rows=settings.graph_rows, canonizer=settings.canonizer)
 
 
 def captum_limits(section: Any) -> CaptumLimits:
@@ -113,9 +112,7 @@ class ImageClassifierHandler(CamserveHandler):
         spec = model_spec(self.settings, self.manifest, "classify")
         loaded = load_spec(spec, self.model_dir, self.device, self.manifest.get("model", {}).get("serializedFile"))
         self.model = loaded.module
-        self.explainer = build_explainer(self.model, loaded.profile, self.settings.default_layer,
-                                         self.settings.max_targets, captum_limits(self.settings.extra.get("captum")),
-                                         self.settings.graph_rows)
+        self.explainer = build_explainer(self.model, loaded.profile, self.settings)
         self.profile = profile_with_layers(loaded.profile, self.explainer.catalog)
         self.labels = labels_for(spec, self.model_dir, self.explainer.num_classes)
 

@@ -18,6 +18,8 @@ Example::
       overlay_alpha: 0.5
       array_decimals: 3               # format=array rounding
       graph_rows: 4                   # explain a batch in chunks of 4 images' graphs (memory; default: whole batch)
+      composite: epsilon_plus         # the LRP rules of relevance passes (default epsilon_plus; see engine/lrp/composites.py)
+      canonizer: fold_bn              # how relevance sees the model: fold_bn | fold_bn_nobias (default: none)
       model: {source: torchvision, arch: resnet50, num_classes: 37}   # see engine/models/spec.py
 """
 
@@ -30,9 +32,10 @@ from camserve.engine.models.spec import ModelSpec
 from camserve.serving.images import DEFAULT_MAX_PIXELS
 from camserve.engine.pipeline import check_graph_rows
 from camserve.engine.imaging.render import COLORMAPS
-from camserve.engine.methods import get_method
-from camserve.engine.methods import METHODS, get_method
 from camserve.engine.errors import ExplanationInputError
+from camserve.engine.lrp.canonizers import CANONIZERS
+from camserve.engine.lrp.composites import get_composite
+from camserve.engine.methods import METHODS, get_method
 
 
 @dataclass
@@ -51,6 +54,8 @@ class HandlerSettings:
     overlay_alpha: float = 0.5
     array_decimals: int = 3
     graph_rows: Optional[int] = None  # Explainer(graph_rows=…): images whose autograd graph is alive at once
+    composite: Optional[str] = None  # Explainer's LRP composite by name (None: epsilon_plus)
+    canonizer: Optional[str] = None  # Explainer's canonizer by name (None: the model as it is)
     # embedding handler
     gallery_file: Optional[str] = None
     gallery_topk: int = 3
@@ -79,6 +84,13 @@ class HandlerSettings:
         if str(self.colormap).lower() not in COLORMAPS:
             raise ValueError(f"handler.colormap {self.colormap!r} is not one of {list(COLORMAPS)}")
         check_graph_rows(self.graph_rows, "handler.graph_rows")
+        if self.composite is not None:
+            try:
+                get_composite(str(self.composite))
+            except ExplanationInputError as error:
+                raise ValueError(f"handler.composite: {error}") from None
+        if self.canonizer is not None and self.canonizer not in CANONIZERS:
+            raise ValueError(f"handler.canonizer {self.canonizer!r} is not one of {sorted(CANONIZERS)}")
         if not isinstance(self.model, Mapping):
             raise ValueError(f"handler.model must be a mapping (the model spec), got {self.model!r}")
         self.method_options = check_method_options(self.method_options)

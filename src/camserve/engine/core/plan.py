@@ -13,7 +13,7 @@ class PlannedRow:
     """Image ``index`` explained by ``method`` at ``layer`` (``None``: the input) with canonical
     ``options``, for ``spec_target`` (resolved to ``targets`` from the forward's logits).
     ``own_forwards``: the method runs forwards of its own (Captum) after the shared one, instead of
-    reading the shared forward's captured activations and passes."""
+    reading the shared forward's captured activations and passes (``layers``)."""
 
     index: int
     method: Any
@@ -22,6 +22,8 @@ class PlannedRow:
     options: Dict[str, Any]
     targets: List[int] = field(default_factory=list)
     own_forwards: bool = False
+    #: the layers whose activations (and passes) the row reads, decided once by its plan
+    layers: Tuple[str, ...] = ()
 
     @property
     def group(self) -> Tuple:

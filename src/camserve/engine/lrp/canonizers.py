@@ -101,7 +101,11 @@ def fold_batchnorm(model: nn.Module, rules: Mapping[str, Rule], input_size: Tupl
     result = dict(rules)
     for conv, bn in batchnorm_pairs(model, input_size).items():
         if conv in result:
-            result[conv] = FoldedRule(result[conv], folded_conv(modules[conv], modules[bn], keep_bias))
+            rule = result[conv]
+            if not isinstance(rule, EpsilonRule) and type(rule).modified is Rule.modified:
+                raise ValueError(f"BatchNorm folding applies a rule to the folded layer through its modified "
+                                 f"output; {rule!r} (at {conv!r}) has none: choose another composite or no canonizer")
+            result[conv] = FoldedRule(rule, folded_conv(modules[conv], modules[bn], keep_bias))
     return result
 
 

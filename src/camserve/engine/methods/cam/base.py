@@ -114,7 +114,7 @@ class CamMethod:
         if self.needs_relevance_for(options):
             check_relevance_support(self.name, names, catalog)
         target = validate_target(spec.target, context.num_classes, context.max_topk)
-        return PlannedRow(index, self, layer, target, options)
+        return PlannedRow(index, self, layer, target, options, layers=tuple(names))
 
     def needs_gradient_for(self, options: Mapping[str, Any]) -> bool:
         """Whether an ordinary backward pass (``∂y_c/∂A``) is needed with these options."""

@@ -13,7 +13,7 @@ import torch
 import torchvision
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CAMSERVE = REPO / ".venv" / "bin" / "camserve"
 
 
@@ -92,6 +92,22 @@ def test_an_lrp_default_on_a_vit_is_refused(work):
                     "--default-method", "shallowcam", "--export-path", "store", cwd=work)
     assert done.returncode != 0
     assert "cannot serve this model" in done.stderr
+
+
+def test_archive_takes_the_lrp_composite_and_canonizer(work):
+    """What the lab measures (composites, BN folding) can be deployed: written to handler.composite /
+    handler.canonizer after the worker's own check; a bad one is refused with the reason."""
+    done = camserve("archive", "folded", "--source", "torchvision", "--arch", "resnet18", "--num-classes", "3",
+                    "--weights", "r18.pt", "--composite", "epsilon_alpha2_beta1", "--canonizer", "fold_bn",
+                    "--export-path", "store", cwd=work)
+    assert done.returncode == 0, done.stderr
+    with zipfile.ZipFile(work / "store" / "folded.mar") as mar:
+        handler = yaml.safe_load(mar.read("model-config.yaml"))["handler"]
+    assert (handler["composite"], handler["canonizer"]) == ("epsilon_alpha2_beta1", "fold_bn")
+    bad = camserve("archive", "badlrp", "--source", "torchvision", "--arch", "resnet18", "--num-classes", "3",
+                   "--composite", "nonsense", "--export-path", "store", cwd=work)
+    assert bad.returncode != 0 and "handler.composite" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+    assert not (work / "store" / "badlrp.mar").exists()
 
 
 @pytest.mark.parametrize("option,fragment", [("shallowcam.temperature=0", "positive number"),

@@ -1,6 +1,6 @@
 """A quick soak (issue 12): a few hundred mixed requests against the session's real TorchServe.
 
-The same code as ``benchmarks/soak.py`` (imported, not copied): plain, Grad-CAM, LayerCAM,
+The same code as ``benchmarks/soak.py`` (``tests/soakkit.py``, which both import): plain, Grad-CAM, LayerCAM,
 Shallow-CAM at two layers, KServe v1/v2, FAM pairs, embeddings, gallery, malformed bodies and the
 bring-your-own archives the session server serves, at concurrency 16. Every answer is checked —
 status, decodable heatmaps, and each photo's top-1 / embedding / FAM similarity / gallery matches
@@ -9,13 +9,9 @@ equal to its own plain answer (no cross-talk inside batches) — and nothing may
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import soak  # noqa: E402  (benchmarks/soak.py: the soak's client, kinds, checks and memory sampler)
+import soakkit as soak  # the soak's client, kinds, checks and memory sampler (benchmarks/soak.py runs it too)
 
 pytestmark = pytest.mark.server
 REQUESTS, CONCURRENCY = 200, 16

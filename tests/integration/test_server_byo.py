@@ -120,7 +120,7 @@ def test_served_resnet20_top1_matches_in_process(torchserve_server):
     model run in-process (same weights file, the example model.py, 32×32, ImageNet mean/std)."""
     import sys
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "cifar_resnet"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples" / "cifar_resnet"))
     from model import CifarResNet
     from camserve.engine.models import load_weights
 

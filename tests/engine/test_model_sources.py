@@ -15,7 +15,7 @@ from torch import nn
 from camserve.engine.models import (ModelSourceError, ModelSpec, WeightsError, build_model, class_names,
                                     embedding_model_for, load_spec, load_weights, read_state_dict)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "cifar_resnet" / "model.py"
 
 
