@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from camserve.engine.errors import InvalidInputError
-from camserve.engine.evaluation.metrics import (auc, average_ranks, classifier_score, deletion_insertion, endpoint_scores,
+from camserve.engine.core.rank_correlation import average_ranks, spearman_rows
+from camserve.engine.evaluation.metrics import (auc, classifier_score, deletion_insertion, endpoint_scores,
                                      gaussian_blur, paired, perturbation_curves, pixel_ranks, random_maps,
                                      similarity_score, spearman, step_counts)
 
@@ -162,9 +163,11 @@ def test_blur_deletion_and_perturbation_curves_agree_with_deletion_insertion():
 def test_spearman_and_paired_statistics():
     a = torch.tensor([[1.0, 2.0, 2.0, 3.0, 0.0], [1.0, 1.0, 1.0, 1.0, 1.0]])
     b = torch.tensor([[2.0, 4.0, 4.0, 9.0, -1.0], [1.0, 2.0, 3.0, 4.0, 5.0]])
-    assert average_ranks(a)[0].tolist() == [2.0, 3.5, 3.5, 5.0, 1.0]
+    assert average_ranks(a)[0].tolist() == [1.0, 2.5, 2.5, 4.0, 0.0]             # scipy's rankdata less one
     rho = spearman(a, b)
-    assert rho[0].item() == pytest.approx(1.0) and rho[1].item() == 0.0       # constant row → 0
+    assert rho[0].item() == pytest.approx(1.0) and rho[1].item() == 0.0       # constant row → 0 (the lab's)
+    undefined = spearman_rows(a, b)                                             # one definition, NaN by default
+    assert undefined[0].item() == pytest.approx(1.0) and undefined[1].isnan()
     scipy_stats = pytest.importorskip("scipy.stats")
     x, y = torch.rand(4, 50).round(decimals=1), torch.rand(4, 50)
     for i in range(4):

@@ -19,27 +19,38 @@ from camserve.engine.imaging.render import upsample
 
 
 def average_ranks(values: torch.Tensor) -> torch.Tensor:
-    """Ranks ``0 … n−1`` of a 1-D tensor, ties given the mean of the ranks they occupy (float64)."""
-    flat = values.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    _, inverse, counts = torch.unique_consecutive(flat[order], return_inverse=True, return_counts=True)
-    ends = torch.cumsum(counts, 0).to(torch.float64)           # one past the last rank of each tie group
-    group_rank = ends - (counts.to(torch.float64) + 1) / 2      # mean of start … end−1
-    ranks = torch.empty_like(flat, dtype=torch.float64)
-    ranks[order] = group_rank[inverse]
-    return ranks
+    """Ranks ``0 … n−1`` of each row of ``values`` (``(n,)`` or ``(N, n)``; float64), ties given the
+    mean of the ranks they occupy (as ``scipy.stats.rankdata``, less one)."""
+    rows = values.reshape(-1, values.shape[-1]) if values.dim() > 1 else values.reshape(1, -1)
+    ranks = torch.empty_like(rows, dtype=torch.float64)
+    for row, out in zip(rows, ranks):
+        order = torch.argsort(row, stable=True)
+        _, inverse, counts = torch.unique_consecutive(row[order], return_inverse=True, return_counts=True)
+        ends = torch.cumsum(counts, 0).to(torch.float64)           # one past the last rank of each tie group
+        group_rank = ends - (counts.to(torch.float64) + 1) / 2      # mean of start … end−1
+        out[order] = group_rank[inverse]
+    return ranks.reshape(values.shape) if values.dim() > 1 else ranks[0]
+
+
+def spearman_rows(a: torch.Tensor, b: torch.Tensor, constant: float = float("nan")) -> torch.Tensor:
+    """Spearman's ρ per row of ``a`` and ``b`` ``(N, ...)``, over each row's elements; ``constant``
+    where a row of either is constant (ρ is undefined there: the serving answer says ``None``, the
+    lab's class-sensitivity scores count it as 0 — each caller names its convention)."""
+    if a.shape[0] != b.shape[0] or a[0].numel() != b[0].numel():
+        raise InvalidInputError(f"maps to correlate must have the same size, got {tuple(a.shape)} and {tuple(b.shape)}")
+    ra, rb = average_ranks(a.flatten(1)), average_ranks(b.to(a.device).flatten(1))
+    ra, rb = ra - ra.mean(1, keepdim=True), rb - rb.mean(1, keepdim=True)
+    denominator = torch.sqrt((ra * ra).sum(1) * (rb * rb).sum(1))
+    return torch.where(denominator > 0, (ra * rb).sum(1) / denominator.clamp_min(1e-300),
+                       torch.full_like(denominator, constant))
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> Optional[float]:
     """Spearman's ρ between two maps over their pixels (same number of elements); ``None`` if one is constant."""
     if a.numel() != b.numel():
         raise InvalidInputError(f"maps to correlate must have the same size, got {tuple(a.shape)} and {tuple(b.shape)}")
-    ra, rb = average_ranks(a), average_ranks(b.to(a.device))
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    denominator = torch.sqrt((ra * ra).sum() * (rb * rb).sum())
-    if float(denominator) == 0.0:
-        return None
-    return float((ra * rb).sum() / denominator)
+    rho = float(spearman_rows(a.reshape(1, -1), b.reshape(1, -1))[0])
+    return None if rho != rho else rho
 
 
 def spearman_matrix(maps: Sequence[torch.Tensor]) -> List[List[Optional[float]]]:

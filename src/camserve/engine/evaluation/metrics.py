@@ -35,6 +35,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from camserve.engine.core.rank_correlation import spearman_rows
 from camserve.engine.errors import InvalidInputError
 
 #: ``score_fn(step_images (B, 3, H, W), owners (B,) index of the source image) → scores (B,)``
@@ -299,28 +300,11 @@ def class_probabilities(model: torch.nn.Module, classes: torch.Tensor) -> Callab
     return score
 
 
-def average_ranks(values: torch.Tensor) -> torch.Tensor:
-    """Ranks ``(N, P)`` of each row, ties given the mean of their positions (as ``scipy.stats.rankdata``)."""
-    values = values.double()
-    order = values.argsort(dim=1)
-    sorted_values = values.gather(1, order)
-    ranks = torch.empty_like(values)
-    for i in range(values.shape[0]):
-        _, inverse, counts = torch.unique_consecutive(sorted_values[i], return_inverse=True, return_counts=True)
-        ends = counts.cumsum(0).double()
-        mean_position = ends - (counts.double() - 1) / 2  # 1-based mean position of each tie group
-        ranks[i, order[i]] = mean_position[inverse]
-    return ranks
-
-
 def spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Spearman rank correlation per row of ``a``, ``b`` ``(N, ...)`` (average ranks for ties;
-    0 where a row is constant)."""
-    ra, rb = average_ranks(a.flatten(1)), average_ranks(b.flatten(1))
-    ra, rb = ra - ra.mean(1, keepdim=True), rb - rb.mean(1, keepdim=True)
-    denominator = (ra.norm(dim=1) * rb.norm(dim=1))
-    return torch.where(denominator > 0, (ra * rb).sum(1) / denominator.clamp_min(1e-300),
-                       torch.zeros_like(denominator))
+    """Spearman rank correlation per row of ``a``, ``b`` ``(N, ...)`` (average ranks for ties), 0 where
+    a row is constant: :func:`~camserve.engine.core.rank_correlation.spearman_rows` with the lab's
+    convention that a constant map is uncorrelated with any other."""
+    return spearman_rows(a, b, constant=0.0)
 
 
 def paired(a, b) -> dict:
