@@ -29,7 +29,7 @@ trap 'rm -rf "$stage"' EXIT
 PHOTOS=${CAMSERVE_GALLERY_PHOTOS:-../shared/data/imagenet-samples}
 gallery=()
 if [ -f "$PHOTOS/LABELS.tsv" ]; then
-  "$PY" -m camserve.cli.gallery "$PHOTOS" "$stage/gallery.npz" --count 12 2>/dev/null | tail -1
+  "$PY" -m camserve.cli.main gallery "$PHOTOS" "$stage/gallery.npz" --count 12 2>/dev/null | tail -1
   gallery=(--extra-file "$stage/gallery.npz")
 fi
 

@@ -1,6 +1,6 @@
-"""Build the FAM gallery shipped in ``effnet_lite0_embed.mar`` (run by ``archive.sh``).
+"""``camserve gallery``: build the FAM gallery shipped in ``effnet_lite0_embed.mar`` (run by ``archive.sh``).
 
-``python -m camserve.cli.gallery PHOTOS_DIR OUT.npz [--count 12]`` takes every
+``camserve gallery PHOTOS_DIR OUT.npz [--count 12]`` takes every
 ``len/count``-th photograph of ``PHOTOS_DIR/LABELS.tsv`` (class_index, wnid, name, file), embeds it
 with the pretrained EfficientNet-Lite0 and writes a retrieval gallery (embeddings, labels, float16
 feature maps) as ``.npz`` (no pickle). The gallery then lives inside the archive: serving never
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import sys
 from pathlib import Path
 
 import torch
@@ -22,13 +21,13 @@ from camserve.engine.imaging.preprocess import to_model_input
 from camserve.serving.images import decode_image
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("photos", type=Path)
-    parser.add_argument("out", type=Path)
-    parser.add_argument("--count", type=int, default=12)
-    args = parser.parse_args(argv)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("photos", type=Path, help="a folder of photographs with LABELS.tsv (class_index, wnid, name, file)")
+    parser.add_argument("out", type=Path, help="the gallery file to write (.npz)")
+    parser.add_argument("--count", type=int, default=12, help="how many photographs (evenly spaced; default 12)")
 
+
+def run(args: argparse.Namespace) -> int:
     with open(args.photos / "LABELS.tsv") as f:
         rows = list(csv.DictReader(f, delimiter="\t"))
     step = max(1, len(rows) // args.count)
@@ -40,7 +39,3 @@ def main(argv=None) -> int:
     gallery.save(str(args.out))
     print(f"gallery of {len(gallery)} items ({', '.join(gallery.labels)}) → {args.out}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -20,6 +20,7 @@ SUBCOMMANDS = {
                               "issue-15 protocol: fixed split, both deletion baselines, paired stats, sanity checks"),
     "evaluate-embedding": ("camserve.lab.evaluate_embedding", "deletion/insertion faithfulness of similarity maps (FAM)"),
     "bench": ("camserve.lab.bench", "latency, throughput and memory of explanations vs plain inference"),
+    "gallery": ("camserve.cli.gallery", "build a FAM retrieval gallery (.npz) from a folder of labelled photographs"),
     "kserve": ("camserve.cli.kserve", "serve a model spec or .mar as a KServe predictor (v1 :predict/:explain, v2 /infer)"),
     "kserve-layout": ("camserve.cli.kserve_layout", "write the model-store + config.properties layout KServe's TorchServe runtime reads"),
 }

@@ -1,62 +1,30 @@
 """Shallow-CAM: class activation maps that stay faithful at shallow layers.
 
-Reconstruction of "Shallow class activation mapping based on spatial weights and inter-layer
+A reconstruction of "Shallow class activation mapping based on spatial weights and inter-layer
 correlation" (Computer Science 52(6A), 2025; the paper gives no code). Relevance is propagated by
 LRP from the class score down through the layer ``l+1`` above the target layer ``l`` and one step
-further to ``l``; the relevance that ``l``'s channels receive from ``l+1`` gives the inter-layer
-weights.
+further to ``l``; what ``l``'s channels receive from ``l+1`` gives the inter-layer weights:
 
-Initial relevance (issue 15): the paper's contrastive start (``+1`` on the target logit, ``−1/N``
-on the others) is an option, no longer the default. Measured (``benchmarks/results/
-shallowcam_variants.md``): with each class's ``−1/N`` handed through the ε-rule of the linear head
-by its own logit, classes whose logit is near 0 amplify it (ΣR⁺ ≈ 24× |ΣR| at ResNet-20's
-``layer3``, ≈ 117× at EfficientNet-Lite0's ``_conv_head``) and the maps follow that noise; normalised
-as one output (the margin ``y_t − Σ_{c≠t} y_c / N``) the contrastive start gives the plain start's
-maps (Spearman ≥ 0.99999), because the head's rows nearly sum to zero. The plain start was more
-faithful on the choose half of the ResNet-20 evaluation at every stage and passed the
-randomisation test where the contrastive one failed — but its maps barely depend on the class.
-The default is the softmax start (below): class-specific and, except at ResNet ``layer2``, as
-faithful or more (``shallowcam_variants.md`` § 5–7).
+    map_l = ReLU(Σ_k β_k · S_k ⊙ A^l_k)
 
-Because the paper gives no code, the readings that differ are options (issue 15; every one is
-measured in ``benchmarks/results/shallowcam_variants.md``):
+Options (the readings the paper leaves open):
 
-- ``beta``: ``signed`` (``β_k = Σ_ij R^l_kij / max_k |Σ_ij R^l_kij|``, the sign kept),
-  ``positive`` (``ReLU`` of it: a channel with negative relevance is dropped rather than flipped),
-  ``one`` (``β ≡ 1``: with ``spatial=gradient`` this is exactly LayerCAM, the bar to clear);
-- ``beta_from``: ``layer`` (the LRP relevance at ``l``, i.e. what ``l``'s channels receive from
-  ``l+1``) or ``above`` (the spatial relevance of ``l+1``, ``R̃_ij = Σ_k R^{l+1}_kij``, brought to
-  ``l``'s grid sum-preservingly and propagated one step to ``l``'s channels in proportion to their
-  activation: ``β_k = Σ_ij R̃_ij · A^l_kij / Σ_k' A^l_k'ij``); ``auto``: ``above`` where ``l`` has
-  a layer above it, ``layer`` at the last feature map (which has none; ``above`` is an error there)
-  — so a deployment default of ``auto`` serves every stage;
-- ``spatial``: ``gradient`` (``ReLU(∂y_c/∂A^l)``, LayerCAM-style) or ``relevance``
-  (``ReLU(R^l / A^l)``, gradient-free);
-- ``start``, the initial relevance at the logits (``engine/lrp/starts.py: relevance_seed``):
-  ``target`` (``R_y = e_t``; also ``contrastive=0``), ``contrastive`` (the paper's
-  ``+1`` / ``−1/N``, each class's share divided by its own logit; also ``contrastive=1``),
-  ``margin`` (the same contrast as one output, relevance 1 on ``y_t − Σ_{c≠t} y_c / N``: the
-  plain maps, see above) or ``softmax`` (the default), the softmax-gradient start after SGLRP (Iwana et al.
-  2019, "Explaining convolutional neural networks using softmax gradient layer-wise relevance
-  propagation"): the target against the classes the model actually considers,
+- ``beta``: ``signed`` ``β_k = Σ_ij R^l_kij / max_k |Σ_ij R^l_kij|``; ``positive`` its ReLU;
+  ``one`` ``β ≡ 1`` (with ``spatial=gradient`` exactly LayerCAM);
+- ``beta_from``: ``layer`` (the relevance at ``l``) or ``above`` (the spatial relevance of ``l+1``,
+  ``R̃_ij = Σ_k R^{l+1}_kij``, brought to ``l``'s grid sum-preservingly and shared among ``l``'s
+  channels by activation: ``β_k = Σ_ij R̃_ij · A^l_kij / Σ_k' A^l_k'ij``); ``auto``: ``above``
+  where ``l+1`` exists, else ``layer``;
+- ``spatial``: ``relevance`` ``S = ReLU(R^l / A^l)`` (gradient-free) or ``gradient``
+  ``S = ReLU(∂y_c/∂A^l)`` (LayerCAM-style);
+- ``start`` / ``temperature``: the initial relevance at the logits (:mod:`camserve.engine.lrp.starts`):
+  ``softmax`` (default; SGLRP, Iwana et al. 2019: ``z = y_t − Σ_{k≠t} q_k y_k``,
+  ``q = softmax_{k≠t}(y / T)``, explained as one virtual output), ``rival`` (``T → 0``), ``target``,
+  ``contrastive`` (the paper's ``+1 / −1/N``) or ``margin``;
+- ``refine``: the map multiplied by the min-max-normalised map of ``l+1`` (coarse to fine).
 
-      z = y_t − Σ_{k≠t} q_k y_k,   q_k = p_k / (1 − p_t) = softmax_{k≠t}(y),   p = softmax(y) (detached),
-
-  i.e. ``∂ log p_t / ∂y = e_t − p`` up to the positive factor ``1 − p_t``, explained as *one*
-  virtual output ``w_t − Σ_{k≠t} q_k w_k`` of the linear head with relevance ``z`` itself: the
-  seed gradient is ``g = e_t − q`` (``R_y = y ⊙ g``, ``ΣR_y = z``), so no class's share is
-  divided by its own logit, and a negative ``z`` (a runner-up explained against the winner)
-  keeps its sign. Unlike the uniform ``−1/N``, ``q`` does not cancel against the head's
-  rows summing to ≈ 0. ``contrastive`` is echoed as ``True`` with it (and ``start`` too);
-  ``contrastive=0`` with ``start=softmax`` is an error. Measured in ``shallowcam_variants.md``
-  (§ 5): class-specific (rho12 ≈ 0 at ResNet-20's ``layer1``), conserved at the head.
-  ``rival``: the same with ``z = y_t − y_r`` against the strongest competitor ``r`` only (the
-  softmax start at temperature → 0; ``contrastive`` echoed ``True``).
-- ``temperature`` (``start=softmax`` only; a number in [1e-3, 1e6], 1 when not given and then not
-  echoed): ``q = softmax_{k≠t}(y / T)``, from the rival contrast (``T → 0``) through SGLRP
-  (``T = 1``) to the uniform contrast of the margin start (``T → ∞``, the plain maps). Measured in
-  ``shallowcam_variants.md`` § 8.
-- ``refine``: coarse-to-fine, the map multiplied by the min-max-normalised map of ``l+1``.
+Measured (faithfulness on a fixed choose/report split, class sensitivity, randomisation checks):
+``benchmarks/results/shallowcam_variants.md`` and the docs' Evaluation page.
 """
 
 import torch
@@ -80,16 +48,7 @@ class ShallowCAM(RelevanceStartOptions, CamMethod):
     family = "lrp"
     needs_relevance = True
     option_choices = {
-        # defaults chosen by measurement: spatial=relevance (benchmarks/results/faithfulness.md;
-        # needs no ordinary backward pass), contrastive=0 (issue 15, the choose half of
-        # benchmarks/results/faithfulness_cifar-resnet20_choose.md: +0.20 / +0.24 / +0.03 paired
-        # overall over contrastive=1 at layer1/2/3); refining with l+1 did not help on average.
-        # start=softmax (SGLRP-style) is the default since the choose halves of shallowcam_variants.md
-        # § 5–7: the plain start's maps barely depend on the class (rho12 0.61 / 0.68 / 0.85 on
-        # ResNet-20, 0.99 on EfficientNet-Lite0's _blocks.2/4); the softmax start's do (0.02 / 0.30 /
-        # 0.57 vs LayerCAM 0.54 / 0.60 / 0.86; EfficientNet 0.66–0.69 vs 0.42–0.49, still above),
-        # and it is as faithful or more everywhere except ResNet layer2 (ties LayerCAM there:
-        # +0.001 / −0.045, where the plain start had +0.070 / −0.009 with class-blind maps).
+        # the defaults are the measured best readings (shallowcam_variants.md § 5–7)
         "spatial": ("relevance", ("gradient", "relevance")),
         "refine": (False, None),
         "contrastive": (False, None),
@@ -98,8 +57,8 @@ class ShallowCAM(RelevanceStartOptions, CamMethod):
         "beta_from": ("layer", ("layer", "above", "auto")),
     }
     eps = 1e-12
-    #: options added for issue 15: left out of the resolved options while at their defaults, so
-    #: that an explanation's echoed options (and its grouping key) are what they were before
+    #: options left out of the resolved options while at their defaults (an explanation's echoed
+    #: options and its grouping key stay as they were before these options existed)
     QUIET_DEFAULTS = {"beta": "signed", "beta_from": "layer"}
     DEFAULT_START = "softmax"
 
