@@ -12,6 +12,8 @@ import torch
 import torchvision
 from torch import nn
 
+from camserve.engine import Explainer
+from camserve.engine.core.layers import LayerCatalog
 from camserve.engine.models import (ModelSourceError, ModelSpec, WeightsError, build_model, class_names,
                                     embedding_model_for, load_spec, load_weights, read_state_dict)
 
@@ -167,3 +169,16 @@ def test_a_model_without_a_feature_map_is_refused(tmp_path):
     mlp = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 4))
     with pytest.raises(ValueError, match="no layer with a \\(C, H, W\\) feature map"):
         Explainer(mlp, (8, 8))
+
+
+def test_timm_models_declare_their_stages_with_feature_info():
+    """A timm model's own ``feature_info`` names its stages (the probe's guess is the fallback): on
+    EfficientNet-B0 the declared last stage is ``blocks.6``, where discovery alone picks ``bn2``."""
+    loaded = load_spec(ModelSpec.from_mapping({"source": "timm", "arch": "efficientnet_b0", "num_classes": 10}))
+    declared = tuple(d["module"] for d in loaded.module.feature_info)
+    assert loaded.profile.stages == declared == ("blocks.0", "blocks.1", "blocks.2", "blocks.4", "blocks.6")
+    explainer = Explainer.for_profile(loaded.module, loaded.profile)
+    assert explainer.catalog.resolve("stage5") == "blocks.6"
+    assert LayerCatalog.trace(loaded.module, (224, 224)).stages()[-1] == "bn2"
+    torchvision_model = load_spec(ModelSpec.from_mapping({"source": "torchvision", "arch": "resnet18"}))
+    assert torchvision_model.profile.stages == ()  # no declaration: the probe forward discovers them

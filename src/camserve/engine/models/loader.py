@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, replace
-from typing import List, Optional, Tuple
+from typing import List, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
@@ -54,7 +54,24 @@ def load_spec(spec: ModelSpec, base_dir: str = ".", device: Optional[torch.devic
     else:
         profile = replace(default_profile(spec.arch or spec.class_name or spec.source), **preprocessing_values(meta))
     profile = profile.with_preprocessing(spec.preprocess)
+    if not profile.stages:
+        profile = replace(profile, stages=declared_stages(model))
     return LoadedModel(spec, model.to(device or "cpu"), profile)
+
+
+def declared_stages(model: nn.Module) -> Tuple[str, ...]:
+    """The stages a model declares itself, shallow → deep: timm's ``feature_info`` (its entries'
+    ``module`` paths) where the model has one and each entry names one of its modules; else none,
+    and the probe forward discovers them (:meth:`LayerCatalog.stages`)."""
+    info = getattr(model, "feature_info", None)
+    if info is None or isinstance(info, nn.Module):
+        return ()
+    entries = info.get_dicts() if hasattr(info, "get_dicts") else info if isinstance(info, (list, tuple)) else ()
+    names = [entry.get("module") for entry in entries if isinstance(entry, Mapping)]
+    modules = dict(model.named_modules())
+    if not names or any(not isinstance(n, str) or n not in modules for n in names):
+        return ()
+    return tuple(names)
 
 
 def profile_with_layers(profile: ModelProfile, catalog: LayerCatalog) -> ModelProfile:
