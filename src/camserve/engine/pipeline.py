@@ -20,8 +20,8 @@ several threads on one model.
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from dataclasses import replace
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -146,7 +146,8 @@ class Explainer:
         # rows with forwards of their own (Captum): the shared forward first (it predicts every image
         # and answers the other rows), then theirs, their targets read from its logits
         start = clock(images.device)
-        shared = [None if (spec is not None and i in {r.index for r in own}) else spec for i, spec in enumerate(specs)]
+        own_indices = {r.index for r in own}
+        shared = [None if i in own_indices else spec for i, spec in enumerate(specs)]
         result = self._explain_captured(images, shared, [r for r in rows if not r.own_forwards], output_size,
                                         layer_resolution, dtype)
         forward_share = result.forward_seconds / images.shape[0]  # every row's part of the shared forward
@@ -163,18 +164,21 @@ class Explainer:
         """The rows that read the shared forward's capture: in chunks of ``graph_rows`` or at once."""
         chunk = self.graph_rows
         if rows and chunk and images.shape[0] > chunk:
-            return self._explain_in_chunks(images, specs, chunk, output_size, layer_resolution, dtype)
+            return self._explain_in_chunks(images, specs, rows, chunk, output_size, layer_resolution, dtype)
         return self._explain_batch(images, specs, rows, output_size, layer_resolution, dtype)
 
-    def _explain_in_chunks(self, images, specs, chunk: int, output_size, layer_resolution, dtype) -> ExplainResult:
+    def _explain_in_chunks(self, images, specs, rows, chunk: int, output_size, layer_resolution,
+                           dtype) -> ExplainResult:
         """``explain`` over consecutive chunks of ``chunk`` rows (``graph_rows``): only one chunk's
-        graph is alive at a time; every image waited for the whole batch (``batch_seconds``)."""
+        graph is alive at a time; every image waited for the whole batch (``batch_seconds``). The
+        rows planned for the batch are re-indexed into their chunk, not planned again."""
         start = clock(images.device)
         parts = []
         for begin in range(0, images.shape[0], chunk):
             part_specs = specs[begin:begin + chunk]
-            rows = [self._plan(i, spec) for i, spec in enumerate(part_specs) if spec is not None]
-            parts.append(self._explain_batch(images[begin:begin + chunk], part_specs, rows, output_size,
+            part_rows = [replace(row, index=row.index - begin, targets=[]) for row in rows
+                         if begin <= row.index < begin + chunk]
+            parts.append(self._explain_batch(images[begin:begin + chunk], part_specs, part_rows, output_size,
                                              layer_resolution, dtype))
         seconds = clock(images.device) - start
         explanations = [e for part in parts for e in part.explanations]

@@ -27,7 +27,6 @@ from camserve.commands.local_model import load_local_model
 from camserve.engine import ExplainSpec
 from camserve.engine import Explainer
 from camserve.engine.evaluation.metrics import classifier_score, deletion_insertion, endpoint_scores, gaussian_blur, random_maps
-from camserve.engine.lrp.composites import get_composite
 
 #: evaluation name → (engine method, options); a method name expands to all its variants.
 SHALLOWCAM_VARIANTS = OrderedDict([

@@ -61,7 +61,6 @@ from camserve.engine.models import load_effnet_lite0
 from camserve.engine.pipeline import Explainer
 from camserve.engine.methods import get_method
 from camserve.engine.lrp.composites import get_composite
-from camserve.engine.lrp.starts import start_of
 from camserve.engine import ExplainSpec
 from camserve.engine.evaluation.metrics import auc, class_probabilities, perturbation_curves, spearman
 from camserve.engine.imaging.render import prepare_maps

@@ -9,8 +9,6 @@ A method mixes :class:`RelevanceStartOptions` in before :class:`~.base.CamMethod
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 
 from camserve.engine.core.targets import one_hot_seed

@@ -8,7 +8,7 @@ forward (:func:`camserve.engine.models.loader.load_spec`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Dict, Mapping, Optional, Tuple
 from camserve.engine.imaging.preprocess import to_model_input
 

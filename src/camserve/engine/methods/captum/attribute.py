@@ -40,9 +40,8 @@ from torch import nn
 from camserve.engine.core.plan import PlannedRow
 from camserve.engine.methods.captum.catalog import (DEFAULT_LIMITS, CaptumLimits, CaptumMethod, accepted_options,
                                                   display_name, resolve)
-from camserve.engine.core.explanation import ExplainResult, ExplainSpec, Explanation, check_images
-from camserve.engine.errors import (ExplanationInputError, InvalidOptionError, InvalidReferenceError, InvalidTargetError, UnknownLayerError,
-                     UnsupportedModelError)
+from camserve.engine.core.explanation import ExplainSpec, Explanation
+from camserve.engine.errors import InvalidOptionError, InvalidReferenceError, UnknownLayerError, UnsupportedModelError
 from camserve.engine.imaging.render import prepare_maps
 from camserve.engine.core.targets import resolve_targets, validate_target
 from camserve.engine.timing import clock
