@@ -52,7 +52,11 @@ def test_batch_resumes_without_redoing_work(photo_folder, tmp_path, capsys):
     for r in first:
         assert r["model"]["name"] == "effnet_lite0" and r["model"]["version"].startswith("efficientnet-lite0")
         assert (r["method"], r["layer"], r["target"]) == ("gradcam", "_conv_head", "top1")
-        assert r["targets"] == [r["topk"][0]["class"]] and len(r["topk"]) == 5
+        assert r["targets"] == [r["topk"][0]["index"]] and len(r["topk"]) == 5
+        # the servers' vocabulary: {index, label, score}, best first, labels from ImageNet's names
+        assert all(set(p) == {"index", "label", "score"} for p in r["topk"])
+        assert r["topk"][0]["label"] == r["target_names"][0] and 0 < r["topk"][0]["score"] <= 1
+        assert [p["score"] for p in r["topk"]] == sorted((p["score"] for p in r["topk"]), reverse=True)
         assert r["sha256"] == __import__("hashlib").sha256(Path(r["input"]).read_bytes()).hexdigest()
         for rel in r["heatmaps"] + r["overlays"] + [r["thumbnail"]]:
             assert (out / rel).stat().st_size > 0
@@ -146,7 +150,7 @@ def test_parquet_records(tmp_path):
     import pyarrow.parquet as pq  # requirements-extras.txt (run_tests.sh installs it): missing must fail, not skip
 
     store = RecordStore(tmp_path / "records.jsonl")
-    store.append([{"key": "a", "status": "done", "target": "top1", "topk": [{"class": 1, "prob": 0.5}]},
+    store.append([{"key": "a", "status": "done", "target": "top1", "topk": [{"index": 1, "label": "b", "score": 0.5}]},
                   {"key": "b", "status": "failed", "target": 3, "error": "x"}])
     path = store.write_parquet()
     assert path is not None and path.exists(), "write_parquet wrote nothing although pyarrow imports"
@@ -154,8 +158,31 @@ def test_parquet_records(tmp_path):
     assert table.num_rows == 2 and set(table.column_names) >= {"key", "status", "topk", "error"}
     rows = {r["key"]: r for r in table.to_pylist()}
     assert rows["a"]["status"] == "done" and rows["b"]["error"] == "x" and rows["a"]["error"] is None
-    assert json.loads(rows["a"]["topk"]) == [{"class": 1, "prob": 0.5}]        # nested fields as JSON text
+    assert json.loads(rows["a"]["topk"]) == [{"index": 1, "label": "b", "score": 0.5}]  # nested fields as JSON text
     assert {json.loads(rows["a"]["target"]), json.loads(rows["b"]["target"])} == {"top1", 3}  # mixed types too
+
+
+def test_records_of_earlier_versions_are_read_in_the_servers_vocabulary(tmp_path):
+    """A run resumed over a ``records.jsonl`` of an earlier version (top-k as ``{class, name, prob}``)
+    reads those records as ``{index, label, score}``: the report and the Parquet file see one vocabulary."""
+    from camserve.cli.report import render_report
+
+    path = tmp_path / "records.jsonl"
+    old = {"key": "old", "status": "done", "input": "/x/old.jpg", "thumbnail": "t.jpg", "overlays": ["o.png"],
+           "topk": [{"class": 1, "name": "goldfish", "prob": 0.75}, {"class": 2, "name": "shark", "prob": 0.125}]}
+    new = {"key": "new", "status": "done", "input": "/x/new.jpg", "thumbnail": "t.jpg", "overlays": ["o.png"],
+           "topk": [{"index": 1, "label": "goldfish", "score": 0.5}]}
+    path.write_text(json.dumps(old) + "\n" + json.dumps(new) + "\n")
+    store = RecordStore(path)
+    by_key = store.latest_by_key()
+    assert by_key["old"]["topk"] == [{"index": 1, "label": "goldfish", "score": 0.75},
+                                     {"index": 2, "label": "shark", "score": 0.125}]
+    assert by_key["new"] == new  # already in the vocabulary: as it was
+    assert json.loads(path.read_text().splitlines()[0]) == old  # the file itself is not rewritten
+    html = render_report(store.records, {})
+    assert 'data-cls="goldfish" data-conf="0.750000"' in html and 'data-conf="0.500000"' in html
+    assert 'title="shark (class 2)"' in html and "12.5%" in html
+    assert '<option value="goldfish">goldfish (2)</option>' in html  # both runs' records in one class
 
 
 def test_scores(photo_folder, tmp_path):

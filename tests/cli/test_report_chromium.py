@@ -76,11 +76,11 @@ def test_report_loads_every_image(report_dir, tmp_path):
 def test_report_filters(report_dir, tmp_path):
     done = [json.loads(line) for line in (report_dir / "records.jsonl").read_text().splitlines()]
     done = [r for r in done if r["status"] == "done"]
-    confident = sum(r["topk"][0]["prob"] >= 0.5 for r in done)
+    confident = sum(r["topk"][0]["score"] >= 0.5 for r in done)
     result = run_chromium(report_dir, tmp_path, "--dump-dom", fragment="#minconf=50")
     assert body_attributes(result.stdout)["data-shown"] == str(confident)
-    top1 = done[0]["topk"][0]["name"]
-    same_class = sum(r["topk"][0]["name"] == top1 for r in done)
+    top1 = done[0]["topk"][0]["label"]
+    same_class = sum(r["topk"][0]["label"] == top1 for r in done)
     result = run_chromium(report_dir, tmp_path, "--dump-dom", fragment=f"#cls={top1}")
     assert body_attributes(result.stdout)["data-shown"] == str(same_class)
 

@@ -153,7 +153,7 @@ def test_batch_command_against_the_server(torchserve_server, samples, tmp_path, 
     assert len(done) == 3 and len(records) == 4
     for r in done:
         assert r["backend"].startswith("server:") and r["model"]["version"] == "1.0"
-        assert r["targets"] == [r["topk"][0]["class"]] and 0 < r["topk"][0]["prob"] <= 1
+        assert r["targets"] == [r["topk"][0]["index"]] and 0 < r["topk"][0]["score"] <= 1
         assert (out / r["overlays"][0]).stat().st_size > 0 and len(r["crop_box"]) == 4
     assert main(args) == 0  # resumable the same way as the local engine
     assert "done 0, skipped 4" in capsys.readouterr().out

@@ -86,7 +86,7 @@ def test_pixel_limits():
     assert tuple(decode_image(jpeg((40, 30))).shape) == (3, 30, 40)
     with pytest.raises(ImageTooLargeError):
         decode_image(jpeg((400, 300)), max_pixels=100_000)
-    from test_server_api import bomb_png
+    from integration.test_server_api import bomb_png
     with pytest.raises(ImageTooLargeError) as caught:  # header-only check, no pixel is decoded
         decode_image(bomb_png(40000, 40000))
     assert "pixels" in str(caught.value)
@@ -164,7 +164,7 @@ def test_plain_prediction_rejects_options_it_would_ignore():
 def test_archive_colormap_is_the_overlay_default():
     import numpy as np
     import torch
-    from camserve.serving.encode import heatmap_fields
+    from camserve.serving.answer import RenderedMaps
     maps = torch.linspace(0, 1, 49).reshape(1, 7, 7)
     crop = torch.full((1, 3, 32, 32), 0.5)
     overlays = {}
@@ -172,7 +172,7 @@ def test_archive_colormap_is_the_overlay_default():
         settings = HandlerSettings.from_model_config({"handler": {"colormap": name}})
         options = parse_options({"explain": "gradcam", "overlay": "1"}, settings, False)
         assert options.colormap is None and options.default_colormap == name
-        fields = heatmap_fields(maps, crop, options, (32, 32), 3)
+        fields = RenderedMaps.render(maps, crop, options, (32, 32), 3).to_json()
         overlays[name] = np.asarray(Image.open(io.BytesIO(base64.b64decode(fields["overlay"]))))
         assert "heatmap_color" not in fields  # no colormap asked: no colour rendering
     gray = overlays["gray"].astype(int)
@@ -202,6 +202,7 @@ def test_embedding_options_are_validated_without_a_reference():
 
 
 def test_v2_answer_is_named_tensors():
+    from camserve.serving.answer import ClassifierAnswer
     from camserve.serving.encode import envelope_body
     png = base64.b64encode(b"png").decode()
     results = [{"predictions": [{"index": 3 + i, "label": f"c{3 + i}", "score": 0.5}, {"index": 1, "label": "c1",
@@ -212,7 +213,9 @@ def test_v2_answer_is_named_tensors():
                                 "heatmaps": [png, png], "size": [224, 224], "crop_box": [0, 1, 2, 3],
                                 "image_size": [10, 20], "options": {}, "passes": {"forward": 1, "backward": 1},
                                 "seconds": 0.1, "batch_size": 2}} for i in range(2)]
-    body = envelope_body(KSERVE_V2, results, False, "m", "id-1")
+    answers = [ClassifierAnswer.from_json(r) for r in results]
+    assert [a.to_json() for a in answers] == results  # the typed answer writes back the same JSON
+    body = envelope_body(KSERVE_V2, answers, False, "m", "id-1")
     assert body["id"] == "id-1" and body["model_name"] == "m"
     out = {o["name"]: o for o in body["outputs"]}
     assert out["scores"]["datatype"] == "FP32" and out["scores"]["shape"] == [2, 2]
@@ -223,14 +226,14 @@ def test_v2_answer_is_named_tensors():
                                "data": [0.0, 1.0, 2.0, 3.0] * 2}
     assert out["targets"]["data"] == [3, 4, 3, 4] and out["method"]["data"] == ["gradcam", "gradcam"]
     # a plain image next to an explained one: the explanation's outputs are per image (`name.<i>`)
-    mixed = envelope_body(KSERVE_V2, [{"predictions": results[0]["predictions"], "batch_size": 2}, results[1]],
+    mixed = envelope_body(KSERVE_V2, [ClassifierAnswer(answers[0].predictions, batch_size=2), answers[1]],
                           False, "m")
     names = {o["name"]: o for o in mixed["outputs"]}
     assert names["scores"]["shape"] == [2, 2] and "heatmap" not in names
     assert names["heatmap.1"]["shape"] == [1, 2] and names["heatmap.1"]["parameters"]["index"] == 1
-    only = envelope_body(KSERVE_V2, results, False, "m", outputs=["scores", "heatmap"])
+    only = envelope_body(KSERVE_V2, answers, False, "m", outputs=["scores", "heatmap"])
     assert [o["name"] for o in only["outputs"]] == ["scores", "heatmap"]
-    legacy = envelope_body(KSERVE_V2, results, True, "m", json_output=True)["outputs"]
+    legacy = envelope_body(KSERVE_V2, answers, True, "m", json_output=True)["outputs"]
     assert legacy[0]["name"] == "explanations" and legacy[0]["shape"] == [2]
     import json
     assert json.loads(legacy[0]["data"][1])["predictions"][0]["index"] == 4
@@ -248,16 +251,20 @@ def test_extreme_aspect_ratio_is_a_400_before_decoding():
 
 
 def test_v2_keeps_answer_keys_it_does_not_know():
+    from camserve.serving.answer import ClassifierAnswer
     from camserve.serving.encode import envelope_body
     results = [{"predictions": [{"index": 1, "label": "a", "score": 0.5}], "batch_size": 1, "new_seconds": 0.25,
                 "new_counts": [1, 2.5], "new_flag": True, "new_info": {"x": 1}}]
-    out = {o["name"]: o for o in envelope_body(KSERVE_V2, results, False, "m")["outputs"]}
+    answers = [ClassifierAnswer.from_json(r) for r in results]  # a newer server's answer, read back
+    assert answers[0].to_json() == results[0] and list(answers[0].to_json()) == list(results[0])
+    out = {o["name"]: o for o in envelope_body(KSERVE_V2, answers, False, "m")["outputs"]}
     assert (out["new_seconds"]["datatype"], out["new_seconds"]["shape"]) == ("FP32", [1])
     assert out["new_counts"]["datatype"] == "FP32" and out["new_counts"]["data"] == [1.0, 2.5]
     assert out["new_flag"]["datatype"] == "BOOL" and out["new_info"]["data"] == ['{"x":1}']
 
 
 def test_v2_compare_answer_has_a_method_dimension():
+    from camserve.serving.answer import ClassifierAnswer
     from camserve.serving.encode import envelope_body
     png = base64.b64encode(b"png").decode()
 
@@ -270,7 +277,9 @@ def test_v2_compare_answer_has_a_method_dimension():
               "explanations": [explanation("gradcam"), explanation("layercam")],
               "comparison": {"methods": ["gradcam", "layercam"], "target": 3, "seconds": [0.5, 0.5],
                              "spearman": [[1.0, 0.5], [0.5, 1.0]]}}
-    out = {o["name"]: o for o in envelope_body(KSERVE_V2, [result], False, "m")["outputs"]}
+    answer = ClassifierAnswer.from_json(result)
+    assert answer.to_json() == result
+    out = {o["name"]: o for o in envelope_body(KSERVE_V2, [answer], False, "m")["outputs"]}
     assert out["method"]["shape"] == [1, 2] and out["method"]["data"] == ["gradcam", "layercam"]
     assert out["heatmap"]["shape"] == [1, 2, 1] and out["spearman"]["shape"] == [1, 2, 2]
     assert out["crop_box"]["shape"] == [1, 4] and out["comparison_target"]["data"] == [3]

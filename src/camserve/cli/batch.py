@@ -27,42 +27,22 @@ local Ray cluster or a running one: see :mod:`camserve.cli.batch_ray`.
 from __future__ import annotations
 
 import argparse
-import base64
-import hashlib
-import io
 import json
-import os
-import re
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, List
+
+from camserve.cli import report as report_module
+from camserve.cli.batch_steps import (chunks, compute_scores, decode, DEFAULT_MODEL, discover_inputs,
+                                      failed_record, finish_item, hash_file, install_sigterm_as_interrupt,
+                                      Item, LocalBackend, parse_options, score_function, ServerBackend,
+                                      Settings, settings_summary)
+from camserve.cli.records import RecordStore
 from camserve.commands.model_args import add_model_arguments
-from camserve.engine.models import load_model, profile_for
-from camserve.commands.model_args import load_for_cli, spec_from_args
-from camserve.engine.models import labels_for
-from camserve.engine import Explainer
-from camserve.engine.models import profile_with_layers
-from camserve.engine import ExplainSpec
-from camserve.engine.imaging.preprocess import crop_box
-from camserve.engine.timing import clock
-from camserve.engine.models import profile_for
-from camserve.engine.models import effnet_lite0_weights_path
-from camserve.engine.models import imagenet_class_names
-from camserve.engine.imaging.render import colorize, upsample
-from camserve.engine.evaluation import metrics
-from camserve.engine.imaging.render import upsample
 from camserve.engine.errors import ExplanationInputError
 from camserve.engine.imaging.render import encode_png, to_uint8
-from camserve.cli import report as report_module
-from camserve.cli.records import RecordStore
-from camserve.cli.batch_steps import (DEFAULT_MODEL, Item, LocalBackend, ServerBackend, Settings, chunks,
-                                      compute_scores, decode, discover_inputs, failed_record, finish_item,
-                                      hash_file, install_sigterm_as_interrupt, parse_options, score_function,
-                                      settings_summary)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

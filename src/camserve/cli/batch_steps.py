@@ -10,32 +10,22 @@ import io
 import json
 import os
 import re
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
-from camserve.commands.model_args import add_model_arguments
-from camserve.engine.models import load_model, profile_for
+
 from camserve.commands.model_args import load_for_cli, spec_from_args
-from camserve.engine.models import labels_for
-from camserve.engine import Explainer
-from camserve.engine.models import profile_with_layers
-from camserve.engine import ExplainSpec
-from camserve.engine.imaging.preprocess import crop_box
-from camserve.engine.timing import clock
-from camserve.engine.models import profile_for
-from camserve.engine.models import effnet_lite0_weights_path
-from camserve.engine.models import imagenet_class_names
-from camserve.engine.imaging.render import colorize, upsample
+from camserve.engine import Explainer, ExplainSpec
 from camserve.engine.evaluation import metrics
-from camserve.engine.imaging.render import upsample
-from camserve.engine.errors import ExplanationInputError
-from camserve.engine.imaging.render import encode_png, to_uint8
-from camserve.cli import report as report_module
-from camserve.cli.records import RecordStore
+from camserve.engine.imaging.preprocess import crop_box
+from camserve.engine.imaging.render import colorize, upsample
+from camserve.engine.models import (effnet_lite0_weights_path, imagenet_class_names, labels_for, load_model,
+                                    profile_for, profile_with_layers)
+from camserve.engine.timing import clock
+from camserve.serving.answer import ClassifierAnswer, Prediction
 
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
@@ -162,10 +152,11 @@ class Settings:
 
 @dataclass
 class Result:
-    """What a backend returns per image: predictions, maps ``(k, h, w)`` in [0, 1] in the frame of
-    ``crop_box`` (original-image pixels), and timing."""
+    """What a backend returns per image: predictions (the servers' :class:`Prediction`: ``index``,
+    ``label``, ``score``), maps ``(k, h, w)`` in [0, 1] in the frame of ``crop_box`` (original-image
+    pixels), and timing."""
 
-    topk: List[Dict[str, Any]]
+    topk: List[Prediction]
     targets: List[int]
     maps: Any
     crop_box: List[float]
@@ -236,14 +227,11 @@ class LocalBackend:
         prep = clock(self.device) - start
         spec = ExplainSpec(settings.method, settings.layer, settings.target, dict(settings.options))
         result = explainer.explain(batch, [spec] * len(items))
-        probs = torch.softmax(result.logits.float(), dim=-1)
-        top_p, top_i = probs.topk(min(settings.topk, probs.shape[-1]), dim=-1)
-        top_p, top_i = top_p.cpu().tolist(), top_i.cpu().tolist()
+        probs = torch.softmax(result.logits.float(), dim=-1).cpu()
         total = clock(self.device) - start
         results = []
         for n, (item, explanation) in enumerate(zip(items, result.explanations)):
-            topk = [{"class": c, "name": self.names[c] if c < len(self.names) else str(c), "prob": round(pr, 6)}
-                    for c, pr in zip(top_i[n], top_p[n])]
+            topk = Prediction.top(probs[n], self.names, settings.topk)  # the servers' top-k, same rounding
             seconds = {"preprocess": prep / len(items), "forward_batch": result.forward_seconds,
                        "explain_batch": explanation.batch_seconds or explanation.seconds, "batch_size": len(items),
                        "per_image": total / len(items)}
@@ -301,33 +289,25 @@ class ServerBackend:
             return f"unexpected server response: {type(error).__name__}: {error}"
 
     def _parse(self, body: Any, item: Item, settings: Settings, elapsed: float) -> Result:
+        """The server's answer read back as a :class:`ClassifierAnswer` (a comparison: its first
+        method's explanation); maps decoded from its grayscale PNGs."""
         import torch
 
-        if isinstance(body, list) and len(body) == 1:
-            body = body[0]
-        predictions = body.get("predictions") or body.get("topk") or []
-        topk = []
-        for p in predictions[: settings.topk]:
-            c = int(p.get("class", p.get("index", p.get("class_index", -1))))
-            name = p.get("name") or p.get("label") or (self.names[c] if 0 <= c < len(self.names) else str(c))
-            topk.append({"class": c, "name": name, "prob": float(p.get("prob", p.get("probability", p.get("score", 0.0))))})
-        explanation = body.get("explanation") or (body.get("explanations") or [None])[0]
-        if not explanation:
+        answer = ClassifierAnswer.from_json(body, self.names)
+        explanation = answer.explained
+        if explanation is None:
             raise ValueError("no explanation in the response")
-        heatmaps = explanation.get("heatmaps") or [explanation.get("heatmap")]
+        heatmaps = explanation.maps.heatmaps or []
         maps = torch.stack([decode_png_map(h) for h in heatmaps if h])
-        box = explanation.get("crop_box") or explanation.get("box")
+        box = explanation.crop_box or None
         if box is None and self.profile is not None:
             box = crop_box(item.hw, self.profile.resize, self.profile.crop)
-        targets = explanation.get("targets")
-        if targets is None:
-            target = explanation.get("target")
-            targets = target if isinstance(target, list) else [target if target is not None else topk[0]["class"]]
+        targets = explanation.targets or [answer.predictions[0].index]
         seconds = {"request": elapsed, "per_image": elapsed, "batch_size": 1}
-        if "seconds" in explanation:
-            seconds["explain_server"] = float(explanation["seconds"])
-        return Result(topk, [int(t) for t in targets], maps, [float(v) for v in box],
-                      explanation.get("layer", settings.layer), seconds)
+        if explanation.seconds is not None:
+            seconds["explain_server"] = float(explanation.seconds)
+        return Result(answer.predictions[: settings.topk], [int(t) for t in targets], maps, [float(v) for v in box],
+                      explanation.layer or settings.layer, seconds)
 
 
 def decode_png_map(encoded: str):
@@ -534,7 +514,7 @@ def render_item(item: Item, result: Result, settings: Settings, sid: str, backen
     names = backend.names
     target_names = [names[t] if 0 <= t < len(names) else str(t) for t in result.targets]
     record.update(status="done", layer=result.layer, targets=result.targets, target_names=target_names,
-                  topk=result.topk,
+                  topk=[p.to_json() for p in result.topk],
                   image_size=[item.hw[1], item.hw[0]], crop_box=result.crop_box, heatmaps=heatmaps,
                   overlays=overlays, thumbnail=thumb_name,
                   seconds={k: round(v, 6) if isinstance(v, float) else v for k, v in seconds.items()})

@@ -7,6 +7,10 @@ present (``done`` and, unless asked to retry, ``failed``). A batch's lines are w
 always points at files that exist and an interruption loses at most the batch in flight. A line
 cut short by a crash is dropped when the store is reopened (the file is truncated back to its last
 complete line), so the next append starts on a fresh line.
+
+Predictions (``topk``) are written in the servers' vocabulary, ``{index, label, score}``
+(:class:`camserve.serving.answer.Prediction`); a record written by an earlier version
+(``{class, name, prob}``) is read in the same vocabulary, so a resumed run's report mixes both.
 """
 
 from __future__ import annotations
@@ -15,6 +19,17 @@ import json
 import os
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional
+
+from camserve.serving.answer import Prediction
+
+
+def upgraded(record: dict) -> dict:
+    """``record`` with its ``topk`` in the servers' vocabulary (``{class, name, prob}`` of earlier
+    versions → ``{index, label, score}``); a record already in it is returned as it is."""
+    topk = record.get("topk")
+    if isinstance(topk, list) and any(isinstance(p, dict) and "index" not in p for p in topk):
+        record = dict(record, topk=[Prediction.from_json(p).to_json() if isinstance(p, dict) else p for p in topk])
+    return record
 
 
 class RecordStore:
@@ -44,7 +59,7 @@ class RecordStore:
                 self.dropped_lines += 1
                 continue
             if isinstance(record, dict) and "key" in record:
-                self.records.append(record)
+                self.records.append(upgraded(record))
 
     def latest_by_key(self) -> Dict[str, dict]:
         """The last record written for each key (a retried failure is superseded by its retry)."""

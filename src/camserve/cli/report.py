@@ -18,6 +18,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Sequence
 from camserve.cli.records import RecordStore
+from camserve.serving.answer import Prediction
 
 _STYLE = """
 body{font:14px/1.4 system-ui,sans-serif;margin:0;background:#f4f4f6;color:#222}
@@ -90,19 +91,25 @@ def _e(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
 
+def predictions(record: Mapping[str, Any]) -> List[Prediction]:
+    """A record's top-k as :class:`Prediction` (``{index, label, score}``; records of earlier versions,
+    ``{class, name, prob}``, read the same)."""
+    return [Prediction.from_json(p) for p in record.get("topk") or []]
+
+
 def _card(record: Mapping[str, Any]) -> str:
-    topk = record.get("topk") or [{"class": -1, "name": "?", "prob": 0.0}]
+    topk = predictions(record) or [Prediction(-1, "?", 0.0)]
     top1 = topk[0]
     name = os.path.basename(record["input"])
-    text = " ".join([name] + [p["name"] for p in topk]).lower()
+    text = " ".join([name] + [p.label for p in topk]).lower()
     preds = "".join(
-        f'<li><span class="label" title="{_e(p["name"])} (class {p["class"]})">{_e(p["name"])}</span>'
-        f'<span class="bar" style="width:{max(1, round(60 * p["prob"]))}px"></span>'
-        f'<span>{100 * p["prob"]:.1f}%</span></li>' for p in topk)
+        f'<li><span class="label" title="{_e(p.label)} (class {p.index})">{_e(p.label)}</span>'
+        f'<span class="bar" style="width:{max(1, round(60 * p.score))}px"></span>'
+        f'<span>{100 * p.score:.1f}%</span></li>' for p in topk)
     overlay = (record.get("overlays") or [""])[0]
     targets = record.get("target_names") or record.get("targets") or []
     return (
-        f'<div class="card" data-cls="{_e(top1["name"])}" data-conf="{top1["prob"]:.6f}" data-text="{_e(text)}">'
+        f'<div class="card" data-cls="{_e(top1.label)}" data-conf="{top1.score:.6f}" data-text="{_e(text)}">'
         f'<div class="pair"><figure><img src="{_e(record["thumbnail"])}" alt="original" onload="camserveImg(this)" '
         f'onerror="camserveImg(this)"><figcaption>original</figcaption></figure>'
         f'<figure><img src="{_e(overlay)}" alt="overlay" onload="camserveImg(this)" onerror="camserveImg(this)">'
@@ -127,7 +134,7 @@ def render_report(records: Sequence[Mapping[str, Any]], settings: Mapping[str, A
     done = [r for r in latest.values() if r.get("status") == "done"]
     failed = [r for r in latest.values() if r.get("status") == "failed"]
     done.sort(key=lambda r: r["input"])
-    classes = Counter(r["topk"][0]["name"] for r in done if r.get("topk"))
+    classes = Counter(predictions(r)[0].label for r in done if r.get("topk"))
     options = "".join(f'<option value="{_e(c)}">{_e(c)} ({n})</option>' for c, n in sorted(classes.items()))
     rows = "".join(f"<tr><td>{_e(k)}</td><td>{_e(v)}</td></tr>" for k, v in settings.items())
     failed_rows = "".join(f"<tr><td>{_e(r['input'])}</td><td>{_e(r.get('error'))}</td></tr>" for r in failed)

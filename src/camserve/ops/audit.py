@@ -343,57 +343,18 @@ def _as_bytes(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":")).encode("utf-8")
 
 
-def _maps(explanation: Mapping[str, Any]) -> list:
-    """The encoded maps of one explanation (PNG base64 text → :class:`Base64`, arrays as they are)."""
-    heatmaps = explanation.get("heatmaps") or ([explanation["heatmap"]] if "heatmap" in explanation else None)
-    if heatmaps is None:
-        heatmaps = explanation.get("arrays") or ([explanation["array"]] if "array" in explanation else [])
-    return [Base64(h) if isinstance(h, str) else h for h in heatmaps]
-
-
-def _explained(result: Any) -> Optional[Dict[str, Any]]:
-    """What to audit of one per-image answer, or ``None`` when it explains nothing: a classifier
-    ``explanation``, a ``compare`` answer (``explanations`` + ``comparison``), or an embedding answer with
-    its FAM (``query_map``/``reference_map``/``matches``)."""
-    if not isinstance(result, dict):
-        return None
-    explanation = result.get("explanation")
-    if explanation:
-        return {"kind": "explanation", "heatmaps": _maps(explanation), "seconds": explanation.get("seconds"),
-                "options": {k: explanation.get(k) for k in ("method", "layer", "targets", "options", "format")
-                            if k in explanation}, "extra": {}}
-    if result.get("explanations") and result.get("comparison"):
-        explanations = result["explanations"]
-        comparison = result["comparison"]
-        return {"kind": "compare", "heatmaps": [h for e in explanations for h in _maps(e)],
-                "seconds": round(sum(float(e.get("seconds") or 0) for e in explanations), 4),
-                "options": {"compare": comparison.get("methods"), "target": comparison.get("target"),
-                            "layers": [e.get("layer") for e in explanations],
-                            "method_options": [e.get("options") for e in explanations],
-                            "format": explanations[0].get("format")},
-                "extra": {"comparison": {"seconds": comparison.get("seconds"), "spearman": comparison.get("spearman")}}}
-    if result.get("query_map") is not None or result.get("matches"):
-        maps = [result.get("query_map"), result.get("reference_map")]
-        for match in result.get("matches") or ():
-            maps += [match.get("query_map"), match.get("reference_map")]
-        return {"kind": "embedding", "heatmaps": [Base64(m) if isinstance(m, str) else m for m in maps if m],
-                "seconds": result.get("seconds"),
-                "options": {k: result.get(k) for k in ("method", "metric", "route", "reference") if k in result},
-                "extra": {"similarity": result.get("similarity"),
-                          "matches": [{"index": m.get("index"), "label": m.get("label"), "similarity": m.get("similarity")}
-                                      for m in result.get("matches") or ()] or None}}
-    return None
-
-
 def record_answers(audit: AuditLog, handler: Any, answered: Sequence[Any], context: Any = None) -> int:
     """Queue one audit record per *explained* image of a handled TorchServe batch; returns the count.
 
     ``answered`` is what :meth:`CamserveHandler.after_batch` receives: ``(index, ParsedRequest,
-    results | error)``; a result is the per-image answer dict. Audited: a classifier ``explanation``,
-    a ``compare`` answer (every method's maps, the comparison), an embedding answer with its FAM
-    (similarity, the query/reference maps and gallery matches; the reference image's hash too). Plain
-    predictions, plain embeddings and failed requests are not audited. Cheap on the calling thread:
-    references only (hashes, base64 decoding and JSON happen on the writer thread).
+    answers | error)``; an answer is a typed per-image answer (:mod:`camserve.serving.answer`) whose
+    ``to_audit_record()`` gives its part of the record — ``kind``, ``heatmaps``, ``explanation_seconds``,
+    ``options``, ``topk``, ``batch_size`` and the kind's own fields — or ``None`` when it explains
+    nothing. Audited: a classifier ``explanation``, a ``compare`` answer (every method's maps, the
+    comparison), an embedding answer with its FAM (similarity, the query/reference maps and gallery
+    matches; the reference image's hash too). Plain predictions, plain embeddings and failed requests
+    are not audited. Cheap on the calling thread: references only (hashes, base64 decoding and JSON
+    happen on the writer thread).
     """
     manifest = getattr(handler, "manifest", None) or {}
     model_version = (manifest.get("model") or {}).get("modelVersion")
@@ -408,25 +369,30 @@ def record_answers(audit: AuditLog, handler: Any, answered: Sequence[Any], conte
                 ts_request_id = context.get_request_id(index)
             except Exception:  # noqa: BLE001 - direct calls without a request processor
                 ts_request_id = None
-        for position, result in enumerate(outcome):
-            audited = _explained(result)
+        for position, answer in enumerate(outcome):
+            to_record = getattr(answer, "to_audit_record", None)
+            audited = to_record() if to_record is not None else None
             if audited is None:
                 continue
+            audited = dict(audited)
+            kind = audited.pop("kind")
+            options, topk = audited.pop("options"), audited.pop("topk")
+            seconds, heatmaps = audited.pop("explanation_seconds"), audited.pop("heatmaps")
+            batch_size = audited.pop("batch_size")
             item = request.items[position] if position < len(request.items) else None
             payloads = item.payloads if item is not None else {}
             payload = payloads.get("image")
             if isinstance(payload, str):
                 payload = Base64(payload)
-            extra = dict(audited["extra"])
-            if audited["kind"] == "embedding" and isinstance(payloads.get("reference"), (bytes, bytearray, str)):
+            extra = audited  # the kind's own fields (comparison; similarity, matches)
+            if kind == "embedding" and isinstance(payloads.get("reference"), (bytes, bytearray, str)):
                 reference = payloads["reference"]  # hashed by the writer (see _line)
                 extra["reference_sha256"] = Base64(reference) if isinstance(reference, str) else bytes(reference)
             audit.record(model=model_name, model_version=model_version,
                          request_id=ts_request_id or request.request_id, input_bytes=payload,
-                         options=audited["options"], topk=result.get("predictions"),
-                         explanation_seconds=audited["seconds"], heatmaps=audited["heatmaps"],
-                         kind=audited["kind"], client_request_id=request.request_id, position=position,
-                         envelope=getattr(request, "envelope", None), batch_size=result.get("batch_size"), **extra)
+                         options=options, topk=topk, explanation_seconds=seconds, heatmaps=heatmaps,
+                         kind=kind, client_request_id=request.request_id, position=position,
+                         envelope=getattr(request, "envelope", None), batch_size=batch_size, **extra)
             count += 1
     return count
 

@@ -5,7 +5,8 @@
 ``torch.inference_mode``. Here every request of a batch is parsed and validated on its own; a
 failing request gets its own 4xx (``context.set_response_status(code, phrase, idx)``) and a JSON
 error, the others go through one batched engine call (:meth:`run_batch`, per subclass), and each
-answer is wrapped in the request's own envelope (plain, KServe v1, KServe v2).
+image's typed answer (:mod:`camserve.serving.answer`) is written in the request's own envelope
+(plain, KServe v1, KServe v2).
 
 Extension points for other features: :meth:`parse` (request → items), :meth:`run_batch`
 (items → per-item results), :meth:`after_batch` (called with every answered request, e.g. for an
@@ -188,7 +189,8 @@ class CamserveHandler(BaseHandler):
         raise NotImplementedError
 
     def run_batch(self, requests: Sequence[Tuple[int, ParsedRequest]], context) -> Dict[int, Any]:
-        """``{request index: list of per-item result dicts | Exception}`` for the parsed requests."""
+        """``{request index: list of per-item answers | Exception}`` for the parsed requests; an answer is
+        typed (:mod:`camserve.serving.answer`: ``to_json``, ``to_v2_tensors``, ``to_audit_record``)."""
         raise NotImplementedError
 
     def after_batch(self, answered: List[Tuple[int, ParsedRequest, Any]], context) -> None:

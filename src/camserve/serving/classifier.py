@@ -6,8 +6,9 @@ Batch flow (:meth:`ClassifierHandler.run_batch`):
    the model (method, layer, target, method options) — a failure fails only that request;
 2. all valid images → one ``to_model_input`` on the device → **one** ``Explainer.explain`` with one
    spec per image (``None`` for plain predictions) at layer resolution;
-3. per image: softmax top-k, maps encoded as asked (PNG at the model input's size, array, colour,
-   overlay over the crop), crop box in original pixels, passes and time.
+3. per image: its :class:`~camserve.serving.answer.ClassifierAnswer` — softmax top-k, maps encoded as
+   asked (PNG at the model input's size, array, colour, overlay over the crop), crop box in original
+   pixels, passes and time.
 
 An image asking ``compare=<m1>,<m2>`` is validated the same way (every method, layer, option and
 target before any forward) but runs outside the batched call: :func:`camserve.engine.core.compare.compare`
@@ -32,7 +33,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
 
@@ -44,8 +45,8 @@ from camserve.engine.models import EFFNET_LITE0, ModelProfile, labels_for, load_
 from camserve.engine.imaging.preprocess import crop_box
 from camserve.engine.core.targets import validate_target
 from camserve.engine.timing import clock
+from camserve.serving.answer import ClassifierAnswer, ComparisonAnswer, ExplanationAnswer, Prediction, RenderedMaps
 from camserve.serving.base import BatchBudgetExceededError, CamserveHandler
-from camserve.serving.encode import heatmap_fields, top_predictions
 from camserve.serving.errors import InvalidRequestOptionError, MissingInputError
 from camserve.serving.images import b64decode, decode_image, image_size
 from camserve.ops.metrics import record_explanations
@@ -209,12 +210,12 @@ class ImageClassifierHandler(CamserveHandler):
             record_counters(getattr(self, "context", None), {"BatchBudgetRejected": len(refused)})
         return refused
 
-    def compare_images(self, images: List[Prepared]) -> Dict[Tuple[int, int], Dict[str, Any]]:
+    def compare_images(self, images: List[Prepared]) -> Dict[Tuple[int, int], ClassifierAnswer]:
         """:meth:`compare_image` for each image, keyed by (request, position)."""
         return {(p.request, p.position): self.compare_image(p) for p in images}
 
-    def explain_images(self, images: List[Prepared]) -> Dict[Tuple[int, int], Dict[str, Any]]:
-        """One preprocessing and one engine call for all ``images``; results keyed by (request, position)."""
+    def explain_images(self, images: List[Prepared]) -> Dict[Tuple[int, int], ClassifierAnswer]:
+        """One preprocessing and one engine call for all ``images``; answers keyed by (request, position)."""
         p = self.profile
         start = clock(self.device)
         batch, crops = p.model_input([i.image for i in images], self.device)
@@ -222,17 +223,15 @@ class ImageClassifierHandler(CamserveHandler):
         result = self.explainer.explain(batch, specs, layer_resolution=True)
         probabilities = torch.softmax(result.logits.float(), dim=-1)
         engine_seconds = clock(self.device) - start
-        out: Dict[Tuple[int, int], Dict[str, Any]] = {}
+        out: Dict[Tuple[int, int], ClassifierAnswer] = {}
         seconds_by_method: Dict[str, float] = {}
         counts: Counter = Counter()
         for row, (prepared, explanation) in enumerate(zip(images, result.explanations)):
             width, height = image_size(prepared.image)
-            answer: Dict[str, Any] = {
-                "predictions": top_predictions(probabilities[row], self.labels, prepared.options.topk),
-                "batch_size": len(images),
-            }
+            answer = ClassifierAnswer(Prediction.top(probabilities[row], self.labels, prepared.options.topk),
+                                      batch_size=len(images))
             if explanation is not None:
-                answer["explanation"] = self.explanation_json(
+                answer.explanation = self.explanation_answer(
                     explanation, prepared.options, crops[row:row + 1], (height, width), len(images))
                 # each row's share of the batch's passes, summed per method (not the batch's time per row)
                 seconds_by_method[explanation.method] = seconds_by_method.get(explanation.method, 0.0) + explanation.seconds
@@ -243,20 +242,18 @@ class ImageClassifierHandler(CamserveHandler):
                     engine_seconds)
         return out
 
-    def compare_image(self, prepared: Prepared) -> Dict[str, Any]:
+    def compare_image(self, prepared: Prepared) -> ClassifierAnswer:
         """Explain one image with each compared method (one engine call each) and correlate the maps."""
         p = self.profile
         batch, crops = p.model_input([prepared.image], self.device)
         comparison = compare(self.explainer, batch, prepared.options.compare, output_size=(p.crop, p.crop))
         width, height = image_size(prepared.image)
         probabilities = torch.softmax(comparison.logits.float(), dim=-1)
-        answer = {
-            "predictions": top_predictions(probabilities[0], self.labels, prepared.options.topk),
-            "batch_size": 1,
-            "explanations": [self.explanation_json(e, prepared.options, crops, (height, width), 1)
-                             for e in comparison.explanations],
-            "comparison": comparison_json(comparison),
-        }
+        answer = ClassifierAnswer(
+            Prediction.top(probabilities[0], self.labels, prepared.options.topk), batch_size=1,
+            explanations=[self.explanation_answer(e, prepared.options, crops, (height, width), 1)
+                          for e in comparison.explanations],
+            comparison=ComparisonAnswer.from_json(comparison_json(comparison)))
         seconds: Dict[str, float] = {}
         for e in comparison.explanations:  # each method's own call (a method named twice: both)
             seconds[e.method] = seconds.get(e.method, 0.0) + e.seconds
@@ -265,28 +262,17 @@ class ImageClassifierHandler(CamserveHandler):
         logger.info("camserve comparison of %s in %.3f s", comparison.methods, sum(comparison.seconds))
         return answer
 
-    def explanation_json(self, explanation, options: ExplainOptions, crop01: torch.Tensor,
-                         original_hw: Tuple[int, int], batch_size: int) -> Dict[str, Any]:
+    def explanation_answer(self, explanation, options: ExplainOptions, crop01: torch.Tensor,
+                           original_hw: Tuple[int, int], batch_size: int) -> ExplanationAnswer:
+        """The engine's explanation of one image as its typed answer: maps rendered as the request asked
+        (at the model input's size), crop box in original pixels, times rounded to 0.1 ms."""
         p = self.profile
-        body: Dict[str, Any] = {
-            "method": explanation.method,
-            "layer": explanation.layer,
-            "target": explanation.targets[0],
-            "targets": list(explanation.targets),
-            "labels": [self.labels[t] for t in explanation.targets],
-            "format": options.format,
-            "layer_shape": list(explanation.layer_shape),
-        }
-        body.update(heatmap_fields(explanation.maps, crop01, options, (p.crop, p.crop), self.settings.array_decimals))
-        if options.colormap:
-            body["colormap"] = options.colormap
-        body.update({
-            "crop_box": crop_box(original_hw, p.resize, p.crop),
-            "image_size": [original_hw[1], original_hw[0]],
-            "options": dict(explanation.options),
-            "passes": dict(explanation.passes),
-            "seconds": round(explanation.seconds, 4),
-            "batch_seconds": round(getattr(explanation, "batch_seconds", 0.0) or explanation.seconds, 4),
-            "batch_size": batch_size,
-        })
-        return body
+        return ExplanationAnswer(
+            method=explanation.method, layer=explanation.layer, targets=list(explanation.targets),
+            labels=[self.labels[t] for t in explanation.targets], layer_shape=list(explanation.layer_shape),
+            maps=RenderedMaps.render(explanation.maps, crop01, options, (p.crop, p.crop), self.settings.array_decimals),
+            colormap=options.colormap or None, crop_box=crop_box(original_hw, p.resize, p.crop),
+            image_size=[original_hw[1], original_hw[0]], options=dict(explanation.options),
+            passes=dict(explanation.passes), seconds=round(explanation.seconds, 4),
+            batch_seconds=round(getattr(explanation, "batch_seconds", 0.0) or explanation.seconds, 4),
+            batch_size=batch_size)

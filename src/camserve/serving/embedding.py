@@ -29,6 +29,7 @@ from camserve.engine.methods.similarity.gallery import Gallery
 from camserve.engine.models import EFFNET_LITE0, ModelProfile, embedding_model_for, load_spec
 from camserve.engine.imaging.preprocess import crop_box
 from camserve.engine.imaging.render import overlay, to_uint8
+from camserve.serving.answer import EmbeddingAnswer, FamAnswer, FamMatch
 from camserve.serving.base import CamserveHandler
 from camserve.serving.classifier import image_bytes
 from camserve.serving.encode import b64png
@@ -187,7 +188,8 @@ class EmbeddingHandler(CamserveHandler):
         outcomes.update(failed)
         return self.in_request_order(items, results, outcomes)
 
-    def explain_items(self, items: List[EmbedItem]) -> Dict[Tuple[int, int], Dict[str, Any]]:
+    def explain_items(self, items: List[EmbedItem]) -> Dict[Tuple[int, int], EmbeddingAnswer]:
+        """One preprocessing and one FAM call for all ``items``; answers keyed by (request, position)."""
         p = self.profile
         pixels = [i.image for i in items] + [i.reference for i in items if i.reference is not None]
         batch, crops = p.model_input(pixels, self.device)
@@ -198,34 +200,32 @@ class EmbeddingHandler(CamserveHandler):
                 item.spec.reference_image = batch[cursor]
                 cursor += 1
         result = self.fam.explain(batch[:n], [i.spec for i in items])
-        out: Dict[Tuple[int, int], Dict[str, Any]] = {}
+        out: Dict[Tuple[int, int], EmbeddingAnswer] = {}
         seconds, counts = {}, Counter()
         for row, (item, fam) in enumerate(zip(items, result.items)):
             height_width = tuple(reversed(image_size(item.image)))
-            answer: Dict[str, Any] = {"dim": int(result.embeddings.shape[-1]), "batch_size": n}
+            answer = EmbeddingAnswer(dim=int(result.embeddings.shape[-1]), batch_size=n,
+                                     crop_box=crop_box(height_width, p.resize, p.crop))
             if item.include_embedding:
                 scale = 10 ** self.embedding_decimals
-                answer["embedding"] = (torch.round(result.embeddings[row].float() * scale) / scale).cpu().tolist()
-            answer["crop_box"] = crop_box(height_width, p.resize, p.crop)
+                answer.embedding = (torch.round(result.embeddings[row].float() * scale) / scale).cpu().tolist()
             if fam is not None:
-                answer.update({
-                    "similarity": round(float(fam.similarity), 6), "metric": fam.metric, "method": fam.method,
-                    "route": fam.route, "reference": fam.reference,
-                    "query_map": b64png(to_uint8(fam.query_map)),
-                    "reference_map": b64png(to_uint8(fam.reference_map)) if fam.reference_map is not None else None,
-                    "size": [int(fam.query_map.shape[-1]), int(fam.query_map.shape[-2])],
-                    "passes": dict(fam.passes), "seconds": round(fam.seconds, 4),
-                    "batch_seconds": round(getattr(fam, "batch_seconds", 0.0) or fam.seconds, 4),
-                })
+                answer.fam = FamAnswer(
+                    similarity=round(float(fam.similarity), 6), metric=fam.metric, method=fam.method,
+                    route=fam.route, reference=fam.reference, query_map=b64png(to_uint8(fam.query_map)),
+                    reference_map=b64png(to_uint8(fam.reference_map)) if fam.reference_map is not None else None,
+                    size=[int(fam.query_map.shape[-1]), int(fam.query_map.shape[-2])],
+                    passes=dict(fam.passes), seconds=round(fam.seconds, 4),
+                    batch_seconds=round(getattr(fam, "batch_seconds", 0.0) or fam.seconds, 4))
                 if item.overlay:
-                    answer["overlay"] = b64png(overlay(fam.query_map[None], crops[row:row + 1], item.colormap,
-                                                       self.settings.overlay_alpha)[0])
+                    answer.fam.overlay = b64png(overlay(fam.query_map[None], crops[row:row + 1], item.colormap,
+                                                        self.settings.overlay_alpha)[0])
                 if fam.matches is not None:
-                    answer["matches"] = [{
-                        "index": int(m["index"]), "label": m["label"], "similarity": round(float(m["similarity"]), 6),
-                        "query_map": b64png(to_uint8(m["query_map"])),
-                        "reference_map": b64png(to_uint8(m["reference_map"])) if m["reference_map"] is not None else None,
-                    } for m in fam.matches]
+                    answer.fam.matches = [FamMatch(
+                        index=int(m["index"]), label=m["label"], similarity=round(float(m["similarity"]), 6),
+                        query_map=b64png(to_uint8(m["query_map"])),
+                        reference_map=b64png(to_uint8(m["reference_map"])) if m["reference_map"] is not None else None,
+                    ) for m in fam.matches]
                 seconds[fam.method] = seconds.get(fam.method, 0.0) + fam.seconds  # the rows' shares, summed
                 counts[fam.method] += 1
             out[(item.request, item.position)] = answer
