@@ -33,8 +33,7 @@ import yaml
 from camserve.commands.model_args import add_model_arguments, spec_from_args
 from camserve.engine.pipeline import ExplainSpec
 from camserve.engine.models import embedding_model_for, load_spec, profile_with_layers
-from camserve.engine.methods.similarity.fam import FamExplainer
-from camserve.engine.lrp.canonizers import CANONIZERS
+from camserve.engine import CANONIZERS, FamExplainer
 from camserve.serving.classifier import build_explainer
 from camserve.serving.settings import HandlerSettings
 import camserve

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 from camserve.engine.models.embedding import load_effnet_lite0_embedding
-from camserve.engine.methods.similarity.gallery import Gallery
+from camserve.engine import Gallery
 from camserve.engine.models import EFFNET_LITE0 as p
 from camserve.engine.imaging.preprocess import to_model_input
 from camserve.serving.images import decode_image

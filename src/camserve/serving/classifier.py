@@ -17,7 +17,7 @@ its answer carries ``explanations`` (one per method, maps at the model input's s
 ``comparison`` (methods, target, seconds, Spearman ρ matrix over pixels).
 
 Captum baselines (``captum.*``) are capped by the ``handler.captum`` section of ``model-config.yaml``
-(:class:`~camserve.engine.methods.captum.catalog.CaptumLimits`: ``max_steps``, ``max_samples``,
+(:class:`~camserve.engine.CaptumLimits`: ``max_steps``, ``max_samples``,
 ``max_internal_batch_size``, ``max_evaluations``); a request beyond a cap is a 400. The batch as a
 whole is bounded by ``max_batch_evaluations`` (:meth:`ImageClassifierHandler.budget`): requests are
 admitted in batch order while their model evaluations (a Captum row: evaluations × targets; a
@@ -38,7 +38,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 import torch
 
 from camserve.engine.methods import REGISTRY
-from camserve.engine.methods.captum.catalog import CaptumLimits
+from camserve.engine import CaptumLimits
 from camserve.engine.comparison import compare, comparison_json
 from camserve.engine.pipeline import Explainer
 from camserve.engine.models import EFFNET_LITE0, ModelProfile, labels_for, load_spec, profile_with_layers

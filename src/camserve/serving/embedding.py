@@ -23,9 +23,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from camserve.engine.methods.similarity.fam import METHODS as FAM_METHODS, SIMILARITIES, FamExplainer, FamSpec
+from camserve.engine import REGISTRY, SIMILARITIES, FamExplainer, FamSpec, Gallery
 from camserve.engine.core.flags import truth
-from camserve.engine.methods.similarity.gallery import Gallery
 from camserve.engine.models import EFFNET_LITE0, ModelProfile, embedding_model_for, load_spec
 from camserve.engine.imaging.preprocess import crop_box
 from camserve.engine.imaging.render import overlay, to_uint8
@@ -104,8 +103,8 @@ def parse_embed_options(raw: Dict[str, Any], settings) -> EmbedOptions:
     method: Optional[str] = words[0] if words else "fam"
     if method is not None and truth(method) is False:
         method = None
-    elif method not in FAM_METHODS:
-        raise InvalidRequestOptionError(f"unknown FAM method {method!r}; choose one of {list(FAM_METHODS)}")
+    elif method not in REGISTRY.names(task="embed"):
+        raise InvalidRequestOptionError(f"unknown FAM method {method!r}; choose one of {REGISTRY.names(task='embed')}")
     similarity = str(raw.get("similarity") or settings.similarity).strip().lower()
     if similarity not in SIMILARITIES:
         raise InvalidRequestOptionError(f"unknown similarity {similarity!r}; choose one of {list(SIMILARITIES)}")

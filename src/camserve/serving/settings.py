@@ -33,8 +33,7 @@ from camserve.serving.images import DEFAULT_MAX_PIXELS
 from camserve.engine.pipeline import check_graph_rows
 from camserve.engine.imaging.render import COLORMAPS
 from camserve.engine.errors import ExplanationInputError
-from camserve.engine.lrp.canonizers import CANONIZERS
-from camserve.engine.lrp.composites import get_composite
+from camserve.engine import CANONIZERS, get_composite
 from camserve.engine.methods import METHODS, get_method
 
 
