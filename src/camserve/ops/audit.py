@@ -54,7 +54,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence
 
-from camserve.engine.core.flags import truth
+from camserve.engine.core.values import truth
 
 logger = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from camserve.engine import REGISTRY, SIMILARITIES, FamExplainer, FamSpec, Gallery
-from camserve.engine.core.flags import truth
+from camserve.engine.core.values import truth
 from camserve.engine.models import EFFNET_LITE0, ModelProfile, embedding_model_for, load_spec
 from camserve.engine.imaging.preprocess import crop_box
 from camserve.engine.imaging.render import overlay, to_uint8

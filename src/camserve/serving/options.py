@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Mapping, Optional
 from camserve.engine.methods import REGISTRY
 from camserve.engine.pipeline import ExplainSpec
 from camserve.engine.imaging.render import COLORMAPS
-from camserve.engine.core import flags
+from camserve.engine.core import values
 from camserve.serving.errors import InvalidRequestOptionError
 from camserve.serving.settings import HandlerSettings
 
@@ -43,7 +43,7 @@ def as_text(value: Any, name: Optional[str] = None) -> Any:
 
 def parse_flag(name: str, value: Any) -> bool:
     """A serving option's yes/no value (an empty text is no)."""
-    return flags.parse_flag(name, value, InvalidRequestOptionError)
+    return values.parse_flag(name, value, InvalidRequestOptionError)
 
 
 def parse_colormap(value: Any) -> str:
@@ -55,8 +55,9 @@ def parse_colormap(value: Any) -> str:
 
 
 def parse_int(name: str, value: Any, low: int, high: int) -> int:
+    """An integer serving option in ``[low, high]`` (:func:`~camserve.engine.core.values.parse_integer`)."""
     try:
-        number = int(str(value).strip()) if not isinstance(value, bool) else None
+        number = values.parse_integer(name, value, ValueError)
     except ValueError:
         number = None
     if number is None or not low <= number <= high:
@@ -101,7 +102,7 @@ def parse_options(raw: Mapping[str, Any], settings: HandlerSettings, explain_rou
                                         "compare=<method>,<method> explains the image with each method")
     if compare is not None:
         method = None
-    elif isinstance(method, bool) or (isinstance(method, str) and flags.truth(method.lower(), empty=False) is not None
+    elif isinstance(method, bool) or (isinstance(method, str) and values.truth(method.lower(), empty=False) is not None
                                       and method == method.strip()):
         method = settings.default_method if parse_flag("explain", method) else None
     elif method is not None:
@@ -138,7 +139,7 @@ def parse_options(raw: Mapping[str, Any], settings: HandlerSettings, explain_rou
         options.overlay = parse_flag("overlay", raw["overlay"])
     if "alpha" in raw:
         try:
-            options.alpha = float(raw["alpha"])
+            options.alpha = values.parse_number("alpha", raw["alpha"], ValueError)
         except (TypeError, ValueError):
             options.alpha = -1.0
         if not 0.0 <= options.alpha <= 1.0:

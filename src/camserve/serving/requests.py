@@ -43,7 +43,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
-from camserve.engine.core.flags import parse_flag
+from camserve.engine.core.values import parse_flag
 from camserve.serving.errors import InvalidJSONError, InvalidRequestOptionError, MissingInputError
 from camserve.serving.protocol import (EMBED_FIELDS, ENVELOPE_OPTIONS, FLOAT_DATATYPES, IMAGE_FIELDS, KSERVE_V1,
                                        KSERVE_V2, PLAIN, V2_OUTPUT_NAMES)

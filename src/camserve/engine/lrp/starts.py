@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from camserve.engine.core.targets import one_hot_seed
+from camserve.engine.core.values import parse_number
 from camserve.engine.errors import InvalidOptionError
 from camserve.engine.lrp.rules import stabilize
 
@@ -74,7 +75,7 @@ def check_temperature(method: str, resolved: dict, temperature) -> dict:
     if temperature is None:
         return resolved
     try:
-        value = float(str(temperature).strip()) if not isinstance(temperature, (int, float)) else float(temperature)
+        value = parse_number("temperature", temperature, ValueError)
     except ValueError:
         raise InvalidOptionError(f"option 'temperature' of {method!r} must be a positive number, got {temperature!r}") from None
     if isinstance(temperature, bool) or not (TEMPERATURE_RANGE[0] <= value <= TEMPERATURE_RANGE[1]):

@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from camserve.engine.core.flags import parse_bool
+from camserve.engine.core.values import parse_bool
 from camserve.engine.core.plan import PlannedRow
 from camserve.engine.core.targets import validate_target
 from camserve.engine.errors import InvalidOptionError, UnsupportedModelError

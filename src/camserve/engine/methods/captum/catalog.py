@@ -26,12 +26,11 @@ option over channels: ``abs`` = ``Σ_c |a_c|`` (default for pixel methods), ``po
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 from camserve.engine.errors import InvalidOptionError, UnknownMethodError
-from camserve.engine.core.flags import parse_bool
+from camserve.engine.core.values import parse_bool, parse_integer, parse_number
 
 PREFIX = "captum."
 REDUCTIONS = ("abs", "positive", "sum")
@@ -61,29 +60,13 @@ DEFAULT_LIMITS = CaptumLimits()
 
 
 def parse_int(name: str, value: Any) -> int:
-    """An integer from an int or a decimal string; bools, floats with a fraction and text are errors."""
-    if isinstance(value, bool):
-        raise InvalidOptionError(f"option {name!r} must be an integer, got {value!r}")
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
-        return int(value.strip())
-    raise InvalidOptionError(f"option {name!r} must be an integer, got {value!r}")
+    """An integer option (:func:`~camserve.engine.core.values.parse_integer`)."""
+    return parse_integer(name, value)
 
 
 def parse_float(name: str, value: Any) -> float:
-    """A finite float from a number or a numeric string."""
-    if isinstance(value, bool):
-        raise InvalidOptionError(f"option {name!r} must be a number, got {value!r}")
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise InvalidOptionError(f"option {name!r} must be a number, got {value!r}") from None
-    if not math.isfinite(number):
-        raise InvalidOptionError(f"option {name!r} must be finite, got {value!r}")
-    return number
+    """A finite number option (:func:`~camserve.engine.core.values.parse_number`)."""
+    return parse_number(name, value)
 
 
 def _bounded_int(name: str, value: Any, low: int, high: int, cap_name: str) -> int:
