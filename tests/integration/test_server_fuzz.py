@@ -11,7 +11,7 @@ processes (none crashed and was restarted) and a good request right after is ans
 The one documented exception to "a 4xx with a message" is TorchServe's frontend itself: a body over
 ``max_request_size`` is answered 413 with an **empty** body before any handler sees it, and a
 request line over 4,096 bytes or headers over 8,192 bytes are answered 400 "Invalid HTTP message."
-(see README "Serving" → limits); those cases assert exactly that.
+(see docs/serving.md, Errors); those cases assert exactly that.
 
 :func:`test_an_answer_over_max_response_size_fails_alone` starts a second, small server with a
 60,000-byte ``max_response_size``: an answer over it is a 413 for that request alone (TorchServe

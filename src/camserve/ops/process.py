@@ -3,8 +3,8 @@
 With glibc's defaults a CPU worker's resident memory does not come back after a batch: the mmap
 threshold adapts upwards (up to 32 MiB) as large tensors are freed, so later activations of every
 batch size and layer come from the heap, whose free holes are kept rather than returned, and each
-thread that allocates may get its own arena. ``benchmarks/soak.py`` measured the effect (README
-"Soak"): the same mixed load keeps the two bundled workers about 300 MiB lower and flat with
+thread that allocates may get its own arena. ``benchmarks/soak.py`` measured the effect (docs/operations.md,
+soak test): the same mixed load keeps the two bundled workers about 300 MiB lower and flat with
 
 * ``M_MMAP_THRESHOLD`` 64 KiB (fixed: allocations above it are ``mmap``-ed and unmapped on free),
 * ``M_TRIM_THRESHOLD`` 128 KiB (free memory at the top of the heap is returned sooner),

@@ -95,7 +95,7 @@ class CamserveHandler(BaseHandler):
     payload_fields = IMAGE_FIELDS
 
     def initialize(self, context) -> None:
-        tune_malloc()  # glibc: large tensors mmap-ed, heap trimmed, 2 arenas (serving/malloc.py, README Soak)
+        tune_malloc()  # glibc: large tensors mmap-ed, heap trimmed, 2 arenas (ops/process.py, docs/operations.md)
         props = context.system_properties
         self.manifest = context.manifest
         self.model_name = getattr(context, "model_name", None) or self.manifest["model"].get("modelName", "model")

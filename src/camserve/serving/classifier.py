@@ -11,7 +11,7 @@ Batch flow (:meth:`ClassifierHandler.run_batch`):
    pixels, passes and time.
 
 An image asking ``compare=<m1>,<m2>`` is validated the same way (every method, layer, option and
-target before any forward) but runs outside the batched call: :func:`camserve.engine.core.compare.compare`
+target before any forward) but runs outside the batched call: :func:`camserve.engine.comparison.compare`
 explains it with each method in its own call (each explanation's ``seconds`` is its whole cost) and
 its answer carries ``explanations`` (one per method, maps at the model input's size) and
 ``comparison`` (methods, target, seconds, Spearman ρ matrix over pixels).
