@@ -62,7 +62,14 @@ class Client:
         self.management_url = (management_url or self._default_management_url()).rstrip("/")
         self._key = inference_key if inference_key is not None else self._read_key("inference")
         self._key_lock = threading.Lock()
-        self._session = requests.Session()
+        self._local = threading.local()  # one requests.Session per thread (predict_many's workers)
+
+    @property
+    def _session(self) -> requests.Session:
+        session = getattr(self._local, "session", None)
+        if session is None:
+            session = self._local.session = requests.Session()
+        return session
 
     # -- keys -----------------------------------------------------------------------------------------
     @property

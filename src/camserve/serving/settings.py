@@ -34,7 +34,7 @@ from camserve.engine.pipeline import check_graph_rows
 from camserve.engine.imaging.render import COLORMAPS
 from camserve.engine.errors import ExplanationInputError
 from camserve.engine import CANONIZERS, get_composite
-from camserve.engine.methods import METHODS, get_method
+from camserve.engine.methods import CLASSIC, REGISTRY, get_method
 
 
 @dataclass
@@ -128,8 +128,9 @@ def check_method_options(section: Any) -> Dict[str, Dict[str, Any]]:
     checked = {}
     for method, options in section.items():
         name = str(method).lower()
-        if name not in METHODS:
-            raise ValueError(f"handler.method_options: {method!r} is not a CAM-family method ({sorted(METHODS)})")
+        classic = REGISTRY.names(family=CLASSIC)
+        if name not in classic:
+            raise ValueError(f"handler.method_options: {method!r} is not a CAM-family method ({classic})")
         if not isinstance(options, Mapping):
             raise ValueError(f"handler.method_options.{method} must be a mapping of options, got {options!r}")
         options = {str(k).lower(): v for k, v in options.items()}

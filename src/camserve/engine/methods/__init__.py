@@ -7,8 +7,6 @@ embedding models (:mod:`.similarity`). Names are lower-case; common aliases (``g
 here, at import, and never written afterwards (:meth:`Registry.extended` makes a new one).
 """
 
-from typing import Dict
-
 from camserve.engine.methods.cam.base import CamMethod, Captured
 from camserve.engine.methods.cam.cam import CAM
 from camserve.engine.methods.cam.gradcam import GradCAM
@@ -18,7 +16,7 @@ from camserve.engine.methods.captum.attribute import CaptumAttribution
 from camserve.engine.methods.captum.catalog import ALIASES as CAPTUM_ALIASES, METHODS as CAPTUM_METHODS, PREFIX
 from camserve.engine.methods.lrp.relevancecam import RelevanceCAM
 from camserve.engine.methods.lrp.shallowcam import ShallowCAM
-from camserve.engine.methods.registry import Method, Registry
+from camserve.engine.methods.registry import CLASSIC, Method, Registry
 from camserve.engine.methods.similarity.fam import FAM, GRADCAM_SIMILARITY
 
 _CLASSIC = (CAM(), GradCAM(), GradCAMPlusPlus(), LayerCAM(), RelevanceCAM(), ShallowCAM())
@@ -37,13 +35,10 @@ REGISTRY = Registry(
                                                 if target == name)) for name in _CAPTUM_NAMES]
     + [(FAM, ()), (GRADCAM_SIMILARITY, ())])
 
-#: the CAM-family and LRP methods by name (read-only view kept for callers of the classic names)
-METHODS: Dict[str, CamMethod] = {m.name: m for m in _CLASSIC}
-
 
 def get_method(name: str) -> Method:
     """The registered classifier method for ``name`` (case-insensitive, aliases allowed)."""
     return REGISTRY.lookup(name)
 
 
-__all__ = ["CamMethod", "Captured", "METHODS", "Method", "REGISTRY", "Registry", "get_method"]
+__all__ = ["CLASSIC", "CamMethod", "Captured", "Method", "REGISTRY", "Registry", "get_method"]

@@ -6,18 +6,21 @@ relevance pass (``lrp``), Captum's attributions (``captum``, request names ``cap
 similarity explanations of embedding models (``similarity``) — and nothing writes to it afterwards;
 a caller that needs more methods (the lab's probes) builds an extended copy with :meth:`Registry.extended`
 and hands it to its :class:`~camserve.engine.pipeline.Explainer`. Serving, the CLI and the lab ask the
-registry, never a family module, what a name means.
+registry what a name means (the lab may also call a family's public functions, e.g. Captum's
+``attribute``).
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Protocol, Sequence, Tuple, runtime_checkable
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Protocol, Sequence, Tuple, Union, runtime_checkable
 
 from camserve.engine.errors import InvalidOptionError, UnknownMethodError
 
 FAMILIES = ("cam", "lrp", "captum", "similarity")
 TASKS = ("classify", "embed")
 CAPTUM_PREFIX = "captum."
+#: the families whose methods read the shared forward's capture (the CAM family and the LRP-based ones)
+CLASSIC = ("cam", "lrp")
 
 
 @runtime_checkable
@@ -27,10 +30,12 @@ class Method(Protocol):
     ``name`` (canonical, lower case), ``family`` (one of :data:`FAMILIES`), ``task`` (``classify`` or
     ``embed``), ``coupled_options`` (groups of options that only make sense together: a request naming
     one takes none of its group from a deployment's defaults). ``accepted_options(given)`` is the set of
-    option names a request may carry; ``plan(index, spec, context)`` validates a request against the
-    model before any forward and returns its :class:`~camserve.engine.core.plan.PlannedRow`, whose
-    ``needs`` say what the forward must provide (captured activations, a gradient pass, a relevance
-    pass, or forwards of the method's own, as Captum makes).
+    option names a request may carry. A classifier's methods also have ``plan(index, spec, context)``:
+    it validates a request against the model before any forward and returns its
+    :class:`~camserve.engine.core.plan.PlannedRow` — the layers whose activations it reads, or
+    ``own_forwards`` for a method that runs forwards of its own (Captum) — and the CAM/LRP methods say
+    per options whether they need a gradient or a relevance pass (``needs_gradient_for``,
+    ``needs_relevance_for``). The embedding task's methods are planned by ``FamExplainer``.
     """
 
     name: str
@@ -67,10 +72,11 @@ class Registry:
             copy._add(method)
         return copy
 
-    def names(self, family: Optional[str] = None, task: Optional[str] = None) -> List[str]:
-        """The canonical names, sorted, of one family and/or task (default: all)."""
+    def names(self, family: Union[None, str, Tuple[str, ...]] = None, task: Optional[str] = None) -> List[str]:
+        """The canonical names, sorted, of one family (or several) and/or task (default: all)."""
+        families = (family,) if isinstance(family, str) else family
         return sorted(n for n, m in self._methods.items()
-                      if (family is None or m.family == family) and (task is None or m.task == task))
+                      if (families is None or m.family in families) and (task is None or m.task == task))
 
     def key(self, name: Any) -> str:
         """The canonical name of ``name`` (case-insensitive, aliases resolved), known or not."""
@@ -88,8 +94,7 @@ class Registry:
             raise UnknownMethodError(f"unknown FAM method {name!r}; choose one of {self.names(task='embed')}")
         if key.startswith(CAPTUM_PREFIX):
             raise UnknownMethodError(f"unknown Captum method {name!r}; available: {self.names(family='captum')}")
-        classic = sorted(self.names(family="cam") + self.names(family="lrp"))
-        raise UnknownMethodError(f"unknown explanation method {name!r}; available: {classic}")
+        raise UnknownMethodError(f"unknown explanation method {name!r}; available: {self.names(family=CLASSIC)}")
 
     def family(self, name: Any, task: str = "classify") -> str:
         return self.lookup(name, task).family
