@@ -34,6 +34,7 @@ import torch
 
 from camserve.engine.imaging.render import colorize, overlay, upsample
 from camserve.ops.audit import Base64
+from camserve.serving.display import Displayable, Panel, classifier_panels, embedding_panels
 from camserve.serving.encode import Tensor, b64png, dumps, flat, stack, tensor
 from camserve.serving.protocol import PNG
 
@@ -314,13 +315,14 @@ class ComparisonAnswer:
 
 
 @dataclass
-class ClassifierAnswer:
+class ClassifierAnswer(Displayable):
     """One image's answer from the image classifier.
 
     ``predictions`` (top-k :class:`Prediction`); ``batch_size`` (images in the engine call); then either
     ``explanation`` (an :class:`ExplanationAnswer`, when one was asked for) or, for ``compare=``,
     ``explanations`` (one per method, same target) and ``comparison`` (:class:`ComparisonAnswer`).
-    ``extra``: fields this type does not know (read from a newer server's JSON), kept in order."""
+    ``extra``: fields this type does not know (read from a newer server's JSON), kept in order.
+    Shown in a notebook, or with ``show()``, as its top-k and maps (:mod:`camserve.serving.display`)."""
 
     predictions: List[Prediction]
     batch_size: Optional[int] = None
@@ -358,6 +360,10 @@ class ClassifierAnswer:
                    [ExplanationAnswer.from_json(e) for e in explanations] if explanations is not None else None,
                    ComparisonAnswer.from_json(body["comparison"]) if body.get("comparison") else None,
                    {k: v for k, v in body.items() if k not in cls.KEYS})
+
+    def panels(self) -> List[Panel]:
+        """The maps as pictures: each explained target's, or each compared method's."""
+        return classifier_panels(self, self._images[0])
 
     @property
     def explained(self) -> Optional[ExplanationAnswer]:
@@ -490,11 +496,11 @@ class FamAnswer:
 
 
 @dataclass
-class EmbeddingAnswer:
+class EmbeddingAnswer(Displayable):
     """One image's answer from the embedding model: ``dim`` (D), ``batch_size``, ``embedding`` (D floats,
     5 decimals; ``None`` with ``embedding=0``), ``crop_box`` (the model input's crop in original pixels)
     and, with a reference or a gallery, ``fam`` (:class:`FamAnswer`). ``extra``: fields this type does
-    not know (read from a newer server's JSON)."""
+    not know (read from a newer server's JSON). Shown in a notebook, or with ``show()``, as its FAM maps."""
 
     dim: int
     batch_size: Optional[int]
@@ -521,6 +527,10 @@ class EmbeddingAnswer:
         known = cls.KEYS + (FamAnswer.KEYS if fam is not None else ())
         return cls(int(body["dim"]), body.get("batch_size"), list(body.get("crop_box") or []), body.get("embedding"),
                    fam, {k: v for k, v in body.items() if k not in known})
+
+    def panels(self) -> List[Panel]:
+        """The FAM maps as pictures: the query's, the reference's, each gallery match's."""
+        return embedding_panels(self, *self._images)
 
     def to_v2_tensors(self) -> Dict[str, Tensor]:
         """``embedding``, ``dim``, ``batch_size``; with FAM ``similarity``, ``metric``, ``route``,
