@@ -1,15 +1,27 @@
-"""Renders the documentation's picture, docs/images/heatmaps.png: real heatmaps of the bundled
-pretrained EfficientNet-Lite0 on three photographs of ../shared/data/imagenet-samples/.
+"""Renders the documentation's pictures into docs/images/: real heatmaps of the bundled pretrained
+EfficientNet-Lite0 on photographs of ../shared/data/imagenet-samples/.
 
-Rows: the photographs. Columns: the model's 224×224 crop with its top-1 label, then Grad-CAM at the
-last feature map (``_conv_head``), LayerCAM and Shallow-CAM at a shallow stage (``_blocks.4``), all
-for the top-1 class and all from ONE batched ``Explainer.explain`` call per method set.
+* ``heatmaps.png`` (README front page, docs/index.md): three photographs (rows); the model's 224×224
+  crop with its top-1 label, then Grad-CAM at the last feature map (``_conv_head``), LayerCAM and
+  Shallow-CAM at a shallow stage (``_blocks.4``), all for the top-1 class.
+* ``methods-by-layer.jpg`` (docs/gallery.md): one photograph; rows the methods (CAM, Grad-CAM,
+  Grad-CAM++, LayerCAM, Shallow-CAM, Relevance-CAM and Captum's Guided Grad-CAM), columns the stages
+  ``_blocks.2`` (56×56), ``_blocks.4`` (28×28), ``_blocks.10`` (14×14), ``_conv_head`` (7×7), all for
+  the top-1 class; a cell a method cannot do at that layer (the engine's own validation refuses it)
+  is an empty, labelled cell.
+* ``fam-pairs.png`` (docs/gallery.md): FAM of the bundled embedding model (``effnet_lite0_embed``:
+  the pooled 1280-channel features, L2-normalised) for three (query, reference) pairs — the same
+  photograph and its horizontal mirror, then two photographs of other classes — query and reference
+  map side by side, the cosine similarity in the title.
 
-Uses only the engine's public names (``camserve.engine``, ``camserve.engine.models``); the
-preprocessing (resize the shorter side, centre crop, normalise with the model profile's mean/std)
-is redone here with PIL so that this script does not depend on internal module paths.
+Every map of one picture's method set comes from one batched engine call (``Explainer.explain`` or
+``FamExplainer.explain``). Only the engine's public API is used: ``camserve.engine`` (explainers),
+``camserve.engine.models`` (model, profile, labels; the embedding model is built as the embedding
+handler builds it: ``load_spec`` + ``embedding_model_for``) and the profile's own preprocessing
+(``ModelProfile.model_input``: resize the shorter side, centre crop, normalise, on the device).
 
-    .venv/bin/python scripts/render_docs_pictures.py [--photos DIR] [--out docs/images/heatmaps.png]
+    .venv/bin/python scripts/render_docs_pictures.py [--photos DIR] [--out-dir docs/images]
+                                                      [--only heatmaps|methods|fam ...]
 """
 
 from __future__ import annotations
@@ -19,10 +31,15 @@ import csv
 import io
 import os
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES = Path(os.environ.get("CAMSERVE_SHARED", REPO.parent / "shared")) / "data" / "imagenet-samples"
+MAX_BYTES = 250_000
+JPEG_QUALITY = 85
+
+# -- heatmaps.png -------------------------------------------------------------------------------------
 PHOTOS = ("n01833805_hummingbird.JPEG", "n02510455_giant_panda.JPEG", "n02088364_beagle.JPEG")
 SHALLOW = "_blocks.4"
 COLUMNS = (  # (title, method, layer)
@@ -30,56 +47,117 @@ COLUMNS = (  # (title, method, layer)
     (f"LayerCAM\n{SHALLOW}", "layercam", SHALLOW),
     (f"Shallow-CAM\n{SHALLOW}", "shallowcam", SHALLOW),
 )
-MAX_BYTES = 250_000
+
+# -- methods-by-layer.jpg -----------------------------------------------------------------------------
+GRID_PHOTO = "n02088364_beagle.JPEG"
+GRID_LAYERS = ("_blocks.2", "_blocks.4", "_blocks.10", "_conv_head")  # stages 2, 3, 5, 8 of the profile
+GRID_METHODS = (  # (row title, method)
+    ("CAM", "cam"),
+    ("Grad-CAM", "gradcam"),
+    ("Grad-CAM++", "gradcampp"),
+    ("LayerCAM", "layercam"),
+    ("Shallow-CAM", "shallowcam"),
+    ("Relevance-CAM", "relevancecam"),
+    ("Captum Guided Grad-CAM", "captum.guided_gradcam"),
+)
+
+# -- fam-pairs.png ------------------------------------------------------------------------------------
+FAM_QUERY = "n02088364_beagle.JPEG"
+FAM_PAIRS = (  # (pair title, reference photograph, mirrored?)
+    ("same photograph, mirrored", FAM_QUERY, True),
+    ("another class: Walker hound", "n02089867_Walker_hound.JPEG", False),
+    ("another class: tiger cat", "n02123159_tiger_cat.JPEG", False),
+)
+
+PICTURES = ("heatmaps", "methods", "fam")
+FILES = {"heatmaps": "heatmaps.png", "methods": "methods-by-layer.jpg", "fam": "fam-pairs.png"}
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--photos", type=Path, default=SAMPLES, help="folder with the sample photographs")
-    parser.add_argument("--out", type=Path, default=REPO / "docs" / "images" / "heatmaps.png")
-    args = parser.parse_args()
+def needed_photos(which) -> list:
+    names = []
+    if "heatmaps" in which:
+        names += PHOTOS
+    if "methods" in which:
+        names.append(GRID_PHOTO)
+    if "fam" in which:
+        names += [FAM_QUERY] + [ref for _t, ref, _m in FAM_PAIRS]
+    return sorted(set(names))
 
-    missing = [name for name in PHOTOS if not (args.photos / name).is_file()]
-    if missing:
-        sys.exit(f"render_docs_pictures: photographs not found in {args.photos}: {', '.join(missing)}\n"
-                 f"(the shared data set ../shared/data/imagenet-samples/ is needed; set CAMSERVE_SHARED "
-                 f"or --photos to its location)")
-    truth = {}
-    labels_file = args.photos / "LABELS.tsv"
-    if labels_file.is_file():
-        with open(labels_file) as f:
-            truth = {row["file"]: row["name"] for row in csv.DictReader(f, delimiter="\t")}
 
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def read_labels(folder: Path) -> dict:
+    labels_file = folder / "LABELS.tsv"
+    if not labels_file.is_file():
+        return {}
+    with open(labels_file) as f:
+        return {row["file"]: row["name"] for row in csv.DictReader(f, delimiter="\t")}
+
+
+def load_photo(folder: Path, name: str):
+    """A photograph as the RGB ``uint8 (3, H, W)`` tensor the engine's preprocessing takes."""
     import numpy as np
     import torch
     from PIL import Image
 
-    from camserve.engine import Explainer, ExplainSpec
-    from camserve.engine.models import EFFNET_LITE0 as profile, imagenet_class_names, load_effnet_lite0
+    with Image.open(folder / name) as image:
+        pixels = np.asarray(image.convert("RGB"), dtype=np.uint8)
+    return torch.from_numpy(pixels.copy()).permute(2, 0, 1).contiguous()
 
-    torch.manual_seed(0)
-    names = imagenet_class_names()
 
-    # the profile's preprocessing: shorter side → resize, centre crop, normalise
-    crops = []
-    for name in PHOTOS:
-        image = Image.open(args.photos / name).convert("RGB")
-        w, h = image.size
-        scale = profile.resize / min(w, h)
-        image = image.resize((max(profile.crop, round(w * scale)), max(profile.crop, round(h * scale))),
-                             Image.BILINEAR)
-        left, top = (image.width - profile.crop) // 2, (image.height - profile.crop) // 2
-        crops.append(np.asarray(image.crop((left, top, left + profile.crop, top + profile.crop)),
-                                dtype=np.float32) / 255.0)
-    crops_np = np.stack(crops)                                              # (N, 224, 224, 3) in [0, 1]
-    mean = np.asarray(profile.mean, dtype=np.float32)
-    std = np.asarray(profile.std, dtype=np.float32)
-    batch = torch.from_numpy((crops_np - mean) / std).permute(0, 3, 1, 2).contiguous()
+def model_input(profile, images):
+    """The profile's preprocessing (``ModelProfile.model_input``): the normalised batch and the [0, 1]
+    crops as ``(N, 224, 224, 3)`` numpy for the overlays."""
+    import torch
 
-    explainer = Explainer(load_effnet_lite0(), default_layer="_conv_head")
+    batch, crops = profile.model_input(images, torch.device("cpu"))
+    return batch, crops.clamp(0.0, 1.0).permute(0, 2, 3, 1).numpy()  # antialiasing overshoots by ~1e-7
+
+
+def pretty(name: str) -> str:
+    return name.replace("_", " ")
+
+
+def overlay(ax, crop, heat=None) -> None:
+    ax.imshow(crop)
+    if heat is not None:
+        ax.imshow(heat, cmap="jet", alpha=0.5, vmin=0.0, vmax=1.0)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def save_picture(fig, out: Path) -> int:
+    """Save ``fig`` by ``out``'s suffix: ``.png`` as a 256-colour PNG (median cut, no dithering:
+    dithered, the PNG grows past the size budget), ``.jpg`` as a progressive JPEG of quality 85 (for
+    the many-photograph grid, where a palette posterises the photograph and a full-colour PNG is
+    over budget); returns the file's size in bytes."""
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    buffer.seek(0)
+    picture = Image.open(buffer).convert("RGB")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix.lower() in (".jpg", ".jpeg"):
+        picture.save(out, format="JPEG", quality=JPEG_QUALITY, optimize=True, progressive=True)
+    else:
+        picture = picture.quantize(colors=256, method=Image.Quantize.MEDIANCUT)
+        picture.save(out, format="PNG", optimize=True)
+    size = out.stat().st_size
+    print(f"wrote {out} ({picture.width}×{picture.height}, {size:,} bytes)")
+    return size
+
+
+# -- the pictures ---------------------------------------------------------------------------------------
+def render_heatmaps(ctx, out: Path) -> int:
+    """3 photographs × (crop, Grad-CAM at _conv_head, LayerCAM and Shallow-CAM at _blocks.4)."""
+    import matplotlib.pyplot as plt
+    import torch
+
+    from camserve.engine import ExplainSpec
+
+    explainer, profile, names = ctx["explainer"], ctx["profile"], ctx["names"]
+    batch, crops = model_input(profile, [ctx["photos"][name] for name in PHOTOS])
     maps, logits = [], None
     for _title, method, layer in COLUMNS:
         result = explainer.explain(batch, [ExplainSpec(method, layer=layer)] * len(PHOTOS))
@@ -91,35 +169,167 @@ def main() -> int:
     rows, cols = len(PHOTOS), 1 + len(COLUMNS)
     fig, axes = plt.subplots(rows, cols, figsize=(9.0, 2.35 * rows + 0.45), dpi=100, squeeze=False)
     for r, name in enumerate(PHOTOS):
-        predicted = names[top[r]].replace("_", " ")
-        axes[r][0].imshow(crops_np[r])
-        axes[r][0].set_ylabel(f"{predicted}\np = {probs[r, top[r]]:.2f}", fontsize=10)
+        overlay(axes[r][0], crops[r])
+        axes[r][0].set_ylabel(f"{pretty(names[top[r]])}\np = {probs[r, top[r]]:.2f}", fontsize=10)
         for c in range(1, cols):
-            axes[r][c].imshow(crops_np[r])
-            axes[r][c].imshow(maps[c - 1][r], cmap="jet", alpha=0.5, vmin=0.0, vmax=1.0)
-        for c in range(cols):
-            axes[r][c].set_xticks([])
-            axes[r][c].set_yticks([])
-        if truth.get(name) and truth[name] != names[top[r]]:
-            print(f"note: {name} predicted {names[top[r]]!r}, labelled {truth[name]!r}")
+            overlay(axes[r][c], crops[r], maps[c - 1][r])
+        truth = ctx["truth"].get(name)
+        if truth and truth != names[top[r]]:
+            print(f"note: {name} predicted {names[top[r]]!r}, labelled {truth!r}")
     for c, title in enumerate(["photo (model crop)\ntop-1 prediction"] + [t for t, _m, _l in COLUMNS]):
         axes[0][c].set_title(title, fontsize=10)
     fig.suptitle("camserve · EfficientNet-Lite0 (pretrained) · maps for the top-1 class", fontsize=11)
     fig.tight_layout(rect=(0, 0, 1, 0.97))
+    return save_picture(fig, out)
 
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    buffer.seek(0)
-    rgb = Image.open(buffer).convert("RGB")
-    # a 256-colour palette (median cut, no dithering: dithered, the PNG grows past the size budget)
-    picture = rgb.quantize(colors=256, method=Image.Quantize.MEDIANCUT)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    picture.save(args.out, format="PNG", optimize=True)
-    size = args.out.stat().st_size
-    print(f"wrote {args.out} ({picture.width}×{picture.height}, {size:,} bytes)")
-    if size > MAX_BYTES:
-        print(f"warning: over {MAX_BYTES:,} bytes", file=sys.stderr)
+
+def render_methods_by_layer(ctx, out: Path) -> int:
+    """One photograph: methods (rows) × stages (columns); what the engine refuses is an empty cell.
+    Every possible cell is one row of ONE batched ``Explainer.explain`` call (the photograph repeated)."""
+    import warnings
+
+    import matplotlib.pyplot as plt
+    import torch
+
+    from camserve.engine import ExplainSpec, ExplanationInputError
+
+    warnings.filterwarnings("ignore", message="Setting backward hooks on ReLU")  # Captum's guided backprop
+
+    explainer, profile, names = ctx["explainer"], ctx["profile"], ctx["names"]
+    batch, crops = model_input(profile, [ctx["photos"][GRID_PHOTO]])
+    cells, refused = [], {}
+    for r, (_title, method) in enumerate(GRID_METHODS):
+        for c, layer in enumerate(GRID_LAYERS):
+            spec = ExplainSpec(method, layer=layer)
+            try:
+                explainer.validate(spec)
+            except ExplanationInputError as error:
+                refused[(r, c)] = error
+                continue
+            cells.append(((r, c), spec))
+    result = explainer.explain(batch.expand(len(cells), -1, -1, -1).contiguous(), [s for _rc, s in cells])
+    maps = {rc: e for (rc, _s), e in zip(cells, result.explanations)}
+    probs = torch.softmax(result.logits[0].float(), dim=0)
+    top = int(probs.argmax())
+    shapes = {layer: explainer.catalog.feature_map(layer).map_shape[-2:] for layer in GRID_LAYERS}
+
+    rows, cols = len(GRID_METHODS), len(GRID_LAYERS)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.95 * cols, 2.15 * rows + 0.5), dpi=90, squeeze=False)
+    for r, (title, method) in enumerate(GRID_METHODS):
+        for c, layer in enumerate(GRID_LAYERS):
+            ax = axes[r][c]
+            h, w = shapes[layer]
+            if (r, c) in maps:
+                overlay(ax, crops[0], maps[(r, c)].maps[0].float().cpu().numpy())
+                ax.set_title(f"{title}\n{layer} ({h}×{w})", fontsize=8.5)
+            else:
+                ax.set(xticks=[], yticks=[], xlim=(0, crops.shape[2]), ylim=(crops.shape[1], 0), aspect="equal")
+                ax.set_facecolor("#eeeeee")
+                ax.set_title(f"{title}\n{layer} ({h}×{w})", fontsize=8.5, color="#777777")
+                reason = "refused by the engine:\nCAM needs the map that\nfeeds pooling + classifier" \
+                    if method == "cam" else "refused by the engine:\n" + str(refused[(r, c)])[:60]
+                ax.text(0.5, 0.5, reason, ha="center", va="center", fontsize=7.5, color="#555555",
+                        transform=ax.transAxes)
+                for spine in ax.spines.values():
+                    spine.set_color("#bbbbbb")
+    fig.suptitle(f"EfficientNet-Lite0 · {pretty(GRID_PHOTO.split('_', 1)[1].rsplit('.', 1)[0])} photograph · "
+                 f"maps for the top-1 class ({pretty(names[top])}, p = {float(probs[top]):.2f})\n"
+                 f"rows: methods · columns: layers (feature-map size) · overlay at 224×224", fontsize=9.5)
+    fig.tight_layout(rect=(0, 0, 1, 0.975), h_pad=1.1, w_pad=0.4)
+    print(f"methods × layers: {len(cells)} maps from one batched call ({len(refused)} cells refused), "
+          f"{result.explanations[0].batch_seconds:.1f} s")
+    return save_picture(fig, out)
+
+
+def render_fam_pairs(ctx, out: Path) -> int:
+    """FAM (pooled route, cosine) for 3 (query, reference) pairs, all from ONE ``FamExplainer.explain``."""
+    import matplotlib.pyplot as plt
+    import torch
+
+    from camserve.engine import FamExplainer, FamSpec
+    from camserve.engine.models import ModelSpec, embedding_model_for, load_spec
+
+    loaded = load_spec(ModelSpec(task="embed"))  # the effnet_lite0_embed archive's default spec
+    model, _route = embedding_model_for(loaded)  # "pooled" for the bundled model
+    profile = loaded.profile
+    fam = FamExplainer(model, input_size=profile.input_size)
+
+    query = ctx["photos"][FAM_QUERY]
+    references = [torch.flip(ctx["photos"][ref], dims=[-1]) if mirrored else ctx["photos"][ref]
+                  for _t, ref, mirrored in FAM_PAIRS]
+    n = len(FAM_PAIRS)
+    batch, crops = model_input(profile, [query] * n + references)
+    specs = [FamSpec(reference_image=batch[n + i], similarity="cosine") for i in range(n)]
+    result = fam.explain(batch[:n], specs)
+    items = result.items
+
+    fig = plt.figure(figsize=(10.8, 2.85), dpi=100)
+    # per pair two image columns, a narrow spacer column between pairs
+    ratios = [w for i in range(n) for w in ((1, 1) if i == n - 1 else (1, 1, 0.22))]
+    grid = fig.add_gridspec(1, len(ratios), width_ratios=ratios, left=0.01, right=0.99, top=0.76, bottom=0.08,
+                            wspace=0.06)
+    query_label = pretty(ctx["truth"].get(FAM_QUERY, FAM_QUERY))
+    for i, (title, ref, mirrored) in enumerate(FAM_PAIRS):
+        item = items[i]
+        left, right = fig.add_subplot(grid[0, 3 * i]), fig.add_subplot(grid[0, 3 * i + 1])
+        overlay(left, crops[i], item.query_map.float().cpu().numpy())
+        overlay(right, crops[n + i], item.reference_map.float().cpu().numpy())
+        ref_label = pretty(ctx["truth"].get(ref, ref)) + (", mirrored" if mirrored else "")
+        left.set_title(f"query: {query_label}", fontsize=8.5)
+        right.set_title(f"reference: {ref_label}", fontsize=8.5)
+        middle = (left.get_position().x0 + right.get_position().x1) / 2
+        fig.text(middle, 0.965, f"{title}\ncosine similarity {item.similarity:.3f}", ha="center", va="top",
+                 fontsize=10)
+        print(f"FAM pair {i}: {FAM_QUERY} vs {ref}{' mirrored' if mirrored else ''}: cosine {item.similarity:.4f} "
+              f"(route {item.route})")
+    fig.text(0.5, 0.015, "FAM (pooled route) · EfficientNet-Lite0 embedding: the last feature map (1280 × 7×7), pooled "
+             "· one set of channel weights per pair, drawn on both photographs", ha="center",
+             va="bottom", fontsize=8, color="#444444")
+    return save_picture(fig, out)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--photos", type=Path, default=SAMPLES, help="folder with the sample photographs")
+    parser.add_argument("--out-dir", type=Path, default=REPO / "docs" / "images",
+                        help="where the pictures go (default docs/images)")
+    parser.add_argument("--only", choices=PICTURES, action="append",
+                        help="render only this picture (repeatable; default: all)")
+    args = parser.parse_args(argv)
+    which = list(dict.fromkeys(args.only or PICTURES))
+
+    missing = [name for name in needed_photos(which) if not (args.photos / name).is_file()]
+    if missing:
+        sys.exit(f"render_docs_pictures: photographs not found in {args.photos}: {', '.join(missing)}\n"
+                 f"(the shared data set ../shared/data/imagenet-samples/ is needed; set CAMSERVE_SHARED "
+                 f"or --photos to its location)")
+
+    started = time.perf_counter()
+    import matplotlib
+    matplotlib.use("Agg")
+    import torch
+
+    torch.manual_seed(0)
+    ctx = {"photos": {name: load_photo(args.photos, name) for name in needed_photos(which)},
+           "truth": read_labels(args.photos)}
+    if "heatmaps" in which or "methods" in which:
+        from camserve.engine import Explainer
+        from camserve.engine.models import EFFNET_LITE0, imagenet_class_names, load_effnet_lite0
+
+        ctx.update(profile=EFFNET_LITE0, names=imagenet_class_names(),
+                   explainer=Explainer.for_profile(load_effnet_lite0(), EFFNET_LITE0))
+    renderers = {"heatmaps": render_heatmaps, "methods": render_methods_by_layer, "fam": render_fam_pairs}
+    over = []
+    for picture in which:
+        start = time.perf_counter()
+        out = args.out_dir / FILES[picture]
+        size = renderers[picture](ctx, out)
+        print(f"  {picture}: {time.perf_counter() - start:.1f} s")
+        if size > MAX_BYTES:
+            over.append(f"{out} ({size:,} bytes)")
+    print(f"done in {time.perf_counter() - started:.1f} s")
+    if over:
+        print(f"warning: over {MAX_BYTES:,} bytes: {', '.join(over)}", file=sys.stderr)
         return 1
     return 0
 
