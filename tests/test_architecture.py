@@ -16,8 +16,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SRC = REPO / "src" / "camserve"
-#: camserve modules that need an optional extra (kserve, ray) and may therefore be imported lazily
-OPTIONAL_EXTRAS = ("camserve.kserve", "camserve.cli.batch_ray")
+#: camserve modules that need an optional extra (kserve, ray, view) and may therefore be imported lazily
+OPTIONAL_EXTRAS = ("camserve.kserve", "camserve.cli.batch_ray", "camserve.view")
 
 
 @pytest.fixture(scope="module")

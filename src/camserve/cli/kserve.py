@@ -24,15 +24,21 @@ import shutil
 import sys
 
 from camserve.commands.model_args import add_model_arguments, spec_from_args
+from camserve.serving.local import ModelSetup, setup_from_mar, setup_from_spec
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_model_source_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--name``, ``--model-config``, ``--mar`` and the model-spec flags (also ``camserve view``'s)."""
     parser.add_argument("--name", default=None,
                         help="model name on the routes (default: the archive's, else the config file's stem)")
     parser.add_argument("--model-config", default=None,
                         help="a model-config.yaml (TorchServe batching keys + handler: defaults and model spec)")
     parser.add_argument("--mar", default=None, help="a TorchServe .mar archive to serve as it is")
     add_model_arguments(parser, task_default="classify")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_source_arguments(parser)
     parser.add_argument("--http-port", type=int, default=8080, help="HTTP port (default 8080)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: loopback only)")
     parser.add_argument("--device", default="auto", help="auto (GPU 0 when CUDA works), cpu, cuda or cuda:N")
@@ -43,9 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="INFO", help="log level (default INFO)")
 
 
-def setup_from_args(args: argparse.Namespace):
-    from camserve.kserve.predictor import setup_from_mar, setup_from_spec
-
+def setup_from_args(args: argparse.Namespace) -> ModelSetup:
+    """What to serve, from :func:`add_model_source_arguments`' flags (a missing file exits with why)."""
     if args.mar:
         if args.model_config or args.spec or args.source:
             raise SystemExit("--mar serves the archive as built: give no --model-config/--spec/--source with it")

@@ -16,40 +16,31 @@ model-config, like TorchServe's frontend) whose single engine thread runs ``hand
 A request the handler answers with a non-200 status raises :class:`CamserveReply`, which the server
 (:mod:`camserve.kserve.server`) turns into that status and the handler's JSON error body.
 
-:func:`setup_from_mar` / :func:`setup_from_spec` read what to serve: a TorchServe ``.mar`` (its
-manifest, ``model-config.yaml`` and files, unpacked), or a model spec (``camserve archive``'s flags
-or a ``model-config.yaml``) with the working directory as the base for relative paths.
+:func:`~camserve.serving.local.setup_from_mar` / :func:`~camserve.serving.local.setup_from_spec` read
+what to serve: a TorchServe ``.mar`` (its manifest, ``model-config.yaml`` and files, unpacked), or a
+model spec (``camserve archive``'s flags or a ``model-config.yaml``) with the working directory as the
+base for relative paths; they, the handler choice and the ``handle`` call live in
+:mod:`camserve.serving.local` (no KServe import), which ``camserve view`` shares.
 """
 
 from __future__ import annotations
 
-import copy
-import json
 import logging
-import os
 import shutil
-import tempfile
 import time
 import uuid
-import zipfile
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import kserve
-import yaml
 
 from camserve.kserve.batcher import MicroBatcher
 from camserve.kserve.metrics import PrometheusSink
 from camserve.serving.encode import dumps
-from camserve.serving.embedding import EmbeddingHandler
-from camserve.serving.classifier import ImageClassifierHandler
+from camserve.serving.local import ModelSetup, Reply, gpu_id_for, handle_rows, handler_class, worker_context
 
 logger = logging.getLogger(__name__)
 
-#: model-config keys (TorchServe's) the predictor reads, and their defaults (the archives')
-DEFAULT_BATCH_SIZE = 8
-DEFAULT_MAX_BATCH_DELAY_MS = 100
 DEFAULT_MAX_REQUEST_BYTES = 16 * 1024 * 1024  # TorchServe's max_request_size in config.properties
 
 
@@ -71,93 +62,6 @@ def error_reply(status: int, kind: str, message: str) -> CamserveReply:
 
 
 @dataclass
-class ModelSetup:
-    """What one predictor serves: TorchServe's view of an archive (name, manifest, model dir, config)."""
-
-    name: str
-    task: str
-    config: Dict[str, Any]
-    manifest: Dict[str, Any]
-    model_dir: str
-    cleanup: Optional[str] = None  # an unpacked archive to remove at exit
-
-    @property
-    def batch_size(self) -> int:
-        return int(self.config.get("batchSize") or DEFAULT_BATCH_SIZE)
-
-    @property
-    def max_batch_delay_ms(self) -> float:
-        value = self.config.get("maxBatchDelay")
-        return float(DEFAULT_MAX_BATCH_DELAY_MS if value is None else value)
-
-
-def task_of(config: Dict[str, Any], manifest: Dict[str, Any]) -> str:
-    model = ((config.get("handler") or {}).get("model") or {})
-    if model.get("task"):
-        return str(model["task"])
-    handler = str((manifest.get("model") or {}).get("handler") or "")
-    return "embed" if "embed" in os.path.basename(handler) else "classify"
-
-
-def setup_from_mar(path: str, name: Optional[str] = None) -> ModelSetup:
-    """Unpack a TorchServe archive as TorchServe does (its files become the model dir)."""
-    target = tempfile.mkdtemp(prefix="camserve-kserve-mar-")
-    with zipfile.ZipFile(path) as archive:
-        archive.extractall(target)
-    manifest_file = Path(target) / "MAR-INF" / "MANIFEST.json"
-    manifest = json.loads(manifest_file.read_text()) if manifest_file.exists() else {"model": {}}
-    config_name = (manifest.get("model") or {}).get("configFile")
-    config: Dict[str, Any] = {}
-    if config_name and (Path(target) / config_name).exists():
-        config = yaml.safe_load((Path(target) / config_name).read_text()) or {}
-    model_name = name or (manifest.get("model") or {}).get("modelName") or Path(path).stem
-    manifest.setdefault("model", {})["modelName"] = model_name
-    return ModelSetup(model_name, task_of(config, manifest), config, manifest, target, cleanup=target)
-
-
-def setup_from_spec(spec, config: Dict[str, Any], name: Optional[str] = None,
-                    model_dir: Optional[str] = None) -> ModelSetup:
-    """A model spec (file paths relative to the working directory, as ``camserve archive`` reads
-    them) and a model-config mapping (TorchServe keys + ``handler:``); the spec becomes
-    ``handler.model`` with absolute paths."""
-    from dataclasses import replace
-
-    absolute = {k: os.path.abspath(v) for k, v in (("weights", spec.weights), ("model_file", spec.model_file),
-                                                   ("labels", spec.labels), ("path", spec.path)) if v}
-    spec = replace(spec, **absolute)
-    config = copy.deepcopy(dict(config or {}))
-    handler = dict(config.get("handler") or {})
-    handler["model"] = spec.to_mapping()
-    config["handler"] = handler
-    model_name = name or spec.arch or spec.class_name or ("effnet_lite0" + ("_embed" if spec.task == "embed" else ""))
-    manifest = {"model": {"modelName": model_name, "modelVersion": "1.0"}}
-    return ModelSetup(model_name, spec.task, config, manifest, os.path.abspath(model_dir or os.getcwd()))
-
-
-def _handler_class(task: str):
-    if task == "embed":
-        return EmbeddingHandler
-
-    return ImageClassifierHandler
-
-
-def _gpu_id(device: str) -> Optional[int]:
-    """``auto``: GPU 0 when CUDA works; ``cpu``: none; ``cuda`` / ``cuda:N``: that GPU."""
-    import torch
-
-    device = (device or "auto").lower()
-    if device == "cpu":
-        return None
-    if device == "auto":
-        return 0 if torch.cuda.is_available() else None
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise SystemExit(f"--device {device}: CUDA is not available on this machine")
-        return int(device.split(":", 1)[1]) if ":" in device else 0
-    raise SystemExit(f"--device {device!r}: expected auto, cpu, cuda or cuda:N")
-
-
-@dataclass
 class Incoming:
     """One request for a batch: TorchServe's row and request headers for it."""
 
@@ -165,14 +69,6 @@ class Incoming:
     headers: Dict[str, Any]
     request_id: str
     arrived: float = field(default_factory=time.monotonic)
-
-
-@dataclass
-class Reply:
-    status: int
-    phrase: str
-    body: str
-    headers: Dict[str, str]
 
 
 def looks_like_json(body: bytes, content_type: str) -> bool:
@@ -221,15 +117,11 @@ class CamserveModel(kserve.Model):
 
     # -- TorchServe's context -------------------------------------------------------------
     def context(self, batch_size: int):
-        from ts.context import Context
-
-        s = self.setup
-        return Context(s.name, s.model_dir, s.manifest, batch_size, self.gpu_id, "camserve-kserve",
-                       metrics=self.sink, model_yaml_config=s.config)
+        return worker_context(self.setup, batch_size, self.gpu_id, self.sink)
 
     def load(self) -> bool:
-        self.gpu_id = _gpu_id(self.device_choice)
-        handler = _handler_class(self.setup.task)()
+        self.gpu_id = gpu_id_for(self.device_choice)
+        handler = handler_class(self.setup.task)()
         handler.initialize(self.context(self.max_batch_size))
         module = getattr(handler, "model", None)
         if hasattr(module, "register_forward_pre_hook"):
@@ -285,16 +177,5 @@ class CamserveModel(kserve.Model):
 
     def run_batch(self, batch: List[Incoming]) -> List[Reply]:
         """In the engine thread: one ``handle`` call, as a TorchServe worker makes it."""
-        from ts.context import RequestProcessor
-
-        context = self.context(len(batch))
-        context.request_processor = [RequestProcessor(i.headers) for i in batch]
-        context.request_ids = {n: i.request_id for n, i in enumerate(batch)}
-        answers = self.handler.handle([i.row for i in batch], context)
-        replies = []
-        for n, answer in enumerate(answers):
-            status, phrase = context.get_response_status(n)
-            response_headers = {str(k).lower(): str(v) for k, v in context.get_response_headers(n).items()}
-            response_headers.setdefault("content-type", "application/json")
-            replies.append(Reply(int(status or 200), phrase or "", answer, response_headers))
-        return replies
+        return handle_rows(self.handler, self.setup, self.gpu_id, [(i.row, i.headers, i.request_id) for i in batch],
+                           self.sink)
