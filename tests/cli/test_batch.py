@@ -61,6 +61,9 @@ def test_batch_resumes_without_redoing_work(photo_folder, tmp_path, capsys):
         for rel in r["heatmaps"] + r["overlays"] + [r["thumbnail"]]:
             assert (out / rel).stat().st_size > 0
         assert r["seconds"]["per_image"] > 0
+        (summary,) = r["summaries"]  # the map's summary, for `camserve drift`
+        assert (summary["method"], summary["layer"], summary["target"]) == ("gradcam", "_conv_head", r["targets"][0])
+        assert len(summary["grid"]) == 344 and 0 < summary["entropy"] <= 1
     mtimes = output_mtimes(out)
     capsys.readouterr()
 

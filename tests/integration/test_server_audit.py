@@ -87,7 +87,11 @@ def test_one_audit_record_per_explained_request(torchserve_server, samples):
         png = base64.b64decode(explanation["heatmap"])
         assert record["heatmap_sha256"] == [hashlib.sha256(png).hexdigest()]
         assert record["heatmap_stored"] is False and "heatmaps_base64" not in record
-        assert record["kind"] == "explanation"
+        assert record["kind"] == "explanation" and len(record["settings_id"]) == 12
+        (summary,) = record["summaries"]  # where the model looked, in a few hundred bytes (drift monitoring)
+        assert (summary["method"], summary["layer"], summary["target"]) == ("gradcam", "_conv_head",
+                                                                            explanation["target"])
+        assert 0 <= summary["centroid"][0] <= 1 and 0 < summary["entropy"] <= 1 and len(summary["grid"]) == 344
         batched += record["batch_size"] > 1
     assert batched > 0  # the concurrent requests were served in shared batches
 
@@ -117,6 +121,8 @@ def test_compare_and_embedding_answers_are_audited(torchserve_server, samples):
     assert record["topk"] == answer["predictions"] and record["comparison"]["spearman"] == answer["comparison"]["spearman"]
     assert record["heatmap_sha256"] == [sha(e["heatmap"]) for e in answer["explanations"]]
     assert record["explanation_seconds"] == pytest.approx(sum(e["seconds"] for e in answer["explanations"]), abs=1e-3)
+    assert [(m["method"], m["target"]) for m in record["summaries"]] == [("gradcam", answer["comparison"]["target"]),
+                                                                         ("layercam", answer["comparison"]["target"])]
     answer = embedded.json()
     record = by_kind["embedding"]
     assert record["model"] == "effnet_lite0_embed" and record["similarity"] == answer["similarity"]
@@ -124,6 +130,7 @@ def test_compare_and_embedding_answers_are_audited(torchserve_server, samples):
     assert record["heatmap_sha256"] == [sha(answer["query_map"]), sha(answer["reference_map"])]
     assert record["reference_sha256"] == hashlib.sha256(reference).hexdigest()
     assert record["explanation_seconds"] == answer["seconds"] and record["topk"] is None
+    assert [m["target"] for m in record["summaries"]] == ["query", "reference"]
     # a plain embedding is not audited (like a plain prediction)
     assert not [r for r in audit_records(server) if r["input_sha256"] == hashlib.sha256(reference).hexdigest()]
     # the audit log's health is on the metrics port: nothing dropped, nothing pending after the answers

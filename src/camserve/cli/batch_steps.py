@@ -22,10 +22,11 @@ from camserve.engine import Explainer, ExplainSpec
 from camserve.engine.evaluation import metrics
 from camserve.engine.imaging.preprocess import crop_box
 from camserve.engine.imaging.render import colorize, upsample
+from camserve.engine.imaging.summary import summarise
 from camserve.engine.models import (effnet_lite0_weights_path, imagenet_class_names, labels_for, load_model,
                                     profile_for, profile_with_layers)
 from camserve.engine.timing import clock
-from camserve.serving.answer import ClassifierAnswer, Prediction
+from camserve.serving.answer import ClassifierAnswer, Prediction, summary_entries
 
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
@@ -517,6 +518,7 @@ def render_item(item: Item, result: Result, settings: Settings, sid: str, backen
                   topk=[p.to_json() for p in result.topk],
                   image_size=[item.hw[1], item.hw[0]], crop_box=result.crop_box, heatmaps=heatmaps,
                   overlays=overlays, thumbnail=thumb_name,
+                  summaries=summary_entries(summarise(result.maps), settings.method, result.layer, result.targets),
                   seconds={k: round(v, 6) if isinstance(v, float) else v for k, v in seconds.items()})
     if result.scores is not None:
         record["scores"] = result.scores

@@ -391,7 +391,8 @@ def record_answers(audit: AuditLog, handler: Any, answered: Sequence[Any], conte
             audit.record(model=model_name, model_version=model_version,
                          request_id=ts_request_id or request.request_id, input_bytes=payload,
                          options=options, topk=topk, explanation_seconds=seconds, heatmaps=heatmaps,
-                         kind=kind, client_request_id=request.request_id, position=position,
+                         kind=kind, settings_id=getattr(handler, "settings_id", None),
+                         client_request_id=request.request_id, position=position,
                          envelope=getattr(request, "envelope", None), batch_size=batch_size, **extra)
             count += 1
     return count

@@ -33,6 +33,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import torch
 
 from camserve.engine.imaging.render import colorize, overlay, upsample
+from camserve.engine.imaging.summary import MapSummary
 from camserve.ops.audit import Base64
 from camserve.serving.display import Displayable, Panel, classifier_panels, embedding_panels
 from camserve.serving.encode import Tensor, b64png, dumps, flat, stack, tensor
@@ -66,6 +67,13 @@ def _read_several(body: Mapping[str, Any], single: str) -> Optional[List[Any]]:
     if body.get(single + "s") is not None:
         return list(body[single + "s"])
     return None if body.get(single) is None else [body[single]]
+
+
+def summary_entries(summaries: Optional[Sequence[MapSummary]], method: str, layer: Optional[str],
+                    targets: Sequence[Any]) -> List[Dict[str, Any]]:
+    """The records' form of map summaries: ``{method, layer, target, …the summary}``, one per map."""
+    return [{"method": method, "layer": layer, "target": target, **summary.to_json()}
+            for summary, target in zip(summaries or (), targets)]
 
 
 def _as_b64(values: Sequence[Any]) -> List[Any]:
@@ -206,6 +214,8 @@ class ExplanationAnswer:
     ``image_size`` (``[width, height]`` of the original); ``options`` (the method options used);
     ``passes`` (forward/backward/relevance passes of the image's share); ``seconds`` (the image's share
     of the explanation time), ``batch_seconds`` (the batched call's) and ``batch_size`` (images in it).
+    ``summaries``: one :class:`~camserve.engine.imaging.summary.MapSummary` per target when the server
+    keeps records (the audit log) — for the records only, never in the answer a client gets.
     """
 
     method: str
@@ -222,6 +232,7 @@ class ExplanationAnswer:
     batch_seconds: Optional[float] = None
     batch_size: Optional[int] = None
     colormap: Optional[str] = None
+    summaries: Optional[List[MapSummary]] = field(default=None, compare=False, repr=False)
 
     @property
     def format(self) -> str:
@@ -322,7 +333,8 @@ class ClassifierAnswer(Displayable):
     ``explanation`` (an :class:`ExplanationAnswer`, when one was asked for) or, for ``compare=``,
     ``explanations`` (one per method, same target) and ``comparison`` (:class:`ComparisonAnswer`).
     ``extra``: fields this type does not know (read from a newer server's JSON), kept in order.
-    Shown in a notebook, or with ``show()``, as its top-k and maps (:mod:`camserve.serving.display`)."""
+    ``monitored``: the summaries of a plain request's map drawn for monitoring (``handler.monitor``) —
+    recorded, never answered. Shown in a notebook, or with ``show()``, as its top-k and maps (:mod:`camserve.serving.display`)."""
 
     predictions: List[Prediction]
     batch_size: Optional[int] = None
@@ -330,6 +342,7 @@ class ClassifierAnswer(Displayable):
     explanations: Optional[List[ExplanationAnswer]] = None
     comparison: Optional[ComparisonAnswer] = None
     extra: Dict[str, Any] = field(default_factory=dict)
+    monitored: Optional[List[Dict[str, Any]]] = field(default=None, compare=False, repr=False)
 
     KEYS = ("predictions", "batch_size", "explanation", "explanations", "comparison")
 
@@ -393,17 +406,20 @@ class ClassifierAnswer(Displayable):
         return out
 
     def to_audit_record(self) -> Optional[Dict[str, Any]]:
-        """``kind`` (``explanation`` | ``compare``), ``heatmaps`` (the encoded maps), ``explanation_seconds``,
-        ``options`` (method, layer, targets, options, format; for a comparison: compare, target, layers,
-        method_options, format), ``topk`` (the predictions), ``batch_size`` and, for a comparison,
-        ``comparison`` (seconds, spearman); ``None`` for a plain prediction."""
+        """``kind`` (``explanation`` | ``compare`` | ``monitor``), ``heatmaps`` (the encoded maps),
+        ``explanation_seconds``, ``options`` (method, layer, targets, options, format; for a comparison:
+        compare, target, layers, method_options, format), ``topk`` (the predictions), ``batch_size``,
+        ``summaries`` (one per map, when the server summarised them) and, for a comparison,
+        ``comparison`` (seconds, spearman); ``monitor``: a plain prediction whose map was drawn for
+        monitoring (summaries only); ``None`` for a plain prediction."""
         topk = [p.to_json() for p in self.predictions]
         if self.explanation is not None:
             e = self.explanation
             return {"kind": "explanation", "heatmaps": _as_b64(e.maps.encoded()), "explanation_seconds": e.seconds,
                     "options": {"method": e.method, "layer": e.layer, "targets": list(e.targets),
                                 "options": dict(e.options), "format": e.format},
-                    "topk": topk, "batch_size": self.batch_size}
+                    "topk": topk, "batch_size": self.batch_size,
+                    "summaries": summary_entries(e.summaries, e.method, e.layer, e.targets)}
         if self.explanations and self.comparison is not None:
             c = self.comparison
             return {"kind": "compare", "heatmaps": _as_b64([h for e in self.explanations for h in e.maps.encoded()]),
@@ -413,7 +429,14 @@ class ClassifierAnswer(Displayable):
                                 "method_options": [dict(e.options) for e in self.explanations],
                                 "format": self.explanations[0].format},
                     "topk": topk, "batch_size": self.batch_size,
+                    "summaries": [entry for e in self.explanations
+                                  for entry in summary_entries(e.summaries, e.method, e.layer, e.targets)],
                     "comparison": {"seconds": list(c.seconds), "spearman": [list(r) for r in c.spearman]}}
+        if self.monitored:
+            first = self.monitored[0]
+            return {"kind": "monitor", "heatmaps": [], "explanation_seconds": None,
+                    "options": {"method": first["method"], "layer": first["layer"]}, "topk": topk,
+                    "batch_size": self.batch_size, "summaries": list(self.monitored)}
         return None
 
 
@@ -448,7 +471,8 @@ class FamAnswer:
     ``gradcam_similarity``) and ``route``; ``reference`` (what the reference was: image, embedding,
     gallery); ``query_map``/``reference_map`` (base64 PNGs at the model input's size, ``size``
     ``[width, height]``; ``reference_map`` ``None`` without a reference image); ``passes``, ``seconds``
-    (the image's share), ``batch_seconds``; ``overlay`` (with ``overlay=1``); ``matches`` (gallery)."""
+    (the image's share), ``batch_seconds``; ``overlay`` (with ``overlay=1``); ``matches`` (gallery);
+    ``summaries`` (the query's and the reference's map, when the server keeps records; never answered)."""
 
     similarity: float
     metric: str
@@ -463,6 +487,7 @@ class FamAnswer:
     batch_seconds: Optional[float] = None
     overlay: Optional[str] = None
     matches: Optional[List[FamMatch]] = None
+    summaries: Optional[List[MapSummary]] = field(default=None, compare=False, repr=False)
 
     KEYS = ("similarity", "metric", "method", "route", "reference", "query_map", "reference_map", "size", "passes",
             "seconds", "batch_seconds", "overlay", "matches")
@@ -575,7 +600,8 @@ class EmbeddingAnswer(Displayable):
 
     def to_audit_record(self) -> Optional[Dict[str, Any]]:
         """``kind`` ``embedding``, ``heatmaps`` (the FAM pair and each match's), ``explanation_seconds``,
-        ``options`` (method, metric, route, reference), ``topk`` (``None``), ``batch_size``,
+        ``options`` (method, metric, route, reference), ``topk`` (``None``), ``batch_size``, ``summaries``
+        (the query's and the reference's map, when summarised),
         ``similarity`` and ``matches`` (index, label, similarity each; ``None`` without a gallery);
         ``None`` for a plain embedding."""
         fam = self.fam
@@ -584,6 +610,7 @@ class EmbeddingAnswer(Displayable):
         return {"kind": "embedding", "heatmaps": _as_b64(fam.maps()), "explanation_seconds": fam.seconds,
                 "options": {"method": fam.method, "metric": fam.metric, "route": fam.route, "reference": fam.reference},
                 "topk": None, "batch_size": self.batch_size, "similarity": fam.similarity,
+                "summaries": summary_entries(fam.summaries, fam.method, None, ("query", "reference")),
                 "matches": [{"index": m.index, "label": m.label, "similarity": m.similarity}
                             for m in fam.matches or ()] or None}
 

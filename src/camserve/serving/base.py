@@ -24,6 +24,8 @@ the same helper around :meth:`run_batch` itself, so a fault outside the engine c
 from __future__ import annotations
 
 import gc
+import hashlib
+import json
 import logging
 import os
 from collections import defaultdict
@@ -45,6 +47,14 @@ from camserve.serving.settings import HandlerSettings
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 RETRY_FRACTION = 0.8  # a failed batch's retries must end within this part of responseTimeout
+
+
+def settings_id(model_config: Any) -> str:
+    """What the records call the archive's settings: the first 12 hex digits of the SHA-256 of the
+    ``handler:`` section of ``model-config.yaml`` as canonical JSON (the same settings, the same id)."""
+    handler = (model_config or {}).get("handler") or {}
+    text = json.dumps(handler, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
 
 
 class BatchFailedError(RuntimeError):
@@ -110,8 +120,15 @@ class CamserveHandler(BaseHandler):
             torch.cuda.set_device(self.device)
         self.load(context)
         self.audit = AuditLog.from_config(self.settings.extra)  # opt-in: handler.audit_log (H6)
+        self.settings_id = settings_id(getattr(context, "model_yaml_config", None))
         self.initialized = True
         logger.info("camserve %s ready on %s with %s", type(self).__name__, self.device, self.settings)
+
+    @property
+    def summarising(self) -> bool:
+        """Whether answers carry their maps' summaries (:mod:`camserve.engine.imaging.summary`): when the
+        audit log records them."""
+        return getattr(self, "audit", None) is not None
 
     # -- fault isolation ----------------------------------------------------------------------
     def run_isolated(self, items: Sequence[T], run: Callable[[List[T]], Dict[Any, Any]],

@@ -43,12 +43,15 @@ from camserve.engine.comparison import compare, comparison_json
 from camserve.engine.pipeline import Explainer
 from camserve.engine.models import EFFNET_LITE0, ModelProfile, labels_for, load_spec, profile_with_layers
 from camserve.engine.imaging.preprocess import crop_box
+from camserve.engine.imaging.summary import summarise
 from camserve.engine.core.targets import validate_target
 from camserve.engine.timing import clock
-from camserve.serving.answer import ClassifierAnswer, ComparisonAnswer, ExplanationAnswer, Prediction, RenderedMaps
+from camserve.serving.answer import (ClassifierAnswer, ComparisonAnswer, ExplanationAnswer, Prediction, RenderedMaps,
+                                     summary_entries)
 from camserve.serving.base import BatchBudgetExceededError, CamserveHandler
 from camserve.serving.errors import InvalidRequestOptionError, MissingInputError
 from camserve.serving.images import b64decode, decode_image, image_size
+from camserve.serving.monitor import MonitorSettings
 from camserve.ops.metrics import record_explanations
 from camserve.serving.options import ExplainOptions, parse_options
 from camserve.serving.requests import ParsedRequest
@@ -116,6 +119,10 @@ class ImageClassifierHandler(CamserveHandler):
         self.explainer = build_explainer(self.model, loaded.profile, self.settings)
         self.profile = profile_with_layers(loaded.profile, self.explainer.catalog)
         self.labels = labels_for(spec, self.model_dir, self.explainer.num_classes)
+
+    def initialize(self, context) -> None:
+        super().initialize(context)
+        self.monitor = MonitorSettings.from_config(self.settings.extra, self.explainer, self.audit is not None)
 
     # -- per image ----------------------------------------------------------------------------
     def prepare(self, index: int, request: ParsedRequest) -> List[Prepared]:
@@ -220,6 +227,9 @@ class ImageClassifierHandler(CamserveHandler):
         start = clock(self.device)
         batch, crops = p.model_input([i.image for i in images], self.device)
         specs = [i.options.spec() for i in images]
+        monitor = getattr(self, "monitor", None)
+        monitored = [spec is None and monitor is not None and monitor.draw() for spec in specs]
+        specs = [monitor.spec() if drawn else spec for spec, drawn in zip(specs, monitored)]
         result = self.explainer.explain(batch, specs, layer_resolution=True)
         probabilities = torch.softmax(result.logits.float(), dim=-1)
         engine_seconds = clock(self.device) - start
@@ -230,7 +240,10 @@ class ImageClassifierHandler(CamserveHandler):
             width, height = image_size(prepared.image)
             answer = ClassifierAnswer(Prediction.top(probabilities[row], self.labels, prepared.options.topk),
                                       batch_size=len(images))
-            if explanation is not None:
+            if monitored[row]:  # a plain answer: the map's summary is recorded, not answered
+                answer.monitored = summary_entries(summarise(explanation.maps), explanation.method,
+                                                   explanation.layer, explanation.targets)
+            elif explanation is not None:
                 answer.explanation = self.explanation_answer(
                     explanation, prepared.options, crops[row:row + 1], (height, width), len(images))
                 # each row's share of the batch's passes, summed per method (not the batch's time per row)
@@ -275,4 +288,4 @@ class ImageClassifierHandler(CamserveHandler):
             image_size=[original_hw[1], original_hw[0]], options=dict(explanation.options),
             passes=dict(explanation.passes), seconds=round(explanation.seconds, 4),
             batch_seconds=round(getattr(explanation, "batch_seconds", 0.0) or explanation.seconds, 4),
-            batch_size=batch_size)
+            batch_size=batch_size, summaries=summarise(explanation.maps) if self.summarising else None)

@@ -27,6 +27,7 @@ from camserve.engine import REGISTRY, SIMILARITIES, FamExplainer, FamSpec, Galle
 from camserve.engine.core.values import truth
 from camserve.engine.models import EFFNET_LITE0, ModelProfile, embedding_model_for, load_spec
 from camserve.engine.imaging.preprocess import crop_box
+from camserve.engine.imaging.summary import summarise
 from camserve.engine.imaging.render import overlay, to_uint8
 from camserve.serving.answer import EmbeddingAnswer, FamAnswer, FamMatch
 from camserve.serving.base import CamserveHandler
@@ -216,6 +217,9 @@ class EmbeddingHandler(CamserveHandler):
                     size=[int(fam.query_map.shape[-1]), int(fam.query_map.shape[-2])],
                     passes=dict(fam.passes), seconds=round(fam.seconds, 4),
                     batch_seconds=round(getattr(fam, "batch_seconds", 0.0) or fam.seconds, 4))
+                if self.summarising:
+                    pair = [fam.query_map] + ([fam.reference_map] if fam.reference_map is not None else [])
+                    answer.fam.summaries = summarise(torch.stack([m.float() for m in pair]))
                 if item.overlay:
                     answer.fam.overlay = b64png(overlay(fam.query_map[None], crops[row:row + 1], item.colormap,
                                                         self.settings.overlay_alpha)[0])
