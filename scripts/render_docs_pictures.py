@@ -1,18 +1,22 @@
 """Renders the documentation's pictures into docs/images/: real heatmaps of the bundled pretrained
-EfficientNet-Lite0 on photographs of ../shared/data/imagenet-samples/.
+EfficientNet-Lite0 on the freely licensed photographs of docs/photos/ (CC0 / public-domain sample
+images of scikit-image, see docs/photos/SOURCES.md). The pictures are committed, so they must never be
+made from the ImageNet samples in ../shared/data/ (research and testing only, not redistributed).
 
-* ``heatmaps.png`` (README front page, docs/index.md): three photographs (rows); the model's 224×224
-  crop with its top-1 label, then Grad-CAM at the last feature map (``_conv_head``), LayerCAM and
-  Shallow-CAM at a shallow stage (``_blocks.4``), all for the top-1 class.
-* ``methods-by-layer.jpg`` (docs/gallery.md): one photograph; rows the methods (CAM, Grad-CAM,
-  Grad-CAM++, LayerCAM, Shallow-CAM, Relevance-CAM and Captum's Guided Grad-CAM), columns the stages
+* ``heatmaps.png`` (README front page, docs/index.md): three photographs (rows: the cat ``chelsea``,
+  the ``coffee`` cup, the ``rocket`` on its launch pad); the model's 224×224 crop with its top-1 label, then
+  Grad-CAM at the last feature map (``_conv_head``), LayerCAM and Shallow-CAM at a shallow stage
+  (``_blocks.4``), all for the top-1 class.
+* ``methods-by-layer.jpg`` (docs/gallery.md): one photograph (``chelsea``); rows the methods (CAM,
+  Grad-CAM, Grad-CAM++, LayerCAM, Shallow-CAM, Relevance-CAM and Captum's Guided Grad-CAM), columns the stages
   ``_blocks.2`` (56×56), ``_blocks.4`` (28×28), ``_blocks.10`` (14×14), ``_conv_head`` (7×7), all for
   the top-1 class; a cell a method cannot do at that layer (the engine's own validation refuses it)
   is an empty, labelled cell.
 * ``fam-pairs.png`` (docs/gallery.md): FAM of the bundled embedding model (``effnet_lite0_embed``:
   the pooled 1280-channel features, L2-normalised) for three (query, reference) pairs — the same
-  photograph and its horizontal mirror, then two photographs of other classes — query and reference
-  map side by side, the cosine similarity in the title.
+  photograph and its horizontal mirror, then two photographs of other subjects — query and reference
+  map side by side, the cosine similarity in the title. The query is ``chelsea``; the references are
+  its mirror image, ``coffee`` and ``rocket``.
 
 Every map of one picture's method set comes from one batched engine call (``Explainer.explain`` or
 ``FamExplainer.explain``). Only the engine's public API is used: ``camserve.engine`` (explainers),
@@ -22,6 +26,8 @@ handler builds it: ``load_spec`` + ``embedding_model_for``) and the profile's ow
 
     .venv/bin/python scripts/render_docs_pictures.py [--photos DIR] [--out-dir docs/images]
                                                       [--only heatmaps|methods|fam ...]
+
+``--photos`` (default docs/photos) is any folder holding photographs of the names below.
 """
 
 from __future__ import annotations
@@ -29,18 +35,17 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import os
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-SAMPLES = Path(os.environ.get("CAMSERVE_SHARED", REPO.parent / "shared")) / "data" / "imagenet-samples"
+PHOTO_DIR = REPO / "docs" / "photos"  # committed, CC0 / public domain (docs/photos/SOURCES.md)
 MAX_BYTES = 250_000
 JPEG_QUALITY = 85
 
 # -- heatmaps.png -------------------------------------------------------------------------------------
-PHOTOS = ("n01833805_hummingbird.JPEG", "n02510455_giant_panda.JPEG", "n02088364_beagle.JPEG")
+PHOTOS = ("chelsea.jpg", "coffee.jpg", "rocket.jpg")
 SHALLOW = "_blocks.4"
 COLUMNS = (  # (title, method, layer)
     ("Grad-CAM\n_conv_head (last map)", "gradcam", "_conv_head"),
@@ -49,7 +54,7 @@ COLUMNS = (  # (title, method, layer)
 )
 
 # -- methods-by-layer.jpg -----------------------------------------------------------------------------
-GRID_PHOTO = "n02088364_beagle.JPEG"
+GRID_PHOTO = "chelsea.jpg"
 GRID_LAYERS = ("_blocks.2", "_blocks.4", "_blocks.10", "_conv_head")  # stages 2, 3, 5, 8 of the profile
 GRID_METHODS = (  # (row title, method)
     ("CAM", "cam"),
@@ -62,12 +67,15 @@ GRID_METHODS = (  # (row title, method)
 )
 
 # -- fam-pairs.png ------------------------------------------------------------------------------------
-FAM_QUERY = "n02088364_beagle.JPEG"
+FAM_QUERY = "chelsea.jpg"
 FAM_PAIRS = (  # (pair title, reference photograph, mirrored?)
     ("same photograph, mirrored", FAM_QUERY, True),
-    ("another class: Walker hound", "n02089867_Walker_hound.JPEG", False),
-    ("another class: tiger cat", "n02123159_tiger_cat.JPEG", False),
+    ("another photograph: a coffee cup", "coffee.jpg", False),
+    ("another photograph: a rocket on its pad", "rocket.jpg", False),
 )
+
+#: what the docs/photos photographs show (titles); a folder's LABELS.tsv (file, name) takes precedence
+DESCRIPTIONS = {"chelsea.jpg": "cat", "coffee.jpg": "coffee cup", "rocket.jpg": "rocket on its pad"}
 
 PICTURES = ("heatmaps", "methods", "fam")
 FILES = {"heatmaps": "heatmaps.png", "methods": "methods-by-layer.jpg", "fam": "fam-pairs.png"}
@@ -114,6 +122,12 @@ def model_input(profile, images):
 
 def pretty(name: str) -> str:
     return name.replace("_", " ")
+
+
+def describe(ctx, name: str) -> str:
+    """What photograph ``name`` shows: its LABELS.tsv name if the folder has one, else DESCRIPTIONS, else
+    the file name without its suffix."""
+    return pretty(ctx["truth"].get(name) or DESCRIPTIONS.get(name) or name.rsplit(".", 1)[0])
 
 
 def overlay(ax, crop, heat=None) -> None:
@@ -232,7 +246,7 @@ def render_methods_by_layer(ctx, out: Path) -> int:
                         transform=ax.transAxes)
                 for spine in ax.spines.values():
                     spine.set_color("#bbbbbb")
-    fig.suptitle(f"EfficientNet-Lite0 · {pretty(GRID_PHOTO.split('_', 1)[1].rsplit('.', 1)[0])} photograph · "
+    fig.suptitle(f"EfficientNet-Lite0 · {describe(ctx, GRID_PHOTO)} photograph · "
                  f"maps for the top-1 class ({pretty(names[top])}, p = {float(probs[top]):.2f})\n"
                  f"rows: methods · columns: layers (feature-map size) · overlay at 224×224", fontsize=9.5)
     fig.tight_layout(rect=(0, 0, 1, 0.975), h_pad=1.1, w_pad=0.4)
@@ -268,13 +282,13 @@ def render_fam_pairs(ctx, out: Path) -> int:
     ratios = [w for i in range(n) for w in ((1, 1) if i == n - 1 else (1, 1, 0.22))]
     grid = fig.add_gridspec(1, len(ratios), width_ratios=ratios, left=0.01, right=0.99, top=0.76, bottom=0.08,
                             wspace=0.06)
-    query_label = pretty(ctx["truth"].get(FAM_QUERY, FAM_QUERY))
+    query_label = describe(ctx, FAM_QUERY)
     for i, (title, ref, mirrored) in enumerate(FAM_PAIRS):
         item = items[i]
         left, right = fig.add_subplot(grid[0, 3 * i]), fig.add_subplot(grid[0, 3 * i + 1])
         overlay(left, crops[i], item.query_map.float().cpu().numpy())
         overlay(right, crops[n + i], item.reference_map.float().cpu().numpy())
-        ref_label = pretty(ctx["truth"].get(ref, ref)) + (", mirrored" if mirrored else "")
+        ref_label = describe(ctx, ref) + (", mirrored" if mirrored else "")
         left.set_title(f"query: {query_label}", fontsize=8.5)
         right.set_title(f"reference: {ref_label}", fontsize=8.5)
         middle = (left.get_position().x0 + right.get_position().x1) / 2
@@ -290,7 +304,9 @@ def render_fam_pairs(ctx, out: Path) -> int:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--photos", type=Path, default=SAMPLES, help="folder with the sample photographs")
+    parser.add_argument("--photos", type=Path, default=PHOTO_DIR,
+                        help=f"folder with the photographs {', '.join(needed_photos(PICTURES))} "
+                             f"(default docs/photos)")
     parser.add_argument("--out-dir", type=Path, default=REPO / "docs" / "images",
                         help="where the pictures go (default docs/images)")
     parser.add_argument("--only", choices=PICTURES, action="append",
@@ -301,8 +317,7 @@ def main(argv=None) -> int:
     missing = [name for name in needed_photos(which) if not (args.photos / name).is_file()]
     if missing:
         sys.exit(f"render_docs_pictures: photographs not found in {args.photos}: {', '.join(missing)}\n"
-                 f"(the shared data set ../shared/data/imagenet-samples/ is needed; set CAMSERVE_SHARED "
-                 f"or --photos to its location)")
+                 f"(the committed photographs are in docs/photos/; --photos names another folder)")
 
     started = time.perf_counter()
     import matplotlib
