@@ -20,13 +20,19 @@ import subprocess
 from pathlib import Path
 from typing import Dict
 
+import yaml
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("CAMSERVE_SHARED", REPO.parent / "shared"))
 CIFAR_CLASSES = "airplane automobile bird cat deer dog frog horse ship truck".split()
 TV_CLASSES = ["alpha", "bravo", "charlie", "delta", "echo"]
 RESNET20 = SHARED / "models" / "cifar-resnet" / "resnet20-12fca82f.th"
 BYO_MODELS = {name: f"{name}.mar" for name in
-              ("tv_resnet18", "timm_vit", "cifar_resnet20", "tv_resnet18_embed", "tv_resnet18_proj")}
+              ("tv_resnet18", "timm_vit", "cifar_resnet20", "tv_resnet18_embed", "tv_resnet18_proj",
+               "cifar_monitored")}
+#: the monitored archive's handler.monitor: every plain request monitored, the first 20 maps the
+#: reference, a drift score of the latest 20 every 5 maps
+MONITOR = {"fraction": 1.0, "reference_size": 20, "window": 20, "score_every": 5}
 
 
 def camserve(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -73,6 +79,12 @@ def build_byo_archives(store: Path, work: Path) -> Dict[str, str]:
         ["tv_resnet18_proj", "--task", "embed", "--source", "torchvision", "--arch", "resnet18",
          "--num-classes", "128", "--weights", "resnet18_proj.pth", "--embedding", "output"],
     ]
+    monitored = dict(yaml.safe_load((REPO / "configs" / "effnet_lite0.yaml").read_text()))
+    monitored["handler"] = {"monitor": MONITOR}  # the audit log: CAMSERVE_AUDIT_LOG of the session server
+    (work / "monitored.yaml").write_text(yaml.safe_dump(monitored))
+    builds.append(["cifar_monitored", "--config", "monitored.yaml", "--source", "eager", "--model-file",
+                   str(REPO / "examples/cifar_resnet/model.py"), "--class-name", "CifarResNet", "--kwargs",
+                   '{"depth": 20}', "--weights", str(RESNET20), "--preprocess", "crop=32", "--labels", "cifar10.json"])
     for args in builds:
         done = camserve("archive", *args, "--export-path", out, cwd=work)
         if done.returncode != 0:

@@ -35,6 +35,7 @@ from camserve.engine.pipeline import ExplainSpec
 from camserve.engine.models import embedding_model_for, load_spec, profile_with_layers
 from camserve.engine import CANONIZERS, FamExplainer
 from camserve.serving.classifier import build_explainer
+from camserve.serving.monitor import MonitorSettings
 from camserve.serving.settings import HandlerSettings
 import camserve
 
@@ -133,6 +134,10 @@ def check_servable(spec, section: Dict[str, Any]) -> str:
         except Exception as error:  # noqa: BLE001 - reported as the archive's configuration error
             raise SystemExit(f"default method {name!r} at layer {layer or explainer.default_layer!r} cannot serve "
                              f"this model: {error}") from None
+    try:  # handler.monitor (its audit log may come from the server's environment: not required here)
+        MonitorSettings.from_config(settings, explainer, audit_on=True)
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
     return (f"classify: {explainer.num_classes} classes, default layer {explainer.default_layer}, "
             f"stages {', '.join(profile.stages)}")
 

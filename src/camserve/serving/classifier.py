@@ -31,6 +31,7 @@ request on its own.
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Dict, List, Sequence, Tuple
@@ -52,6 +53,7 @@ from camserve.serving.base import BatchBudgetExceededError, CamserveHandler
 from camserve.serving.errors import InvalidRequestOptionError, MissingInputError
 from camserve.serving.images import b64decode, decode_image, image_size
 from camserve.serving.monitor import MonitorSettings
+from camserve.ops.drift_monitor import DriftMonitor
 from camserve.ops.metrics import record_explanations
 from camserve.serving.options import ExplainOptions, parse_options
 from camserve.serving.requests import ParsedRequest
@@ -122,7 +124,9 @@ class ImageClassifierHandler(CamserveHandler):
 
     def initialize(self, context) -> None:
         super().initialize(context)
-        self.monitor = MonitorSettings.from_config(self.settings.extra, self.explainer, self.audit is not None)
+        self.monitor = MonitorSettings.from_config(self.settings, self.explainer, self.audit is not None)
+        self.drift = DriftMonitor.from_settings(self.settings.extra["monitor"], self.model_name, self.monitor.method,
+                                                self.monitor.layer) if self.monitor is not None else None
 
     # -- per image ----------------------------------------------------------------------------
     def prepare(self, index: int, request: ParsedRequest) -> List[Prepared]:
@@ -137,6 +141,20 @@ class ImageClassifierHandler(CamserveHandler):
                 self.check_compare_target(options.target)
             prepared.append(Prepared(index, position, pixels, options))
         return prepared
+
+    def after_batch(self, answered, context) -> None:
+        """The audit log's records (:meth:`CamserveHandler.after_batch`), then the monitored maps to the
+        drift monitor and its latest score out as the ``ExplanationDrift`` gauge."""
+        super().after_batch(answered, context)
+        drift = getattr(self, "drift", None)
+        if drift is None:
+            return
+        for _index, _request, outcome in answered:
+            if isinstance(outcome, list):
+                for answer in outcome:
+                    drift.observe(getattr(answer, "monitored", None) or ())
+        if not math.isnan(drift.score):
+            record_counters(context, {}, gauges={"ExplanationDrift": round(drift.score, 4)})
 
     def check_compare_target(self, target: Any) -> None:
         """A comparison explains one class per method: the predicted one (``top1``) or an index."""

@@ -9,7 +9,12 @@ plain answer, byte for byte.
       monitor:
         fraction: 0.01        # of plain requests (default 0.01; 0 switches it off)
         method: cam           # default: cam when the model's head allows it (global pool + linear), else gradcam
-        layer: _conv_head     # default: the archive's default layer (the last feature map)
+        layer: _conv_head     # default: the method's layer in the archive (method_layers, default_layer)
+        # the rolling drift score (ExplanationDrift gauge; camserve.ops.drift_monitor):
+        reference: /var/lib/camserve/reference-audit.jsonl   # default: the first reference_size monitored maps
+        reference_size: 200
+        window: 200           # the latest monitored maps compared with the reference
+        score_every: 50       # a new score every 50 monitored maps
 
 Each plain image is drawn on its own (``os.urandom``: no state shared between requests), so over
 ``n`` plain images about ``fraction · n`` are monitored.
@@ -33,13 +38,14 @@ class MonitorSettings:
 
     fraction: float
     method: str
-    layer: Optional[str]
+    layer: str
 
     @classmethod
-    def from_config(cls, extra: Mapping[str, Any], explainer: Any, audit_on: bool) -> Optional["MonitorSettings"]:
-        """The ``handler.monitor`` section, checked against the explainer; ``None`` when absent or
-        ``fraction`` is 0. Monitoring needs the audit log (it is where the summaries go)."""
-        section = extra.get("monitor")
+    def from_config(cls, settings: Any, explainer: Any, audit_on: bool) -> Optional["MonitorSettings"]:
+        """The ``handler.monitor`` section of the handler ``settings``, checked against the explainer
+        (the layer resolved to its module path); ``None`` when absent or ``fraction`` is 0. Monitoring
+        needs the audit log (it is where the summaries go)."""
+        section = settings.extra.get("monitor")
         if section is None:
             return None
         if not isinstance(section, Mapping):
@@ -52,17 +58,18 @@ class MonitorSettings:
         if not audit_on:
             raise ValueError("handler.monitor records summaries in the audit log: set handler.audit_log "
                              "(or CAMSERVE_AUDIT_LOG) too")
-        layer = section.get("layer")
         methods = [section["method"]] if section.get("method") else list(CHEAPEST)
         for method in methods:
+            layer = settings.layer_for(str(method), section.get("layer"))
             try:
+                layer = explainer.catalog.resolve(layer) if layer else explainer.default_layer
                 explainer.validate(ExplainSpec(str(method), layer))
             except ExplanationInputError as error:
                 if section.get("method"):
                     raise ValueError(f"handler.monitor: {error}") from None
                 continue
             return cls(fraction, str(method), layer)
-        raise ValueError(f"handler.monitor: none of {CHEAPEST} can explain layer {layer!r} of this model")
+        raise ValueError(f"handler.monitor: none of {CHEAPEST} can explain layer {section.get('layer')!r} of this model")
 
     def spec(self) -> ExplainSpec:
         """The monitoring map's request: the predicted class, at the monitoring layer."""
