@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import shutil
 import subprocess
@@ -31,6 +32,7 @@ from typing import Any, Dict, List
 import yaml
 
 from camserve.commands.model_args import add_model_arguments, spec_from_args
+from camserve.lab.calibration_card import CARD_JSON, read_card
 from camserve.engine.pipeline import ExplainSpec
 from camserve.engine.models import embedding_model_for, load_spec, profile_with_layers
 from camserve.engine import CANONIZERS, FamExplainer
@@ -66,6 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="how relevance passes see the model (handler.canonizer): BatchNorm folded into the "
                              "conv before it, its shift kept (fold_bn) or dropped (fold_bn_nobias)")
     parser.add_argument("--extra-file", action="append", default=[], help="another file for the archive (repeatable)")
+    parser.add_argument("--calibrate", default=None, metavar="DIR",
+                        help="a camserve calibrate --out folder: its calibration.json travels in the archive and sets "
+                             "default_method / method_layers / method_options (flags given here win)")
     parser.add_argument("--export-path", default="model_store", help="folder for the .mar (default: model_store)")
     parser.add_argument("--version", default="1.0", help="model version (default: 1.0)")
     parser.add_argument("--no-check", action="store_true", help="do not load the model before archiving")
@@ -106,6 +111,38 @@ def handler_section(args, spec, base: Dict[str, Any]) -> Dict[str, Any]:
             raise SystemExit(f"--method-option {item!r}: expected METHOD.OPTION=VALUE")
         section.setdefault("method_options", {}).setdefault(method.strip().lower(), {})[option.strip().lower()] = \
             value.strip()
+    return section
+
+
+#: the spec keys a calibration must share with the archived model
+CALIBRATION_SPEC_KEYS = ("source", "arch", "class_name", "kwargs", "num_classes", "task", "preprocess")
+
+
+def apply_calibration(section: Dict[str, Any], card: Dict[str, Any], spec) -> Dict[str, Any]:
+    """The handler section with a calibration's served defaults (``camserve calibrate``'s
+    ``served``: ``default_method``, ``method_layers``, ``method_options``) and
+    ``calibration: calibration.json``; a card of another model exits with why."""
+    mine, theirs = spec.to_mapping(), dict(card.get("spec") or {})
+    differ = [k for k in CALIBRATION_SPEC_KEYS if mine.get(k) != theirs.get(k)]
+    if differ:
+        what = ", ".join(f"{k}: {theirs.get(k)!r} vs {mine.get(k)!r}" for k in differ)
+        raise SystemExit(f"--calibrate: the calibration is of another model ({what})")
+    served = dict(card.get("served") or {})
+    if not served.get("default_method"):
+        raise SystemExit("--calibrate: the calibration chose no reading at any stage (see its calibration.html)")
+    section = copy.deepcopy(section)
+    section["default_method"] = served["default_method"]
+    section["method_layers"] = {**dict(section.get("method_layers") or {}), **dict(served.get("method_layers") or {})}
+    options = dict(section.get("method_options") or {})
+    for method in dict(served.get("method_layers") or {}):  # a calibrated method serves exactly its reading
+        values = dict((served.get("method_options") or {}).get(method) or {})
+        if values:
+            options[method] = values
+        else:
+            options.pop(method, None)
+    if options:
+        section["method_options"] = options
+    section["calibration"] = CARD_JSON
     return section
 
 
@@ -190,6 +227,9 @@ def run(args: argparse.Namespace) -> int:
                        (spec.path, "--hf-dir"), *[(f, "--extra-file") for f in args.extra_file]):
         if path and not os.path.exists(path):
             raise SystemExit(f"{what} {path!r} not found")
+    card = read_card(Path(args.calibrate)) if getattr(args, "calibrate", None) else None
+    if card is not None:
+        base["handler"] = apply_calibration(dict(base.get("handler") or {}), card, spec)
     base["handler"] = handler_section(args, spec, base)
     if not args.no_check:
         try:
@@ -207,6 +247,8 @@ def run(args: argparse.Namespace) -> int:
             shutil.copytree(spec.path, pkg / "hf_model")
         for extra in args.extra_file:
             shutil.copy2(extra, pkg / os.path.basename(extra))
+        if card is not None:
+            (pkg / CARD_JSON).write_text(json.dumps(card, indent=1))
         config_file = stage / "model-config.yaml"
         config_file.write_text(f"# model-config.yaml of {args.name}.mar, written by camserve archive\n"
                                + yaml.safe_dump(base, sort_keys=False))

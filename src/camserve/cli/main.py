@@ -24,6 +24,7 @@ SUBCOMMANDS = {
     "kserve": ("camserve.cli.kserve", "serve a model spec or .mar as a KServe predictor (v1 :predict/:explain, v2 /infer)"),
     "kserve-layout": ("camserve.cli.kserve_layout", "write the model-store + config.properties layout KServe's TorchServe runtime reads"),
     "drift": ("camserve.cli.drift", "explanation drift: reference vs current audit/batch records, per class; JSON, HTML, exit 1 on drift"),
+    "calibrate": ("camserve.cli.calibrate", "per stage, the most faithful CAM reading on your images; model card JSON + HTML"),
     "view": ("camserve.cli.view", "a local web page: an image's top-k and maps side by side (methods x layers)"),
 }
 

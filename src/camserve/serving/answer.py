@@ -216,6 +216,11 @@ class ExplanationAnswer:
     of the explanation time), ``batch_seconds`` (the batched call's) and ``batch_size`` (images in it).
     ``summaries``: one :class:`~camserve.engine.imaging.summary.MapSummary` per target when the server
     keeps records (the audit log) — for the records only, never in the answer a client gets.
+    ``calibration``: when the archive was calibrated (``camserve calibrate``) and this (method, layer,
+    options) is a calibrated reading, its report-half score ``{overall, vs_layercam, sem, n}``
+    (``overall = mean_i (AUC(ins_i) − (AUC(del0_i) + AUC(delB_i)) / 2)``, ``vs_layercam`` the paired
+    mean difference to LayerCAM at that layer, ``sem`` its standard error over the ``n`` images);
+    absent otherwise (answers of uncalibrated archives are unchanged).
     """
 
     method: str
@@ -233,6 +238,7 @@ class ExplanationAnswer:
     batch_size: Optional[int] = None
     colormap: Optional[str] = None
     summaries: Optional[List[MapSummary]] = field(default=None, compare=False, repr=False)
+    calibration: Optional[Dict[str, Any]] = None
 
     @property
     def format(self) -> str:
@@ -254,6 +260,8 @@ class ExplanationAnswer:
         for name in ("seconds", "batch_seconds", "batch_size"):
             if getattr(self, name) is not None:
                 body[name] = getattr(self, name)
+        if self.calibration is not None:
+            body["calibration"] = dict(self.calibration)
         return body
 
     @classmethod
@@ -268,7 +276,7 @@ class ExplanationAnswer:
                    image_size=list(body.get("image_size") or []), options=dict(body.get("options") or {}),
                    passes=dict(body.get("passes") or {}), seconds=body.get("seconds"),
                    batch_seconds=body.get("batch_seconds"), batch_size=body.get("batch_size"),
-                   colormap=body.get("colormap"))
+                   colormap=body.get("colormap"), calibration=body.get("calibration"))
 
     def to_v2_tensors(self) -> Dict[str, Tensor]:
         """``method``, ``layer``, ``colormap``, ``targets``, ``target_labels``, ``layer_shape``, the maps

@@ -30,8 +30,10 @@ request on its own.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Dict, List, Sequence, Tuple
@@ -107,6 +109,35 @@ def captum_limits(section: Any) -> CaptumLimits:
     return limits
 
 
+def calibration_scores(settings: HandlerSettings, model_dir: str) -> List[Dict[str, Any]]:
+    """The calibrated readings of ``handler.calibration`` (a ``calibration.json`` in the model dir
+    written by ``camserve calibrate``): its ``scores``, each ``{method, layer, options (resolved),
+    overall, vs_layercam, sem, n}``; ``[]`` when the section names none. A named file that is missing
+    or unreadable is a configuration error that stops the worker from loading."""
+    name = settings.extra.get("calibration")
+    if not name:
+        return []
+    path = os.path.join(model_dir, str(name))
+    try:
+        with open(path, encoding="utf-8") as f:
+            scores = json.load(f).get("scores")
+    except (OSError, ValueError, AttributeError) as error:
+        raise ValueError(f"handler.calibration {name!r}: cannot read it from the model dir ({error})") from None
+    if not isinstance(scores, list):
+        raise ValueError(f"handler.calibration {name!r}: no 'scores' list (not a camserve calibrate model card)")
+    return scores
+
+
+def calibrated(scores: Sequence[Dict[str, Any]], method: str, layer: str, options: Dict[str, Any]) -> Any:
+    """``{overall, vs_layercam, sem, n}`` of the calibrated reading equal to (method, layer, resolved
+    options), else ``None``."""
+    plain = json.loads(json.dumps(dict(options), default=str))
+    for score in scores:
+        if score.get("method") == method and score.get("layer") == layer and score.get("options") == plain:
+            return {key: score.get(key) for key in ("overall", "vs_layercam", "sem", "n")}
+    return None
+
+
 class ImageClassifierHandler(CamserveHandler):
     """TorchServe handler for an image classifier: the archive's model spec (EfficientNet-Lite0 by default)."""
 
@@ -121,6 +152,7 @@ class ImageClassifierHandler(CamserveHandler):
         self.explainer = build_explainer(self.model, loaded.profile, self.settings)
         self.profile = profile_with_layers(loaded.profile, self.explainer.catalog)
         self.labels = labels_for(spec, self.model_dir, self.explainer.num_classes)
+        self.calibration = calibration_scores(self.settings, self.model_dir)
 
     def initialize(self, context) -> None:
         super().initialize(context)
@@ -306,4 +338,6 @@ class ImageClassifierHandler(CamserveHandler):
             image_size=[original_hw[1], original_hw[0]], options=dict(explanation.options),
             passes=dict(explanation.passes), seconds=round(explanation.seconds, 4),
             batch_seconds=round(getattr(explanation, "batch_seconds", 0.0) or explanation.seconds, 4),
-            batch_size=batch_size, summaries=summarise(explanation.maps) if self.summarising else None)
+            batch_size=batch_size, summaries=summarise(explanation.maps) if self.summarising else None,
+            calibration=calibrated(getattr(self, "calibration", ()), explanation.method, explanation.layer,
+                                   dict(explanation.options)))

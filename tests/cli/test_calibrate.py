@@ -1,0 +1,148 @@
+"""``camserve calibrate`` end to end on the pretrained CIFAR ResNet-20 and real CIFAR-10 test JPEGs:
+the model card (JSON + self-contained HTML) and its choices, ``camserve archive --calibrate`` (the card
+in the .mar, the chosen defaults in model-config.yaml), the calibrated score in a served answer (the
+real handler, in-process), and bad inputs → a clear message and a non-zero exit."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import zipfile
+
+import pytest
+import yaml
+
+from camserve.cli.main import main
+from camserve.serving.local import handle_rows, handler_class, setup_from_mar, worker_context
+
+from byo_archives import REPO, RESNET20, SHARED, camserve
+
+CIFAR = SHARED / "data" / "cifar10-test"
+MODEL = ["--source", "eager", "--model-file", str(REPO / "examples" / "cifar_resnet" / "model.py"),
+         "--class-name", "CifarResNet", "--kwargs", '{"depth": 20}', "--weights", str(RESNET20),
+         "--preprocess", "crop=32"]
+N_IMAGES = 20  # a seeded sample of the 5,000 JPEGs: 10 per half
+CANDIDATES = "layercam,gradcam,sc[rel+soft@T4]"  # three of the five: the test stays short
+
+pytestmark = pytest.mark.skipif(not (RESNET20.is_file() and CIFAR.is_dir()), reason="shared CIFAR data/model absent")
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory):
+    work = tmp_path_factory.mktemp("calibrate")
+    out = work / "card"
+    done = camserve("calibrate", *MODEL, "--data", str(CIFAR), "--max-images", str(N_IMAGES), "--out", str(out),
+                    "--candidates", CANDIDATES,
+                    "--threads", "2", cwd=work)
+    assert done.returncode == 0, done.stdout + done.stderr
+    card = json.loads((out / "calibration.json").read_text())
+    return work, out, card, done.stdout
+
+
+def test_the_model_card_records_a_choice_per_stage_on_the_choose_half(calibrated):
+    _work, out, card, stdout = calibrated
+    assert "[choose 1/" in stdout and "[report 1/" in stdout  # progress shown
+    assert card["format"] == "camserve-calibration/1" and card["n"]["choose"] == card["n"]["report"] == N_IMAGES // 2
+    assert card["protocol"]["steps"] >= 16 and card["protocol"]["checks"] == "CDR"
+    assert [s["stage"] for s in card["stages"]] == ["stage1", "stage2", "stage3"]
+    assert [s["layer"] for s in card["stages"]] == ["layer1", "layer2", "layer3"]
+    for stage in card["stages"]:
+        rows, chosen = stage["choose"], stage["chosen"]
+        assert set(rows) == set(card["protocol"]["candidates"]) == set(CANDIDATES.split(","))
+        passing = {n: r["overall"] for n, r in rows.items() if r["passed"]}
+        assert chosen["name"] == max(passing, key=passing.get)  # the most faithful reading passing the checks
+        assert rows["layercam"]["vs_layercam"] == 0 and "C" in rows["layercam"]["checks"]
+        report, base = stage["report"], stage["layercam_report"]
+        assert report["n"] == N_IMAGES // 2 and report["wins"] + report["losses"] <= report["n"]
+        # the paired difference is the difference of the means on the same images
+        assert report["vs_layercam"] == pytest.approx(report["overall"] - base["overall"], abs=1e-9)
+        assert report["sem"] >= 0 and -1 <= report["rho12"] <= 1
+        assert set(stage["curves"]) == {chosen["name"], "layercam"}
+        assert len(stage["curves"]["layercam"]["deletion_zero"]) == card["protocol"]["steps"] + 1
+    best = max(card["stages"], key=lambda s: s["choose"][s["chosen"]["name"]]["overall"])
+    assert card["served"]["default_method"] == best["chosen"]["method"]
+    assert card["served"]["method_layers"][best["chosen"]["method"]] == best["layer"]
+    assert len(card["scores"]) == 3
+    page = (out / "calibration.html").read_text()
+    assert page.count("data:image/png;base64,") == 2 and "http" not in page.replace("http-equiv", "")
+    for stage in card["stages"]:
+        assert stage["chosen"]["name"] in page
+
+
+def test_archive_calibrate_serves_the_calibrated_defaults_and_score(calibrated):
+    work, out, card, _ = calibrated
+    done = camserve("archive", "r20cal", *MODEL, "--calibrate", str(out), "--export-path", str(work / "store"),
+                    cwd=work)
+    assert done.returncode == 0, done.stdout + done.stderr
+    mar = work / "store" / "r20cal.mar"
+    with zipfile.ZipFile(mar) as archive:
+        assert json.loads(archive.read("calibration.json")) == card
+        handler = yaml.safe_load(archive.read("model-config.yaml"))["handler"]
+    served = card["served"]
+    assert handler["calibration"] == "calibration.json"
+    assert handler["default_method"] == served["default_method"]
+    assert handler["method_layers"] == served["method_layers"]
+    assert handler.get("method_options", {}) == served["method_options"]
+
+    setup = setup_from_mar(str(mar))
+    try:
+        served_handler = handler_class(setup.task)()
+        served_handler.initialize(worker_context(setup, 8, None))
+        photo = (CIFAR / "cat" / "0000.jpg").read_bytes()
+        scored = {(s["method"], s["layer"]): s for s in card["scores"]}
+        rows = [{"data": photo, "explain": "1"}]  # the default method at its calibrated layer
+        # each calibrated reading as a client names it: method, layer and the reading's options
+        rows += [{"data": photo, "explain": s["chosen"]["method"], "layer": s["layer"], **s["chosen"]["options"]}
+                 for s in card["stages"]]
+        uncalibrated = next((m, l) for m in ("layercam", "gradcampp", "gradcam")
+                            for l in ("layer1", "layer2", "layer3") if (m, l) not in scored)
+        rows.append({"data": photo, "explain": uncalibrated[0], "layer": uncalibrated[1]})
+        replies = handle_rows(served_handler, setup, None, [(row, {}, f"r{i}") for i, row in enumerate(rows)])
+        answers = [json.loads(r.body)["explanation"] for r in replies]
+        assert all(r.status == 200 for r in replies)
+        for answer in answers[:-1]:
+            score = scored[(answer["method"], answer["layer"])]
+            assert answer["calibration"] == {k: score[k] for k in ("overall", "vs_layercam", "sem", "n")}
+        assert answers[0]["method"] == served["default_method"]
+        assert answers[0]["layer"] == served["method_layers"][served["default_method"]]
+        assert "calibration" not in answers[-1]  # a reading nobody calibrated carries no score
+    finally:
+        shutil.rmtree(setup.model_dir, ignore_errors=True)
+
+
+def exit_message(argv, capsys) -> str:
+    """``camserve`` in-process: the message of the non-zero exit it must end with."""
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    assert stopped.value.code not in (0, None)
+    return str(stopped.value.code) + capsys.readouterr().err
+
+
+def test_bad_inputs_exit_with_a_clear_message(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "no images" in exit_message(["calibrate", *MODEL, "--data", str(empty), "--out", str(tmp_path / "o")],
+                                       capsys)
+    few = tmp_path / "few"
+    few.mkdir()
+    for name in sorted(p.name for p in (CIFAR / "dog").iterdir())[:6]:
+        shutil.copy(CIFAR / "dog" / name, few / name)
+    message = exit_message(["calibrate", *MODEL, "--data", str(few), "--out", str(tmp_path / "o")], capsys)
+    assert "6 images" in message and "needs at least 8" in message
+    message = exit_message(["calibrate", *MODEL, "--data", str(CIFAR), "--out", str(tmp_path / "o"),
+                            "--layers", "stage3", "--candidates", "sc[rel+plain+refine]"], capsys)
+    assert "stage 'layer3': no candidate applies" in message
+    assert "at least 16 steps" in exit_message(["calibrate", *MODEL, "--data", str(CIFAR), "--out",
+                                                str(tmp_path / "o"), "--steps", "8"], capsys)
+    assert not (tmp_path / "o").exists()  # nothing written for a calibration that could not run
+
+
+def test_archive_refuses_a_calibration_of_another_model(calibrated, tmp_path, capsys):
+    _work, out, _card, _ = calibrated
+    other = [a if a != '{"depth": 20}' else '{"depth": 56}' for a in MODEL if a != str(RESNET20)]
+    other.remove("--weights")
+    message = exit_message(["archive", "r56", *other, "--calibrate", str(out), "--no-check",
+                            "--export-path", str(tmp_path)], capsys)
+    assert "the calibration is of another model" in message and "depth" in message
+    assert "no calibration.json" in exit_message(["archive", "r20", *MODEL, "--calibrate", str(tmp_path),
+                                                  "--export-path", str(tmp_path)], capsys)
