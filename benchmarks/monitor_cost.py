@@ -30,10 +30,10 @@ from pathlib import Path
 
 import torch
 import yaml
-from ts.context import Context, RequestProcessor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import REPO, SAMPLES  # noqa: E402
+from handlerkit import handle, initialised  # noqa: E402
 
 from camserve.engine.imaging.summary import summarise  # noqa: E402
 from camserve.serving.classifier import ImageClassifierHandler  # noqa: E402
@@ -49,21 +49,15 @@ class NotSummarising(ImageClassifierHandler):
     summarising = False
 
 
-def handler(cls, work: Path, name: str, **settings):
+def handler(cls, work: Path, **settings):
     config = yaml.safe_load((REPO / "configs" / "effnet_lite0.yaml").read_text())
     config["handler"].update(settings)
-    context = Context("effnet_lite0", str(work), {"model": {"modelName": "effnet_lite0", "modelVersion": "1.0"}},
-                      1, None, "0.12.0", model_yaml_config=config)
-    h = cls()
-    h.initialize(context)
-    return h, context
+    return initialised(cls, work, config, batch_size=1)
 
 
 def timed(h, context, row) -> float:
-    context.request_processor = [RequestProcessor({})]
-    context.request_ids = {0: "bench"}
     start = time.perf_counter()
-    h.handle([dict(row)], context)
+    handle(h, context, [dict(row)])
     return time.perf_counter() - start
 
 
@@ -77,7 +71,7 @@ def main() -> int:
     photos = [p.read_bytes() for p in sorted(SAMPLES.glob("*.JPEG"))[:20]]
     results = {}
 
-    arms = {"without summaries": handler(NotSummarising, work, "a"), "with summaries": handler(Summarising, work, "b")}
+    arms = {"without summaries": handler(NotSummarising, work), "with summaries": handler(Summarising, work)}
     for method in ("gradcam", "shallowcam"):
         row_options = {"explain": method} if method != "gradcam" else {"explain": method, "layer": "_conv_head"}
         times = {name: [] for name in arms}
@@ -99,10 +93,10 @@ def main() -> int:
             "mean_s": means, "ratio": means["with summaries"] / means["without summaries"],
             "summary_s": own, "ratio_from_summary_time": (means["without summaries"] + own) / means["without summaries"]}
 
-    arms = {"no monitoring": handler(ImageClassifierHandler, work, "c", audit_log=str(work / "c.jsonl")),
-            "monitor 1 %": handler(ImageClassifierHandler, work, "d", audit_log=str(work / "d.jsonl"),
+    arms = {"no monitoring": handler(ImageClassifierHandler, work, audit_log=str(work / "c.jsonl")),
+            "monitor 1 %": handler(ImageClassifierHandler, work, audit_log=str(work / "d.jsonl"),
                                    monitor={"fraction": 0.01}),
-            "monitor 100 %": handler(ImageClassifierHandler, work, "e", audit_log=str(work / "e.jsonl"),
+            "monitor 100 %": handler(ImageClassifierHandler, work, audit_log=str(work / "e.jsonl"),
                                      monitor={"fraction": 1.0})}
     times = {name: [] for name in arms}
     for i in range(args.rounds + 3):

@@ -31,7 +31,6 @@ import requests
 import torch
 import yaml
 from PIL import Image
-from ts.context import Context, RequestProcessor
 
 from camserve.engine.timing import clock
 from camserve.serving.base import BatchFailedError
@@ -40,6 +39,7 @@ from camserve.serving.embedding import EmbeddingHandler
 from camserve.serving.images import image_size
 
 from conftest import REPO, SAMPLES
+from handlerkit import handle as handle_batch, initialised
 
 MODEL = "effnet_lite0"
 PHOTOS = ["n01560419_bulbul.JPEG", "n01582220_magpie.JPEG", "n01665541_leatherback_turtle.JPEG",
@@ -86,20 +86,9 @@ def model_config(**captum):
 SMALL_CAPS = dict(max_steps=8, max_evaluations=8, max_batch_evaluations=12)
 
 
-def initialised(cls, tmp_path, config):
-    manifest = {"model": {"modelName": MODEL, "modelVersion": "1.0"}}
-    context = Context(MODEL, str(tmp_path), manifest, 8, None, "0.12.0", model_yaml_config=config)
-    handler = cls()
-    handler.initialize(context)
-    return handler, context
-
-
 def handle(handler, context, rows):
     """One TorchServe batch: ``rows`` as the frontend hands them; → [(status, body)] per request."""
-    context.request_processor = [RequestProcessor({}) for _ in rows]
-    context.request_ids = {i: f"req-{i}" for i in range(len(rows))}
-    answers = handler.handle(rows, context)
-    assert len(answers) == len(rows)
+    answers = handle_batch(handler, context, rows)
     return [(context.get_response_status(i)[0], json.loads(a)) for i, a in enumerate(answers)]
 
 

@@ -13,13 +13,13 @@ import pytest
 import torch
 import yaml
 from PIL import Image
-from ts.context import Context, RequestProcessor
 
 from camserve.engine.imaging.summary import GRID, MAX_JSON_BYTES, MapSummary, summarise
 from camserve.serving.classifier import ImageClassifierHandler
 from camserve.serving.embedding import EmbeddingHandler
 
 from conftest import REPO, SAMPLES, decode_png, photo_bytes
+from handlerkit import handle, initialised
 
 PHOTOS = ["n01560419_bulbul.JPEG", "n01582220_magpie.JPEG", "n01665541_leatherback_turtle.JPEG",
           "n01833805_hummingbird.JPEG"]
@@ -29,20 +29,6 @@ def config(tmp_path, **handler):
     base = yaml.safe_load((REPO / "configs" / "effnet_lite0.yaml").read_text())
     base["handler"].update(handler)
     return base
-
-
-def initialised(cls, tmp_path, model_config, name="effnet_lite0"):
-    manifest = {"model": {"modelName": name, "modelVersion": "1.0"}}
-    context = Context(name, str(tmp_path), manifest, 8, None, "0.12.0", model_yaml_config=model_config)
-    handler = cls()
-    handler.initialize(context)
-    return handler, context
-
-
-def handle(handler, context, rows):
-    context.request_processor = [RequestProcessor({}) for _ in rows]
-    context.request_ids = {i: f"req-{i}" for i in range(len(rows))}
-    return handler.handle(rows, context)
 
 
 def without_times(answer: str) -> dict:
