@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "tests" / "integration"))
 import requests  # noqa: E402
 from PIL import Image  # noqa: E402
-from serverkit import free_port  # noqa: E402
+from serverkit import free_port, stop_process  # noqa: E402
 from test_view import CHROMIUM_FLAGS, LAYERS, METHODS, DevTools, heatmap_colours, running  # noqa: E402
 from websockets.sync.client import connect  # noqa: E402
 
@@ -56,17 +56,8 @@ def start_chromium(profile: Path, width: int):
         except (requests.RequestException, ValueError):
             pass
         time.sleep(0.25)
-    stop(process)
+    stop_process(process)
     raise TimeoutError("headless Chromium offered no page over the DevTools protocol")
-
-
-def stop(process: subprocess.Popen) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(timeout=30)
 
 
 def screenshot(view_url: str, websocket_url: str, photo: Path, width: int) -> bytes:
@@ -113,7 +104,7 @@ def main(argv=None) -> int:
         try:
             png = screenshot(view.url, websocket_url, args.photo.resolve(), args.width)
         finally:
-            stop(process)
+            stop_process(process)
     colours = heatmap_colours(png)
     picture = Image.open(io.BytesIO(png)).convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -43,6 +42,18 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def stop_process(process: subprocess.Popen, timeout: float = 30) -> Optional[int]:
+    """SIGTERM, ``timeout`` seconds to exit, then SIGKILL; returns the exit code (a no-op once exited)."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=30)
+    return process.returncode
 
 
 def derived_config(source: Path, ports: Dict[str, int], model_store: Path, models: Dict[str, str],
@@ -235,13 +246,7 @@ class KServe:
         raise TimeoutError(f"camserve kserve {self.name} not ready after {timeout:.0f} s\n{self.tail()}")
 
     def stop(self) -> Optional[int]:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=30)
+        stop_process(self.process, timeout=60)
         self.out.close()
         return self.process.returncode
 

@@ -15,7 +15,6 @@ import io
 import json
 import os
 import shutil
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ from PIL import Image
 from websockets.sync.client import connect
 
 from conftest import SAMPLES
-from serverkit import REPO, VENV_BIN, free_port
+from serverkit import REPO, VENV_BIN, free_port, stop_process
 
 pytestmark = pytest.mark.server
 PHOTO = "n01833805_hummingbird.JPEG"
@@ -70,13 +69,7 @@ class View:
         raise TimeoutError(f"camserve view not ready after {timeout:.0f} s\n{self.log.read_text()}")
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=30)
+        stop_process(self.process)
         self.out.close()
 
     def explain(self, files: Dict[str, bytes], **fields: Any) -> requests.Response:
@@ -158,12 +151,7 @@ def chromium(tmp_path) -> Iterator[DevTools]:
         with connect(target["webSocketDebuggerUrl"], max_size=None, open_timeout=30) as websocket:
             yield DevTools(websocket)
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=30)
+        stop_process(process)
 
 
 def heatmap_colours(png: bytes) -> Dict[str, float]:
