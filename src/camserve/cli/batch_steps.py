@@ -8,6 +8,7 @@ import base64
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 import time
@@ -25,8 +26,11 @@ from camserve.engine.imaging.render import colorize, upsample
 from camserve.engine.imaging.summary import summarise
 from camserve.engine.models import (effnet_lite0_weights_path, imagenet_class_names, labels_for, load_model,
                                     profile_for, profile_with_layers)
+from camserve.engine.runtime import RUNTIME_ENV, RuntimeSettings, configure_runtime
 from camserve.engine.timing import clock
 from camserve.serving.answer import ClassifierAnswer, Prediction, summary_entries
+
+logger = logging.getLogger(__name__)
 
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
@@ -209,6 +213,10 @@ class LocalBackend:
         if self._explainer is None:
             model = self._load()
             self._explainer = Explainer.for_profile(model, self.profile)
+            # the serving runtime's defaults (memory format measured, the fast path where it applies),
+            # with an operator's $CAMSERVE_RUNTIME in their place
+            settings = RuntimeSettings().overridden(os.environ.get(RUNTIME_ENV, ""), f"${RUNTIME_ENV}")
+            logger.info("camserve batch runtime: %s", configure_runtime(self._explainer, settings, self.device))
             self.profile = profile_with_layers(self.profile, self._explainer.catalog)
         return self._explainer
 

@@ -20,7 +20,7 @@ several threads on one model.
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -40,6 +40,8 @@ from camserve.engine.lrp.starts import relevance_seed, start_of, temperature_of
 from camserve.engine.methods import REGISTRY, Captured, Registry
 from camserve.engine.methods.captum.attribute import attribute_rows
 from camserve.engine.methods.captum.catalog import DEFAULT_LIMITS, CaptumLimits
+from camserve.engine.runtime.fast_path import EAGER, FastPath
+from camserve.engine.runtime.memory_format import format_of
 from camserve.engine.timing import clock
 
 
@@ -49,6 +51,16 @@ def check_graph_rows(value, what: str = "graph_rows"):
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
         raise ValueError(f"{what} must be a positive integer or None, got {value!r}")
     return value
+
+@dataclass
+class HeadCapture:
+    """What :meth:`Explainer._backward_rounds` reads of a capture, for the fast path: the runtime's map
+    (a leaf that requires grad when a gradient pass follows; the head's plain autograd graph above it)."""
+
+    activations: Dict[str, torch.Tensor]
+    mode: str = "gradient"
+    release_graph: bool = False
+
 
 class Explainer:
     """Explanations for an image classifier, batched, in the forward that predicts.
@@ -65,6 +77,9 @@ class Explainer:
     explained in consecutive chunks of that many rows, each image still in exactly one forward
     (memory of the graph ∝ ``graph_rows`` instead of the batch; logits and maps equal the whole
     batch's up to the float rounding of a smaller convolution batch). ``None``: the whole batch.
+    ``fast_path`` (:mod:`camserve.engine.runtime.fast_path`, set with :meth:`use_fast_path`) answers the
+    rows that need only its layer's map and the head on an optimised runtime, the others run here;
+    inputs are given to the model in its own memory format (contiguous or channels-last).
     """
 
     def __init__(self, model: nn.Module, input_size: Tuple[int, int] = (224, 224),
@@ -98,6 +113,18 @@ class Explainer:
         self._conv_geometry, probe = trace_conv_geometries(model, self.input_size, overwritten)
         self._overwritten = frozenset(overwritten)
         self.num_classes = int(probe.shape[-1])
+        self.fast_path: Optional[FastPath] = None
+
+    @property
+    def _input_format(self) -> torch.memory_format:
+        """The model's memory format (:func:`~camserve.engine.runtime.memory_format.format_of`): inputs are
+        given in it, so a channels-last model converts nothing at its first convolution."""
+        return format_of(self.model)
+
+    def use_fast_path(self, fast_path: Optional[FastPath]) -> "Explainer":
+        """Serve the rows it qualifies for from ``fast_path`` (built once at load; ``None``: none)."""
+        self.fast_path = fast_path
+        return self
 
     @classmethod
     def for_profile(cls, model: nn.Module, profile: Any, default_layer: Optional[str] = None,
@@ -126,7 +153,7 @@ class Explainer:
         """Plain inference: logits under ``torch.inference_mode``."""
         check_images(images)
         with torch.inference_mode():
-            return self.model(images)
+            return self.model(images.contiguous(memory_format=self._input_format))
 
     def explain(self, images: torch.Tensor, specs: Sequence[Optional[ExplainSpec]],
                 output_size: Optional[Tuple[int, int]] = None, layer_resolution: bool = False,
@@ -140,6 +167,74 @@ class Explainer:
         if len(specs) != images.shape[0]:
             raise InvalidTargetError(f"got {len(specs)} explanation specs for a batch of {images.shape[0]} images")
         rows = [self._plan(i, spec) for i, spec in enumerate(specs) if spec is not None]  # all, before any forward
+        if self.fast_path is not None:
+            planned = {row.index: row for row in rows}
+            quick = [i for i in range(len(specs)) if self.fast_path.serves(planned.get(i))]
+            if quick:
+                return self._explain_split(images, specs, rows, quick, output_size, layer_resolution, dtype)
+        return self._explain_eager(images, specs, rows, output_size, layer_resolution, dtype)
+
+    def _explain_split(self, images, specs, rows, quick: List[int], output_size, layer_resolution,
+                       dtype) -> ExplainResult:
+        """The images at ``quick`` on the fast path, the others on the eager engine; each image is
+        forwarded once, by one of them; ``batch_seconds`` is the whole call."""
+        start = clock(images.device)
+        count = len(specs)
+        chosen = set(quick)
+        slow = [i for i in range(count) if i not in chosen]
+        parts = []
+        for indices, run in ((quick, self._explain_fast), (slow, self._explain_eager)):
+            if not indices:
+                continue
+            position = {old: new for new, old in enumerate(indices)}
+            part_rows = [replace(row, index=position[row.index], targets=[]) for row in rows if row.index in position]
+            part = run(images[indices], [specs[i] for i in indices], part_rows, output_size, layer_resolution, dtype)
+            parts.append((indices, part))
+        if len(parts) == 1:
+            return parts[0][1]
+        logits = torch.empty(count, parts[0][1].logits.shape[-1], dtype=parts[0][1].logits.dtype,
+                             device=parts[0][1].logits.device)
+        explanations: List[Optional[Explanation]] = [None] * count
+        paths = [EAGER] * count
+        for indices, part in parts:
+            logits[indices] = part.logits.to(logits.device, logits.dtype)
+            for k, i in enumerate(indices):
+                explanations[i] = part.explanations[k]
+                paths[i] = part.paths[k] if part.paths else EAGER
+        seconds = clock(images.device) - start
+        for explanation in explanations:
+            if explanation is not None:
+                explanation.batch_seconds = seconds
+        return ExplainResult(logits, explanations, sum(part.forward_seconds for _, part in parts), paths)
+
+    def _explain_fast(self, images, specs, rows, output_size, layer_resolution, dtype) -> ExplainResult:
+        """Rows the fast path serves: one forward on its runtime (logits and the map), maps from the map
+        and, for gradient methods, a backward through the head alone."""
+        fast = self.fast_path
+        device = images.device
+        start = clock(device)
+        logits, features = fast.forward(images)
+        logits, features = logits.to(device), features.to(device)
+        paths = [fast.name] * len(specs)
+        if not rows:
+            return ExplainResult(logits, [None] * len(specs), clock(device) - start, paths)
+        gradient = any(row.method.needs_gradient_for(row.options) for row in rows)
+        with torch.enable_grad():
+            if gradient:  # the head's logits (equal to the runtime's up to rounding) carry the gradient
+                features.requires_grad_(True)
+                logits = fast.head(features)
+            forward_seconds = clock(device) - start
+            shares = {row.index: forward_seconds / images.shape[0] for row in rows}
+            for row in rows:
+                row.targets = resolve_targets(row.spec_target, logits[row.index].detach())
+            maps, passes = self._backward_rounds(HeadCapture({fast.layer: features}), logits, rows, shares)
+        result = self._explanations(images, specs, rows, maps, passes, shares, logits, start, forward_seconds,
+                                    output_size, layer_resolution, dtype)
+        result.paths = paths
+        return result
+
+    def _explain_eager(self, images, specs, rows, output_size, layer_resolution, dtype) -> ExplainResult:
+        """Rows on the eager engine (the shared captured forward, then Captum's own forwards)."""
         own = [row for row in rows if row.own_forwards]
         if not own:
             return self._explain_captured(images, specs, rows, output_size, layer_resolution, dtype)
@@ -209,12 +304,20 @@ class Explainer:
                             relevance_passes=relevance_passes) as capture, \
                 torch.enable_grad():
             with torch.no_grad():  # the capture switches grad on at ``floor``; this block restores the mode
-                logits = self.model(images)
+                logits = self.model(images.contiguous(memory_format=self._input_format))
             forward_seconds = clock(device) - start
             shares = {row.index: forward_seconds / images.shape[0] for row in rows}  # the shared forward
             for row in rows:
                 row.targets = resolve_targets(row.spec_target, logits[row.index].detach())
             maps, passes = self._backward_rounds(capture, logits, rows, shares)
+        return self._explanations(images, specs, rows, maps, passes, shares, logits, start, forward_seconds,
+                                  output_size, layer_resolution, dtype)
+
+    def _explanations(self, images, specs, rows, maps, passes, shares, logits, start, forward_seconds,
+                      output_size, layer_resolution, dtype) -> ExplainResult:
+        """Each row's maps normalised and upsampled (its own time added to its share) as an
+        :class:`Explanation`; ``batch_seconds`` from ``start``."""
+        device = images.device
         size = None if layer_resolution else (output_size or tuple(images.shape[-2:]))
         explanations: List[Optional[Explanation]] = [None] * len(specs)
         for row in rows:

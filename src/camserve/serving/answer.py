@@ -337,7 +337,9 @@ class ComparisonAnswer:
 class ClassifierAnswer(Displayable):
     """One image's answer from the image classifier.
 
-    ``predictions`` (top-k :class:`Prediction`); ``batch_size`` (images in the engine call); then either
+    ``predictions`` (top-k :class:`Prediction`); ``batch_size`` (images in the engine call); ``runtime``
+    (the forward that served the image: ``"eager"``, or ``"openvino"`` for the fast path of
+    :mod:`camserve.engine.runtime.fast_path`); then either
     ``explanation`` (an :class:`ExplanationAnswer`, when one was asked for) or, for ``compare=``,
     ``explanations`` (one per method, same target) and ``comparison`` (:class:`ComparisonAnswer`).
     ``extra``: fields this type does not know (read from a newer server's JSON), kept in order.
@@ -351,13 +353,16 @@ class ClassifierAnswer(Displayable):
     comparison: Optional[ComparisonAnswer] = None
     extra: Dict[str, Any] = field(default_factory=dict)
     monitored: Optional[List[Dict[str, Any]]] = field(default=None, compare=False, repr=False)
+    runtime: Optional[str] = None
 
-    KEYS = ("predictions", "batch_size", "explanation", "explanations", "comparison")
+    KEYS = ("predictions", "batch_size", "runtime", "explanation", "explanations", "comparison")
 
     def to_json(self) -> Dict[str, Any]:
         body: Dict[str, Any] = {"predictions": [p.to_json() for p in self.predictions]}
         if self.batch_size is not None:
             body["batch_size"] = self.batch_size
+        if self.runtime is not None:
+            body["runtime"] = self.runtime
         if self.explanation is not None:
             body["explanation"] = self.explanation.to_json()
         if self.explanations is not None:
@@ -380,7 +385,7 @@ class ClassifierAnswer(Displayable):
                    ExplanationAnswer.from_json(explanation) if explanation else None,
                    [ExplanationAnswer.from_json(e) for e in explanations] if explanations is not None else None,
                    ComparisonAnswer.from_json(body["comparison"]) if body.get("comparison") else None,
-                   {k: v for k, v in body.items() if k not in cls.KEYS})
+                   {k: v for k, v in body.items() if k not in cls.KEYS}, runtime=body.get("runtime"))
 
     def panels(self) -> List[Panel]:
         """The maps as pictures: each explained target's, or each compared method's."""
@@ -392,12 +397,14 @@ class ClassifierAnswer(Displayable):
         return self.explanation or (self.explanations[0] if self.explanations else None)
 
     def to_v2_tensors(self) -> Dict[str, Tensor]:
-        """``scores``, ``indices``, ``labels``, ``batch_size``, the explanation's tensors; for a comparison
+        """``scores``, ``indices``, ``labels``, ``batch_size``, ``runtime``, the explanation's tensors; for a comparison
         every explanation tensor gets a leading method dimension (``crop_box``, ``image_size``: one per
         image) and the comparison's tensors follow."""
         out = predictions_tensors(self.predictions)
         if self.batch_size is not None:
             out["batch_size"] = tensor(self.batch_size, "INT64")
+        if self.runtime is not None:
+            out["runtime"] = tensor(self.runtime, "BYTES")
         if self.explanation is not None:
             out.update(self.explanation.to_v2_tensors())
         if self.explanations is not None:
@@ -530,7 +537,8 @@ class FamAnswer:
 
 @dataclass
 class EmbeddingAnswer(Displayable):
-    """One image's answer from the embedding model: ``dim`` (D), ``batch_size``, ``embedding`` (D floats,
+    """One image's answer from the embedding model: ``dim`` (D), ``batch_size``, ``runtime`` (the forward
+    that served it, as for the classifier), ``embedding`` (D floats,
     5 decimals; ``None`` with ``embedding=0``), ``crop_box`` (the model input's crop in original pixels)
     and, with a reference or a gallery, ``fam`` (:class:`FamAnswer`). ``extra``: fields this type does
     not know (read from a newer server's JSON). Shown in a notebook, or with ``show()``, as its FAM maps."""
@@ -541,11 +549,14 @@ class EmbeddingAnswer(Displayable):
     embedding: Optional[List[float]] = None
     fam: Optional[FamAnswer] = None
     extra: Dict[str, Any] = field(default_factory=dict)
+    runtime: Optional[str] = None
 
-    KEYS = ("dim", "batch_size", "embedding", "crop_box")
+    KEYS = ("dim", "batch_size", "runtime", "embedding", "crop_box")
 
     def to_json(self) -> Dict[str, Any]:
         body: Dict[str, Any] = {"dim": self.dim, "batch_size": self.batch_size}
+        if self.runtime is not None:
+            body["runtime"] = self.runtime
         if self.embedding is not None:
             body["embedding"] = list(self.embedding)
         body["crop_box"] = list(self.crop_box)
@@ -559,14 +570,14 @@ class EmbeddingAnswer(Displayable):
         fam = FamAnswer.from_json(body) if body.get("query_map") is not None else None
         known = cls.KEYS + (FamAnswer.KEYS if fam is not None else ())
         return cls(int(body["dim"]), body.get("batch_size"), list(body.get("crop_box") or []), body.get("embedding"),
-                   fam, {k: v for k, v in body.items() if k not in known})
+                   fam, {k: v for k, v in body.items() if k not in known}, runtime=body.get("runtime"))
 
     def panels(self) -> List[Panel]:
         """The FAM maps as pictures: the query's, the reference's, each gallery match's."""
         return embedding_panels(self, *self._images)
 
     def to_v2_tensors(self) -> Dict[str, Tensor]:
-        """``embedding``, ``dim``, ``batch_size``; with FAM ``similarity``, ``metric``, ``route``,
+        """``embedding``, ``dim``, ``batch_size``, ``runtime``; with FAM ``similarity``, ``metric``, ``route``,
         ``reference``, ``method``, ``query_map``, ``reference_map``, ``overlay``, ``size``,
         ``passes_<kind>``, ``seconds``, the matches (``match_index``, ``match_label``, ``match_similarity``,
         ``match_query_map``, ``match_reference_map`` when every match has one); then ``crop_box`` and
@@ -577,6 +588,8 @@ class EmbeddingAnswer(Displayable):
         out["dim"] = tensor(self.dim, "INT64")
         if self.batch_size is not None:
             out["batch_size"] = tensor(self.batch_size, "INT64")
+        if self.runtime is not None:
+            out["runtime"] = tensor(self.runtime, "BYTES")
         fam = self.fam
         if fam is not None:
             for name, datatype in (("similarity", "FP32"), ("metric", "BYTES"), ("route", "BYTES"),

@@ -44,6 +44,7 @@ from camserve.engine.methods import REGISTRY
 from camserve.engine import CaptumLimits
 from camserve.engine.comparison import compare, comparison_json
 from camserve.engine.pipeline import Explainer
+from camserve.engine.runtime import configure_runtime
 from camserve.engine.models import EFFNET_LITE0, ModelProfile, labels_for, load_spec, profile_with_layers
 from camserve.engine.imaging.preprocess import crop_box
 from camserve.engine.imaging.summary import summarise
@@ -59,7 +60,7 @@ from camserve.ops.drift_monitor import DriftMonitor
 from camserve.ops.metrics import record_explanations
 from camserve.serving.options import ExplainOptions, parse_options
 from camserve.serving.requests import ParsedRequest
-from camserve.serving.settings import HandlerSettings, model_spec
+from camserve.serving.settings import HandlerSettings, model_spec, runtime_settings
 from camserve.ops.metrics import record_counters
 
 logger = logging.getLogger(__name__)
@@ -86,10 +87,21 @@ def image_bytes(payload: Any, what: str = "image") -> bytes:
 
 def build_explainer(model, profile: ModelProfile, settings: HandlerSettings) -> Explainer:
     """The served explainer (:meth:`Explainer.for_profile`) with the archive's settings: default layer,
-    targets cap, Captum caps, ``graph_rows``, LRP composite and canonizer."""
+    targets cap, Captum caps, ``graph_rows``, LRP composite and canonizer (``handler.runtime`` is
+    checked here and applied by :func:`serving_explainer`)."""
+    runtime_settings(settings)
     return Explainer.for_profile(model, profile, settings.default_layer, composite=settings.composite,
                                  max_topk=settings.max_targets, captum_limits=captum_limits(settings.extra.get("captum")),
                                  graph_rows=settings.graph_rows, canonizer=settings.canonizer)
+
+
+def serving_explainer(model, profile: ModelProfile, settings: HandlerSettings, device: torch.device) -> Explainer:
+    """:func:`build_explainer` run the way ``handler.runtime`` asks (:func:`~camserve.engine.runtime.configure_runtime`:
+    memory format measured or set, the fast path for the rows that need only the last map and the
+    head when it can be built); the log says what was chosen and why."""
+    explainer = build_explainer(model, profile, settings)
+    logger.info("camserve runtime: %s", configure_runtime(explainer, runtime_settings(settings), device))
+    return explainer
 
 
 def captum_limits(section: Any) -> CaptumLimits:
@@ -149,7 +161,7 @@ class ImageClassifierHandler(CamserveHandler):
         spec = model_spec(self.settings, self.manifest, "classify")
         loaded = load_spec(spec, self.model_dir, self.device, self.manifest.get("model", {}).get("serializedFile"))
         self.model = loaded.module
-        self.explainer = build_explainer(self.model, loaded.profile, self.settings)
+        self.explainer = serving_explainer(self.model, loaded.profile, self.settings, self.device)
         self.profile = profile_with_layers(loaded.profile, self.explainer.catalog)
         self.labels = labels_for(spec, self.model_dir, self.explainer.num_classes)
         self.calibration = calibration_scores(self.settings, self.model_dir)
@@ -289,7 +301,7 @@ class ImageClassifierHandler(CamserveHandler):
         for row, (prepared, explanation) in enumerate(zip(images, result.explanations)):
             width, height = image_size(prepared.image)
             answer = ClassifierAnswer(Prediction.top(probabilities[row], self.labels, prepared.options.topk),
-                                      batch_size=len(images))
+                                      batch_size=len(images), runtime=result.path(row))
             if monitored[row]:  # a plain answer: the map's summary is recorded, not answered
                 answer.monitored = summary_entries(summarise(explanation.maps), explanation.method,
                                                    explanation.layer, explanation.targets)

@@ -17,6 +17,7 @@ One batch = one ``to_model_input`` (queries and reference images together) and o
 from __future__ import annotations
 
 import json
+import logging
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -29,6 +30,8 @@ from camserve.engine.models import EFFNET_LITE0, ModelProfile, embedding_model_f
 from camserve.engine.imaging.preprocess import crop_box
 from camserve.engine.imaging.summary import summarise
 from camserve.engine.imaging.render import overlay, to_uint8
+from camserve.engine.runtime import EAGER, OPENVINO
+from camserve.engine.runtime.embedding_features import fast_features
 from camserve.serving.answer import EmbeddingAnswer, FamAnswer, FamMatch
 from camserve.serving.base import CamserveHandler
 from camserve.serving.classifier import image_bytes
@@ -39,7 +42,9 @@ from camserve.ops.metrics import record_explanations
 from camserve.serving.options import as_text, parse_colormap, parse_flag, parse_int
 from camserve.serving.protocol import EMBED_FIELDS
 from camserve.serving.requests import ParsedRequest
-from camserve.serving.settings import model_spec
+from camserve.serving.settings import model_spec, runtime_settings
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -142,6 +147,11 @@ class EmbeddingHandler(CamserveHandler):
         loaded = load_spec(spec, self.model_dir, self.device, self.manifest.get("model", {}).get("serializedFile"))
         self.model, self.route = embedding_model_for(loaded)
         self.model.to(self.device)
+        features, why = fast_features(self.model, loaded.profile.input_size, runtime_settings(self.settings), self.device)
+        if features is not None:  # the feature map on OpenVINO; the head A → embedding stays in PyTorch
+            self.model.feature_fn = features
+        self.fast_features = features is not None
+        logger.info("camserve runtime: fast path: %s", why)
         self.profile = loaded.profile
         gallery_path = self.artifact(self.settings.gallery_file)
         self.gallery = Gallery.load(gallery_path, device=self.device) if gallery_path else None
@@ -188,6 +198,13 @@ class EmbeddingHandler(CamserveHandler):
         outcomes.update(failed)
         return self.in_request_order(items, results, outcomes)
 
+    def runtime_of(self, fam) -> str:
+        """The forward that served a row: its feature map came from OpenVINO (``fast_features``) unless
+        its explanation propagated relevance through the eager backbone."""
+        if not getattr(self, "fast_features", False) or (fam is not None and fam.route == "relevance"):
+            return EAGER
+        return OPENVINO
+
     def explain_items(self, items: List[EmbedItem]) -> Dict[Tuple[int, int], EmbeddingAnswer]:
         """One preprocessing and one FAM call for all ``items``; answers keyed by (request, position)."""
         p = self.profile
@@ -205,7 +222,8 @@ class EmbeddingHandler(CamserveHandler):
         for row, (item, fam) in enumerate(zip(items, result.items)):
             height_width = tuple(reversed(image_size(item.image)))
             answer = EmbeddingAnswer(dim=int(result.embeddings.shape[-1]), batch_size=n,
-                                     crop_box=crop_box(height_width, p.resize, p.crop))
+                                     crop_box=crop_box(height_width, p.resize, p.crop),
+                                     runtime=self.runtime_of(fam))
             if item.include_embedding:
                 scale = 10 ** self.embedding_decimals
                 answer.embedding = (torch.round(result.embeddings[row].float() * scale) / scale).cpu().tolist()

@@ -21,7 +21,7 @@ PNG = {"content_type": "image/png", "encoding": "base64"}
 #: every KServe v2 output tensor an answer can carry (a request's ``outputs`` may name only these)
 V2_OUTPUT_NAMES = {
     # classifier
-    "scores", "indices", "labels", "batch_size", "method", "layer", "targets", "target_labels", "layer_shape",
+    "scores", "indices", "labels", "batch_size", "runtime", "method", "layer", "targets", "target_labels", "layer_shape",
     "heatmap", "heatmap_color", "overlay", "heatmap_array", "size", "colormap", "crop_box", "image_size",
     "options", "seconds", "batch_seconds", "passes_forward", "passes_backward", "passes_relevance", "spearman",
     "comparison_target", "comparison_seconds",

@@ -25,6 +25,7 @@ Example::
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, Mapping, Optional
 
@@ -35,6 +36,7 @@ from camserve.engine.imaging.render import COLORMAPS
 from camserve.engine.errors import ExplanationInputError
 from camserve.engine import CANONIZERS, get_composite
 from camserve.engine.methods import CLASSIC, REGISTRY, get_method
+from camserve.engine.runtime import RUNTIME_ENV, RuntimeSettings
 
 
 @dataclass
@@ -154,3 +156,11 @@ def model_spec(settings: HandlerSettings, manifest: Optional[Mapping[str, Any]],
         raise ValueError(f"handler.model.task is {spec.task!r}, but this archive's handler serves {task!r}: "
                          f"build it with `camserve archive --task {spec.task}`")
     return spec
+
+
+def runtime_settings(settings: HandlerSettings) -> RuntimeSettings:
+    """The archive's ``handler.runtime`` with ``$CAMSERVE_RUNTIME``'s ``key=value`` pairs in its place:
+    an operator can turn the fast path off, or pin a memory format, on one server without rebuilding
+    the archive. Bad keys or values stop the worker with the reason."""
+    return RuntimeSettings.from_mapping(settings.extra.get("runtime")).overridden(
+        os.environ.get(RUNTIME_ENV, ""), f"${RUNTIME_ENV}")

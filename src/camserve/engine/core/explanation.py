@@ -57,6 +57,13 @@ class ExplainResult:
     logits: torch.Tensor
     explanations: List[Optional[Explanation]]
     forward_seconds: float = 0.0
+    #: per image, the forward that served it: ``"eager"`` (this engine) or a fast path's name
+    #: (``"openvino"``, :mod:`camserve.engine.runtime.fast_path`); empty means all eager
+    paths: List[str] = field(default_factory=list)
+
+    def path(self, index: int) -> str:
+        """The forward that served image ``index``."""
+        return self.paths[index] if self.paths else "eager"
 
 
 def check_images(images: torch.Tensor, channels: int = 3) -> None:

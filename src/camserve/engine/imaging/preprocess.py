@@ -52,7 +52,10 @@ def to_model_input(images_uint8: Sequence[torch.Tensor], resize: int, crop: int,
     """``uint8`` ``(3, H, W)`` images of any sizes → normalised batch ``(N, 3, crop, crop)`` on
     ``device`` and the un-normalised [0, 1] crops (for overlays)."""
     crops = []
+    pin = torch.device(device).type == "cuda"  # a page-locked uint8 source makes the copy asynchronous
     for image in images_uint8:
+        if pin and image.device.type == "cpu":
+            image = image.pin_memory()
         image = image.to(device, non_blocking=True).float().div_(255.0)
         crops.append(center_crop(resize_shorter(image, resize, interpolation), crop))
     batch = torch.stack(crops)
