@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from camserve.cli.main import main
+from camserve.serving.answer import ExplanationAnswer
 from camserve.serving.local import handle_rows, handler_class, setup_from_mar, worker_context
 
 from byo_archives import REPO, RESNET20, SHARED, camserve
@@ -106,6 +107,9 @@ def test_archive_calibrate_serves_the_calibrated_defaults_and_score(calibrated):
         assert answers[0]["method"] == served["default_method"]
         assert answers[0]["layer"] == served["method_layers"][served["default_method"]]
         assert "calibration" not in answers[-1]  # a reading nobody calibrated carries no score
+        tensors = ExplanationAnswer.from_json(answers[0]).to_v2_tensors()  # the KServe v2 door carries it too
+        assert json.loads(tensors["calibration"].data[0]) == answers[0]["calibration"]
+        assert "calibration" not in ExplanationAnswer.from_json(answers[-1]).to_v2_tensors()
     finally:
         shutil.rmtree(setup.model_dir, ignore_errors=True)
 

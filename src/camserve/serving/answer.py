@@ -281,7 +281,8 @@ class ExplanationAnswer:
     def to_v2_tensors(self) -> Dict[str, Tensor]:
         """``method``, ``layer``, ``colormap``, ``targets``, ``target_labels``, ``layer_shape``, the maps
         (:meth:`RenderedMaps.to_v2_tensors`), ``crop_box``, ``image_size``, ``options`` (JSON text),
-        ``passes_<kind>``, ``seconds``, ``batch_seconds`` (``target`` is ``targets[0]``, ``format`` is
+        ``passes_<kind>``, ``seconds``, ``batch_seconds``, ``calibration`` (JSON text, when calibrated)
+        (``target`` is ``targets[0]``, ``format`` is
         implied by ``heatmap`` vs ``heatmap_array``, ``batch_size`` is the image's)."""
         out: Dict[str, Tensor] = {"method": tensor(str(self.method), "BYTES"),
                                   "layer": tensor(str(self.layer), "BYTES")}
@@ -301,6 +302,8 @@ class ExplanationAnswer:
             out["seconds"] = tensor(float(self.seconds), "FP32")
         if self.batch_seconds is not None:
             out["batch_seconds"] = tensor(float(self.batch_seconds), "FP32")
+        if self.calibration is not None:
+            out["calibration"] = tensor(dumps(self.calibration), "BYTES", JSON_TEXT)
         return out
 
 

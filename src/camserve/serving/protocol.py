@@ -24,7 +24,7 @@ V2_OUTPUT_NAMES = {
     "scores", "indices", "labels", "batch_size", "runtime", "method", "layer", "targets", "target_labels", "layer_shape",
     "heatmap", "heatmap_color", "overlay", "heatmap_array", "size", "colormap", "crop_box", "image_size",
     "options", "seconds", "batch_seconds", "passes_forward", "passes_backward", "passes_relevance", "spearman",
-    "comparison_target", "comparison_seconds",
+    "comparison_target", "comparison_seconds", "calibration",
     # embedding model
     "embedding", "dim", "similarity", "metric", "route", "reference", "query_map", "reference_map",
     "match_index", "match_label", "match_similarity", "match_query_map", "match_reference_map",
