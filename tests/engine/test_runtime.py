@@ -181,3 +181,25 @@ def test_settings_and_refusals():
     assert auto[0] is None and "runs on CPUs" in auto[1]
     with pytest.raises(RuntimeError, match="fast_path=openvino"):
         build_fast_path(model, "_conv_head", SIZE, RuntimeSettings(fast_path="openvino"), torch.device("meta"))
+
+
+def test_embedding_maps_from_the_runtime_and_relevance_from_the_backbone(effnet_batch):
+    from camserve.engine import FamExplainer, FamSpec
+    from camserve.engine.models.embedding import load_effnet_lite0_embedding
+    from camserve.engine.runtime.embedding_features import fast_features
+
+    model = load_effnet_lite0_embedding()
+    explainer = FamExplainer(model, None, SIZE)
+    images = effnet_batch[0][:2]
+    specs = [FamSpec(reference_image=images[1]), FamSpec(reference_image=images[0], layer="stage2")]
+    eager = explainer.explain(images, specs)
+    features, why = fast_features(model, SIZE, RuntimeSettings(), torch.device("cpu"))
+    assert features is not None, why
+    model.fast_features = features
+    quick = explainer.explain(images, specs)
+    assert torch.allclose(eager.embeddings, quick.embeddings, atol=1e-5)
+    for a, b in zip(eager.items, quick.items):
+        assert (a.route, a.layer) == (b.route, b.layer)
+        assert abs(a.similarity - b.similarity) <= 1e-5
+        assert (a.query_map - b.query_map).abs().max() <= MAP_TOLERANCE
+    assert quick.items[1].route == "relevance"  # the backbone's own modules ran under the capture

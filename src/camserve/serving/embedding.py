@@ -149,8 +149,8 @@ class EmbeddingHandler(CamserveHandler):
         self.model.to(self.device)
         features, why = fast_features(self.model, loaded.profile.input_size, runtime_settings(self.settings), self.device)
         if features is not None:  # the feature map on OpenVINO; the head A → embedding stays in PyTorch
-            self.model.feature_fn = features
-        self.fast_features = features is not None
+            self.model.fast_features = features
+        self.map_on_runtime = features is not None
         logger.info("camserve runtime: fast path: %s", why)
         self.profile = loaded.profile
         gallery_path = self.artifact(self.settings.gallery_file)
@@ -199,9 +199,9 @@ class EmbeddingHandler(CamserveHandler):
         return self.in_request_order(items, results, outcomes)
 
     def runtime_of(self, fam) -> str:
-        """The forward that served a row: its feature map came from OpenVINO (``fast_features``) unless
+        """The forward that served a row: its feature map came from OpenVINO (``map_on_runtime``) unless
         its explanation propagated relevance through the eager backbone."""
-        if not getattr(self, "fast_features", False) or (fam is not None and fam.route == "relevance"):
+        if not getattr(self, "map_on_runtime", False) or (fam is not None and fam.route == "relevance"):
             return EAGER
         return OPENVINO
 

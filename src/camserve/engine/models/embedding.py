@@ -73,6 +73,9 @@ class EmbeddingModel(nn.Module):
             raise ValueError("a user embedding model already returns embeddings: no projection head")
         self.backbone = backbone.eval()
         self.feature_fn = feature_fn
+        #: the same map from an optimised runtime (:mod:`camserve.engine.runtime.embedding_features`), set
+        #: once at load; ``features`` uses it, a capture of the backbone's own layers needs ``eager=True``
+        self.fast_features: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
         self.feature_layer = feature_layer
         self.normalize = normalize
         self.projection = projection
@@ -126,8 +129,11 @@ class EmbeddingModel(nn.Module):
             raise NotAFeatureMapError(f"layer {self.feature_layer!r} does not output a (N, C, H, W) map")
         return maps, output
 
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        """The feature map ``A`` ``(N, C, h, w)`` whose pooled form the embedding is built from."""
+    def features(self, images: torch.Tensor, eager: bool = False) -> torch.Tensor:
+        """The feature map ``A`` ``(N, C, h, w)`` whose pooled form the embedding is built from (from
+        ``fast_features`` when set, unless ``eager``: the backbone's own modules run)."""
+        if self.fast_features is not None and not eager:
+            return self.fast_features(images)
         if self.feature_fn is not None:
             return self.feature_fn(images)
         return self._captured_forward(images)[0]
@@ -164,13 +170,13 @@ class EmbeddingModel(nn.Module):
             pooled, raw, embedding = self.head(maps)
         return EmbeddingTrace(maps, pooled, raw, embedding)
 
-    def _trace(self, images: torch.Tensor) -> EmbeddingTrace:
+    def _trace(self, images: torch.Tensor, eager: bool = False) -> EmbeddingTrace:
         if self.output_is_embedding:
             maps, output = self._captured_forward(images)
             if output.dim() != 2:
                 raise NotAFeatureMapError(f"the embedding model must return (N, D) embeddings, got {tuple(output.shape)}")
             return EmbeddingTrace(maps, maps.mean(dim=(2, 3)), output, self._normalise(output))
-        maps = self.features(images)
+        maps = self.features(images, eager=eager)
         pooled, raw, embedding = self.head(maps)
         return EmbeddingTrace(maps, pooled, raw, embedding)
 

@@ -5,7 +5,7 @@ FAM's pooled route (and its Jacobian and Grad-CAM-on-similarity routes) read the
 (:meth:`~camserve.engine.models.embedding.EmbeddingModel.trace`). :func:`fast_features` compiles
 ``EmbeddingModel.features`` — ``extract_features`` or the forward up to the feature layer — on
 OpenVINO, checks it against the eager backbone on seeded probe images, and returns a callable with the
-same contract (images → ``A`` on the model's device) for the model's ``feature_fn``. A model whose
+same contract (images → ``A`` on the model's device) for the model's ``fast_features``. A model whose
 own forward returns its embeddings does not go through ``features`` and keeps the eager forward.
 """
 
@@ -29,7 +29,7 @@ class _Features(nn.Module):
         self.embedding_model = embedding_model
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.embedding_model.features(images)
+        return self.embedding_model.features(images, eager=True)
 
 
 class OpenVinoFeatures:
@@ -69,7 +69,7 @@ def fast_features(embedding_model, input_size: Tuple[int, int], settings: Runtim
         return refuse(f"OpenVINO could not convert the model: {type(error).__name__}: {error}")
     images = torch.randn(2, 3, *input_size, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
-        expected = embedding_model.features(images.to(device)).float().cpu()
+        expected = embedding_model.features(images.to(device), eager=True).float().cpu()
     got = forward(images)[0]
     worst = float((got - expected).abs().max()) / max(1e-12, float(expected.abs().max()))
     limit = tolerance if settings.precision == "float32" else BF16_TOLERANCE

@@ -29,6 +29,15 @@ Routes (recorded in ``FamExplanation.route`` and ``.method``):
   similarity tutorial: Grad-CAM on the full similarity ``s``: ``α_k = mean_ij ∂s/∂A_kij``,
   ``map = ReLU(Σ α_k A_k)``; for a reference image its own Grad-CAM from the same backward;
   ``contributions`` then holds the Grad-CAM weights ``α`` (which do not sum to ``s``).
+* ``"relevance"`` / method ``"fam-relevance"`` — ``FamSpec(layer=…)`` names a layer **below** the
+  last map (a module path of the backbone or a stage alias ``stage1`` …, resolved by the
+  classifier's :class:`~camserve.engine.core.layers.LayerCatalog`): the contributions ``c`` above
+  (pooled or Jacobian) become the relevance at the pooled feature and are propagated to the layer
+  with the LRP rules Shallow-CAM uses, then combined with the layer's activations as Shallow-CAM
+  combines them (:mod:`camserve.engine.methods.similarity.layers`). One relevance backward per
+  match rank serves every such request of the call, queries and reference images together.
+  ``layer`` naming the last map itself (``stageN``, the embedding's feature layer, or a BN/activation
+  of it with the same shape) is FAM as above, with ``layer`` recorded. Attention models: 400.
 
 Public API (everything a handler or a benchmark needs)::
 
@@ -47,20 +56,29 @@ Public API (everything a handler or a benchmark needs)::
     result.embeddings            # (N, D) from the one forward
     item = result.items[0]       # FamExplanation or None
     item.similarity, item.contributions, item.query_map, item.reference_map, item.route, item.matches
+    shallow = fam.explain(batch[:1], [FamSpec(reference_image=ref, layer="stage2")]).items[0]
+    shallow.layer, shallow.layer_shape, shallow.relevance   # '_blocks.2', (56, 56), {'embedding', 'layer'}
 
 ``FamExplainer.embed(images)`` is the plain embedding (``torch.inference_mode``), the cost baseline.
 One forward runs over the queries and all reference images together; a gallery request adds no
 forward (its maps come from ``Gallery.feature_maps``); gradient routes add one backward per match
 rank (1 for image/embedding references, k for ``gallery_topk = k``) through the layers after A only.
+A request with a layer below the last map makes that one forward record from the shallowest such
+layer (under a :class:`~camserve.engine.capture.ForwardCapture` with the LRP rules above it) and adds
+one relevance backward per match rank (plus one Jacobian backward per rank on a non-pooled model).
 Errors are :class:`~camserve.engine.errors.ExplanationInputError` subclasses (HTTP 400):
 ``InvalidReferenceError`` (reference missing/ambiguous, wrong length, NaN/inf, empty or missing
 gallery, k < 1 or k > gallery size, reference image of the wrong shape), ``InvalidInputError`` (the
 query batch or spec count), ``InvalidOptionError`` (unknown similarity or route),
-``UnknownMethodError`` (unknown method).
+``UnknownMethodError`` (unknown method); for ``layer``: ``UnknownLayerError`` (unknown path or stage),
+``NotAFeatureMapError`` (no map), ``InvalidOptionError`` (a layer above the last map, an empty name,
+``gradcam_similarity`` or a forced route below the last map), ``UnsupportedModelError`` (relevance
+through attention or a token layer).
 """
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -70,6 +88,7 @@ from camserve.engine.models.embedding import EmbeddingModel, EmbeddingTrace
 from camserve.engine.errors import InvalidInputError, InvalidOptionError, InvalidReferenceError, UnknownMethodError
 from camserve.engine.core.explanation import check_images
 from camserve.engine.methods.similarity.gallery import Gallery
+from camserve.engine.methods.similarity.layers import LayerRoutes, LazyRoutes, combine, contribution_seed
 from camserve.engine.imaging.render import prepare_maps
 from camserve.engine.timing import clock
 
@@ -104,7 +123,11 @@ class FamSpec:
     """One request: exactly one of ``reference_image`` (normalised ``(3, H, W)`` tensor),
     ``reference_embedding`` (``D`` floats) or ``gallery_topk`` (k best gallery matches);
     ``similarity`` in ``cosine|dot|euclidean``; ``method`` in ``fam|gradcam_similarity``;
-    ``route`` ``auto`` (pooled when the model allows it) or forced ``pooled``/``jacobian`` (FAM only)."""
+    ``route`` ``auto`` (pooled when the model allows it) or forced ``pooled``/``jacobian`` (FAM only);
+    ``layer`` (optional, FAM only): a module path of the backbone or a stage alias ``stage1`` … —
+    the last map (the one the embedding pools; ``None``) is FAM as above, a layer below it gets the
+    relevance route (:mod:`camserve.engine.methods.similarity.layers`: route ``"relevance"``,
+    method ``"fam-relevance"``)."""
 
     reference_image: Optional[torch.Tensor] = None
     reference_embedding: Any = None
@@ -112,12 +135,19 @@ class FamSpec:
     similarity: str = "cosine"
     method: str = "fam"
     route: str = "auto"
+    layer: Optional[str] = None
 
 
 @dataclass
 class FamExplanation:
     """The explanation of one query: for a gallery request, the fields describe the best match and
-    ``matches`` lists all k (``{index, label, similarity, query_map, reference_map}``)."""
+    ``matches`` lists all k (``{index, label, similarity, query_map, reference_map}``).
+
+    ``layer``: the module path the map is at (``None`` when the request named no layer: the last
+    map); ``layer_shape``: the map's ``(h, w)`` before upsampling. ``relevance`` (relevance route
+    only): ``{"embedding": Σ_k f_k g_k, "layer": Σ_kij R^l_kij}`` of the query — the relevance
+    seeded at the embedding (``Σ_k c_k`` up to the channels dead in the query) and how much of it
+    reached the layer; for a gallery request, of the best match."""
 
     similarity: float
     contributions: torch.Tensor
@@ -131,6 +161,9 @@ class FamExplanation:
     seconds: float
     passes: Dict[str, int]
     batch_seconds: float = 0.0  # the whole batched call; ``seconds`` is this query's share of it
+    layer: Optional[str] = None
+    layer_shape: Optional[Tuple[int, int]] = None
+    relevance: Optional[Dict[str, float]] = None
 
 
 @dataclass
@@ -148,7 +181,8 @@ class _Plan:
     kind: str                       # "image" | "embedding" | "gallery"
     similarity: str
     method: str
-    route: str                      # "pooled" | "jacobian" | "gradient"
+    route: str                      # "pooled" | "jacobian" | "gradient" | "relevance"
+    layer: Optional[str] = None     # the resolved module path a request named (None: no layer)
     reference: Optional[torch.Tensor] = None   # image (3,H,W) or embedding (D,)
     k: int = 1
     row: int = -1                   # batch row of a reference image
@@ -156,6 +190,7 @@ class _Plan:
     ref_embeddings: List[torch.Tensor] = field(default_factory=list)
     ref_maps: List[Optional[torch.Tensor]] = field(default_factory=list)
     ref_ids: List[Tuple[int, Optional[str]]] = field(default_factory=list)
+    relevance: List[Dict[str, float]] = field(default_factory=list)  # relevance route: per match rank
 
 
 def similarity_scores(query: torch.Tensor, references: torch.Tensor, kind: str) -> torch.Tensor:
@@ -195,11 +230,17 @@ class FamExplainer:
     """FAM and the Grad-CAM-on-similarity baseline for an :class:`EmbeddingModel`.
 
     Holds no per-request state: safe to share between threads. ``gallery`` (optional) serves
-    ``gallery_topk`` requests; it is moved to the model's device once here."""
+    ``gallery_topk`` requests; it is moved to the model's device once here. ``composite``,
+    ``canonizer`` and ``stages`` apply to requests that name a layer below the last map (the LRP
+    rules and stage aliases, as for the classifier's :class:`~camserve.engine.pipeline.Explainer`;
+    the catalog and rules are built on the first such request)."""
 
     def __init__(self, embedding_model: EmbeddingModel, gallery: Optional[Gallery] = None,
-                 input_size: Tuple[int, int] = (224, 224)):
+                 input_size: Tuple[int, int] = (224, 224), composite=None, canonizer: Optional[str] = None,
+                 stages: Optional[Sequence[str]] = None):
         self.model = embedding_model.eval()
+        self.input_size = tuple(input_size)
+        self._routes = LazyRoutes(lambda: LayerRoutes(self.model, self.input_size, composite, canonizer, stages))
         with torch.no_grad():
             probe = self.model.trace(torch.zeros(1, 3, *input_size, device=self.device))
         self.dim = int(probe.embedding.shape[-1])
@@ -223,6 +264,16 @@ class FamExplainer:
         with torch.inference_mode():
             return self.model(images)
 
+    @property
+    def layers(self) -> LayerRoutes:
+        """The backbone's layer catalog and LRP rules (built on first use)."""
+        return self._routes.get()
+
+    def resolve_layer(self, name: str):
+        """A layer a request may name (module path or stage alias) → its resolved
+        :class:`~camserve.engine.methods.similarity.layers.ResolvedLayer`; raises the 400 a request gets."""
+        return self.layers.resolve(name)
+
     def explain(self, images: torch.Tensor, specs: Sequence[Optional[FamSpec]],
                 output_size: Optional[Tuple[int, int]] = None) -> FamResult:
         """Embeddings of ``images (N, 3, H, W)`` and, where ``specs[i]`` is not ``None``, its FAM.
@@ -238,9 +289,31 @@ class FamExplainer:
         for offset, plan in enumerate(ref_rows):
             plan.row = n + offset
         batch = torch.cat([images] + [p.reference[None].to(images) for p in ref_rows]) if ref_rows else images
-        need_grad = any(p.route != "pooled" for p in plans)
-        trace = self.model.trace(batch, grad=need_grad)
-        forward_seconds = clock(images.device) - start
+        layered = [p for p in plans if p.route == "relevance"]
+        with ExitStack() as stack:
+            if layered:
+                capture, trace = self._captured_trace(stack, batch, plans, layered)
+            else:
+                capture, trace = None, self.model.trace(batch, grad=any(p.route != "pooled" for p in plans))
+            forward_seconds = clock(images.device) - start
+            items, embeddings, seconds = self._explain_traced(images, batch, plans, layered, capture, trace,
+                                                              output_size, start, forward_seconds)
+        return FamResult(embeddings[:n], items, forward_seconds)
+
+    def _captured_trace(self, stack: ExitStack, batch: torch.Tensor, plans: List[_Plan], layered: List[_Plan]):
+        """The one forward of a call with relevance-route plans: the backbone under a capture of their
+        layers with the LRP rules above the shallowest (autograd records from there on)."""
+        names = list(dict.fromkeys(p.layer for p in layered))
+        # ordinary gradients cross the backbone's switches only for a user model's Jacobian weights
+        gradient_passes = self.model.output_is_embedding and any(p.route != "pooled" for p in plans)
+        capture = stack.enter_context(self.layers.capture(self.model.backbone, names, gradient_passes))
+        stack.enter_context(torch.enable_grad())
+        with torch.no_grad():  # the capture switches grad on at the shallowest layer; the backbone's own
+            trace = self.model._trace(batch, eager=True)  # modules run (not a runtime's compiled copy)
+        return capture, trace
+
+    def _explain_traced(self, images, batch, plans, layered, capture, trace, output_size, start, forward_seconds):
+        n = images.shape[0]
         embeddings = trace.embedding.detach()
         maps = trace.maps.detach()
         size = tuple(output_size) if output_size is not None else tuple(images.shape[-2:])
@@ -251,12 +324,16 @@ class FamExplainer:
             for plan in plans:
                 self._resolve_references(plan, embeddings, maps)
         passes = {p.index: {"forward": 1, "backward": 0} for p in plans}
+        for plan in layered:
+            passes[plan.index]["relevance"] = 0
         with torch.no_grad():
             for plan in (p for p in plans if p.route == "pooled"):
                 raw[plan.index] = [self._pooled_pair(plan, m, embeddings, maps) for m in range(len(plan.ref_ids))]
-        gradient_plans = [p for p in plans if p.route != "pooled"]
+        gradient_plans = [p for p in plans if p.route in ("jacobian", "gradient")]
         if gradient_plans:
-            raw.update(self._gradient_pairs(gradient_plans, trace, embeddings, maps, passes))
+            raw.update(self._gradient_pairs(gradient_plans, trace, embeddings, maps, passes, keep_graph=bool(layered)))
+        if layered:
+            raw.update(self._relevance_pairs(layered, trace, capture, embeddings, passes))
 
         seconds = clock(images.device) - start
         rows = batch.shape[0]
@@ -276,13 +353,16 @@ class FamExplainer:
                 matches = [{"index": idx, "label": label, "similarity": sim, "query_map": stacked_q[m],
                             "reference_map": ref_maps[m]}
                            for m, ((idx, label), (_, _, _, sim)) in enumerate(zip(plan.ref_ids, pairs))]
-            method = {"pooled": "fam", "jacobian": "fam-jacobian", "gradient": "gradcam_similarity"}[plan.route]
+            method = {"pooled": "fam", "jacobian": "fam-jacobian", "gradient": "gradcam_similarity",
+                      "relevance": "fam-relevance"}[plan.route]
             items[plan.index] = FamExplanation(
                 similarity=pairs[0][3], contributions=pairs[0][0], query_map=stacked_q[0], reference_map=ref_maps[0],
                 route=plan.route, method=method, metric=plan.similarity, reference=plan.kind, matches=matches,
                 seconds=forward_seconds * (1 + (plan.kind == "image")) / rows + pair_share,
-                passes=passes[plan.index], batch_seconds=seconds)
-        return FamResult(embeddings[:n], items, forward_seconds)
+                passes=passes[plan.index], batch_seconds=seconds, layer=plan.layer,
+                layer_shape=tuple(pairs[0][1].shape[-2:]),
+                relevance=plan.relevance[0] if plan.relevance else None)
+        return items, embeddings, seconds
 
     # -- planning -----------------------------------------------------------------------------
     def _plan(self, index: int, spec: FamSpec, images: torch.Tensor) -> _Plan:
@@ -303,7 +383,22 @@ class FamExplainer:
         if len(given) > 1:
             raise InvalidReferenceError(f"request {index}: give exactly one reference, got {given}")
         route = self._route(spec)
-        plan = _Plan(index, "", spec.similarity, spec.method, route)
+        layer = None
+        if spec.layer is not None:
+            if not isinstance(spec.layer, str) or not spec.layer.strip():
+                raise InvalidOptionError(f"request {index}: layer must be a module path or a stage alias, "
+                                         f"got {spec.layer!r}")
+            resolved = self.resolve_layer(spec.layer)
+            layer = resolved.path
+            if not resolved.last:
+                if route == "gradient":
+                    raise InvalidOptionError(f"request {index}: gradcam_similarity is served at the last map only; "
+                                             f"layer {layer!r} lies below it (use method 'fam')")
+                if spec.route != "auto":
+                    raise InvalidOptionError(f"request {index}: route {spec.route!r} is the last map's; a layer below "
+                                             f"it ({layer!r}) takes the relevance route (leave route 'auto')")
+                route = "relevance"
+        plan = _Plan(index, "", spec.similarity, spec.method, route, layer=layer)
         if spec.reference_image is not None:
             plan.kind, plan.reference = "image", self._check_image(index, spec.reference_image, images)
         elif spec.reference_embedding is not None:
@@ -382,14 +477,15 @@ class FamExplainer:
         return (c, weighted_map(w, maps[plan.index]), weighted_map(w, ref_map) if ref_map is not None else None, sim)
 
     def _gradient_pairs(self, plans: List[_Plan], trace: EmbeddingTrace, embeddings: torch.Tensor,
-                        maps: torch.Tensor, passes):
-        """Jacobian FAM and Grad-CAM-on-similarity: one backward per match rank for all such plans."""
+                        maps: torch.Tensor, passes, keep_graph: bool = False):
+        """Jacobian FAM and Grad-CAM-on-similarity: one backward per match rank for all such plans.
+        ``keep_graph``: relevance passes follow over the same graph."""
         out: Dict[int, list] = {p.index: [] for p in plans}
         rounds = max(len(p.ref_ids) for p in plans)
         for rank in range(rounds):
             active = [p for p in plans if len(p.ref_ids) > rank]
             scalar = sum(self._differentiable_score(p, rank, trace) for p in active)
-            grads = torch.autograd.grad(scalar, trace.maps, retain_graph=rank < rounds - 1)[0].detach()
+            grads = torch.autograd.grad(scalar, trace.maps, retain_graph=keep_graph or rank < rounds - 1)[0].detach()
             with torch.no_grad():
                 for p in active:
                     passes[p.index]["backward"] += 1
@@ -406,6 +502,60 @@ class FamExplainer:
                         ref = weighted_map(grads[p.row].mean(dim=(1, 2)), maps[p.row]) if p.kind == "image" else None
                         pair = (alpha, weighted_map(alpha, maps[q]), ref, sim)
                     out[q].append(pair)
+        return out
+
+    def _relevance_pairs(self, plans: List[_Plan], trace: EmbeddingTrace, capture, embeddings: torch.Tensor,
+                         passes) -> Dict[int, list]:
+        """The relevance route (:mod:`camserve.engine.methods.similarity.layers`), per match rank: the
+        contributions ``c`` at the pooled feature (FAM's: from the embeddings on the pooled route, else
+        ``c = f ⊙ ∂s̃/∂f`` from one Jacobian backward), then **one** relevance backward seeded with
+        ``c / f`` at every query row and every reference-image row of the rank, read at each plan's
+        layer, and Shallow-CAM's combination of that relevance with the layer's activations."""
+        out: Dict[int, list] = {p.index: [] for p in plans}
+        routes = self.layers
+        pooled = trace.pooled.detach()
+        rounds = max(len(p.ref_ids) for p in plans)
+        for rank in range(rounds):
+            active = [p for p in plans if len(p.ref_ids) > rank]
+            last = rank == rounds - 1
+            if self.model.pooled_route:
+                weights = {p.index: contributions(embeddings[p.index], p.ref_embeddings[rank], p.similarity)
+                           for p in active}
+            else:
+                scalar = sum(self._differentiable_score(p, rank, trace) for p in active)
+                grads = torch.autograd.grad(scalar, trace.maps, retain_graph=True)[0].detach()
+                weights = {p.index: pooled[p.index] * grads[p.index].sum(dim=(1, 2)) for p in active}
+                for p in active:
+                    passes[p.index]["backward"] += 1
+            with torch.no_grad():
+                seed = torch.zeros_like(pooled)
+                for p in active:
+                    c = weights[p.index].to(pooled.dtype)
+                    seed[p.index] = contribution_seed(c, pooled[p.index])
+                    if p.kind == "image":
+                        seed[p.row] = contribution_seed(c, pooled[p.row])
+            names = list(dict.fromkeys(p.layer for p in active))
+            capture.mode = "relevance"
+            capture.release_graph = last
+            try:
+                found = torch.autograd.grad(trace.pooled, [capture.activations[n] for n in names], seed,
+                                            retain_graph=not last, allow_unused=True)
+            finally:
+                capture.mode = "gradient"
+                capture.release_graph = False
+            with torch.no_grad():
+                relevance_grads = {n: (g if g is not None else torch.zeros_like(capture.activations[n]))
+                                   for n, g in zip(names, found)}
+                for p in active:
+                    passes[p.index]["relevance"] += 1
+                    rows = [p.index] + ([p.row] if p.kind == "image" else [])
+                    activations = routes.as_map(p.layer, capture.activations[p.layer].detach()[rows])
+                    gradients = routes.as_map(p.layer, relevance_grads[p.layer][rows])
+                    cams = combine(activations, gradients)
+                    p.relevance.append({"embedding": float((pooled[p.index].double() * seed[p.index].double()).sum()),
+                                        "layer": float((activations[0].double() * gradients[0].double()).sum())})
+                    sim = _reported_similarity(embeddings[p.index], p.ref_embeddings[rank], p.similarity)
+                    out[p.index].append((weights[p.index], cams[0], cams[1] if len(rows) > 1 else None, sim))
         return out
 
     def _differentiable_score(self, plan: _Plan, rank: int, trace: EmbeddingTrace) -> torch.Tensor:
