@@ -188,7 +188,8 @@ class Explainer:
                 continue
             position = {old: new for new, old in enumerate(indices)}
             part_rows = [replace(row, index=position[row.index], targets=[]) for row in rows if row.index in position]
-            part = run(images[indices], [specs[i] for i in indices], part_rows, output_size, layer_resolution, dtype)
+            part_images = images if len(indices) == count else images[indices]  # all of them: no copy
+            part = run(part_images, [specs[i] for i in indices], part_rows, output_size, layer_resolution, dtype)
             parts.append((indices, part))
         if len(parts) == 1:
             return parts[0][1]
