@@ -151,3 +151,30 @@ def test_every_option_is_validated_without_a_reference(torchserve_server):
         assert response.status_code == 400, (files, response.text)
         assert word in response.json()["error"]["message"]
     assert post(torchserve_server, files={"image": photo(QUERY), "similarity": "dot"}).status_code == 200
+
+
+def test_fam_at_a_shallow_layer(torchserve_server):
+    """``layer=`` places the FAM pair below the last map (the relevance route), over multipart and v2."""
+    shallow = post(torchserve_server, files={"image": photo(QUERY), "reference": photo(SAME_KIND),
+                                             "layer": (None, "stage2")})
+    assert shallow.status_code == 200, shallow.text
+    body = shallow.json()
+    assert (body["route"], body["method"], body["layer"], body["layer_shape"]) == (
+        "relevance", "fam-relevance", "_blocks.2", [56, 56])
+    assert body["passes"] == {"forward": 1, "backward": 0, "relevance": 1} and body["runtime"] == "eager"
+    last = post(torchserve_server, files={"image": photo(QUERY), "reference": photo(SAME_KIND)}).json()
+    assert abs(body["similarity"] - last["similarity"]) < 1e-5  # the same similarity, explained deeper down
+    for key in ("query_map", "reference_map"):
+        image = np.asarray(png(body[key]))
+        assert image.shape == (224, 224) and image.std() > 5
+    assert not np.array_equal(np.asarray(png(body["query_map"])), np.asarray(png(last["query_map"])))
+    tensors = v2(torchserve_server, [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [b64(QUERY)]},
+                                     {"name": "reference", "datatype": "BYTES", "shape": [1],
+                                      "data": [b64(SAME_KIND)]}], {"layer": "stage3"})
+    assert tensors.status_code == 200, tensors.text
+    out = {o["name"]: o for o in tensors.json()["outputs"]}
+    assert out["layer"]["data"] == ["_blocks.4"] and out["route"]["data"] == ["relevance"]
+    for layer, kind in (("stage99", "UnknownLayerError"), ("_fc", "NotAFeatureMapError")):
+        refused = post(torchserve_server, files={"image": photo(QUERY), "reference": photo(SAME_KIND),
+                                                 "layer": (None, layer)})
+        assert refused.status_code == 400 and refused.json()["error"]["type"] == kind, refused.text

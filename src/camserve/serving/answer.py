@@ -490,7 +490,8 @@ class FamAnswer:
     gallery); ``query_map``/``reference_map`` (base64 PNGs at the model input's size, ``size``
     ``[width, height]``; ``reference_map`` ``None`` without a reference image); ``passes``, ``seconds``
     (the image's share), ``batch_seconds``; ``overlay`` (with ``overlay=1``); ``matches`` (gallery);
-    ``summaries`` (the query's and the reference's map, when the server keeps records; never answered)."""
+    ``summaries`` (the query's and the reference's map, when the server keeps records; never answered);
+    ``layer``, ``layer_shape`` (when the request named a layer: the module path and the map's ``[h, w]``)."""
 
     similarity: float
     metric: str
@@ -506,15 +507,20 @@ class FamAnswer:
     overlay: Optional[str] = None
     matches: Optional[List[FamMatch]] = None
     summaries: Optional[List[MapSummary]] = field(default=None, compare=False, repr=False)
+    layer: Optional[str] = None
+    layer_shape: Optional[List[int]] = None
 
-    KEYS = ("similarity", "metric", "method", "route", "reference", "query_map", "reference_map", "size", "passes",
-            "seconds", "batch_seconds", "overlay", "matches")
+    KEYS = ("similarity", "metric", "method", "route", "reference", "layer", "layer_shape", "query_map",
+            "reference_map", "size", "passes", "seconds", "batch_seconds", "overlay", "matches")
 
     def to_json(self) -> Dict[str, Any]:
         body = {"similarity": self.similarity, "metric": self.metric, "method": self.method, "route": self.route,
-                "reference": self.reference, "query_map": self.query_map, "reference_map": self.reference_map,
-                "size": list(self.size), "passes": dict(self.passes), "seconds": self.seconds,
-                "batch_seconds": self.batch_seconds}
+                "reference": self.reference}
+        if self.layer is not None:
+            body["layer"] = self.layer
+            body["layer_shape"] = list(self.layer_shape or [])
+        body.update({"query_map": self.query_map, "reference_map": self.reference_map, "size": list(self.size),
+                     "passes": dict(self.passes), "seconds": self.seconds, "batch_seconds": self.batch_seconds})
         if self.overlay is not None:
             body["overlay"] = self.overlay
         if self.matches is not None:
@@ -528,7 +534,8 @@ class FamAnswer:
                    body.get("reference"), body.get("query_map"), body.get("reference_map"),
                    list(body.get("size") or []), dict(body.get("passes") or {}), body.get("seconds"),
                    body.get("batch_seconds"), body.get("overlay"),
-                   [FamMatch.from_json(m) for m in matches] if matches is not None else None)
+                   [FamMatch.from_json(m) for m in matches] if matches is not None else None,
+                   layer=body.get("layer"), layer_shape=body.get("layer_shape"))
 
     def maps(self) -> List[str]:
         """Every map of the explanation: the pair, then each match's pair (absent ones left out)."""
@@ -581,7 +588,7 @@ class EmbeddingAnswer(Displayable):
 
     def to_v2_tensors(self) -> Dict[str, Tensor]:
         """``embedding``, ``dim``, ``batch_size``, ``runtime``; with FAM ``similarity``, ``metric``, ``route``,
-        ``reference``, ``method``, ``query_map``, ``reference_map``, ``overlay``, ``size``,
+        ``reference``, ``layer``/``layer_shape`` (a named layer), ``method``, ``query_map``, ``reference_map``, ``overlay``, ``size``,
         ``passes_<kind>``, ``seconds``, the matches (``match_index``, ``match_label``, ``match_similarity``,
         ``match_query_map``, ``match_reference_map`` when every match has one); then ``crop_box`` and
         ``batch_seconds``."""
@@ -596,7 +603,7 @@ class EmbeddingAnswer(Displayable):
         fam = self.fam
         if fam is not None:
             for name, datatype in (("similarity", "FP32"), ("metric", "BYTES"), ("route", "BYTES"),
-                                   ("reference", "BYTES")):
+                                   ("reference", "BYTES"), ("layer", "BYTES"), ("layer_shape", "INT64")):
                 if getattr(fam, name) is not None:
                     out[name] = tensor(getattr(fam, name), datatype)
             out["method"] = tensor(str(fam.method), "BYTES")

@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from camserve.engine import REGISTRY, SIMILARITIES, FamExplainer, FamSpec, Gallery
+from camserve.engine import REGISTRY, SIMILARITIES, FamExplainer, FamSpec, Gallery, get_composite
 from camserve.engine.core.values import truth
 from camserve.engine.models import EFFNET_LITE0, ModelProfile, embedding_model_for, load_spec
 from camserve.engine.imaging.preprocess import crop_box
@@ -73,7 +73,7 @@ def parse_embedding(value: Any) -> List[float]:
 
 
 EMBED_OPTIONS = ("similarity", "method", "explain", "gallery", "topk", "embedding", "overlay", "colormap",
-                 "model_name")
+                 "layer", "model_name")
 
 
 @dataclass
@@ -88,6 +88,7 @@ class EmbedOptions:
     embedding: bool
     overlay: bool
     colormap: str
+    layer: Optional[str] = None
 
 
 def parse_embed_options(raw: Dict[str, Any], settings) -> EmbedOptions:
@@ -128,8 +129,9 @@ def parse_embed_options(raw: Dict[str, Any], settings) -> EmbedOptions:
             raise InvalidRequestOptionError(f"gallery={gallery!r} and topk={topk!r} disagree: give one of them")
         chosen = chosen or None  # gallery=0: no gallery
     colormap = parse_colormap(raw.get("colormap") or settings.colormap)
+    layer = str(raw.get("layer") or "").strip() or None
     return EmbedOptions(similarity, method, chosen, parse_flag("embedding", raw.get("embedding", True)),
-                        parse_flag("overlay", raw.get("overlay", False)), colormap)
+                        parse_flag("overlay", raw.get("overlay", False)), colormap, layer)
 
 
 class EmbeddingHandler(CamserveHandler):
@@ -155,7 +157,9 @@ class EmbeddingHandler(CamserveHandler):
         self.profile = loaded.profile
         gallery_path = self.artifact(self.settings.gallery_file)
         self.gallery = Gallery.load(gallery_path, device=self.device) if gallery_path else None
-        self.fam = FamExplainer(self.model, self.gallery, self.profile.input_size)
+        composite = get_composite(self.settings.composite) if self.settings.composite else None
+        self.fam = FamExplainer(self.model, self.gallery, self.profile.input_size, composite=composite,
+                                canonizer=self.settings.canonizer, stages=self.profile.stages or None)
 
     def prepare(self, index: int, request: ParsedRequest) -> List[EmbedItem]:
         items = []
@@ -174,17 +178,26 @@ class EmbeddingHandler(CamserveHandler):
             spec = None
             if "reference" in item.payloads:
                 reference = decode_image(image_bytes(item.payloads["reference"], "reference"), s.max_pixels, "reference")
-                spec = FamSpec(similarity=options.similarity, method=options.method)
+                spec = FamSpec(similarity=options.similarity, method=options.method, layer=options.layer)
             elif "reference_embedding" in item.payloads:
                 spec = FamSpec(reference_embedding=parse_embedding(item.payloads["reference_embedding"]),
-                               similarity=options.similarity, method=options.method)
+                               similarity=options.similarity, method=options.method, layer=options.layer)
             elif options.gallery is not None:
                 if self.gallery is None or not len(self.gallery):
                     raise MissingInputError("this archive has no gallery; send a reference or reference_embedding")
                 high = min(s.max_gallery_topk, len(self.gallery))
                 k = min(s.gallery_topk, high) if options.gallery is True else options.gallery
                 k = parse_int("gallery", k, 1, high)
-                spec = FamSpec(gallery_topk=k, similarity=options.similarity, method=options.method)
+                spec = FamSpec(gallery_topk=k, similarity=options.similarity, method=options.method,
+                               layer=options.layer)
+            if options.layer is not None:
+                if spec is None:
+                    raise InvalidRequestOptionError(f"layer={options.layer!r} places the FAM map, but this request "
+                                                    f"asks for no explanation (no reference or gallery)")
+                resolved = self.fam.resolve_layer(options.layer)  # the engine's 400s, before any forward
+                if not resolved.last and spec.method == "gradcam_similarity":
+                    raise InvalidRequestOptionError(f"gradcam_similarity is served at the last map only; layer "
+                                                    f"{resolved.path!r} lies below it (use method 'fam')")
             items.append(EmbedItem(index, position, image, reference, spec, options.embedding, options.overlay,
                                    options.colormap))
         return items
@@ -198,12 +211,11 @@ class EmbeddingHandler(CamserveHandler):
         outcomes.update(failed)
         return self.in_request_order(items, results, outcomes)
 
-    def runtime_of(self, fam) -> str:
-        """The forward that served a row: its feature map came from OpenVINO (``map_on_runtime``) unless
-        its explanation propagated relevance through the eager backbone."""
-        if not getattr(self, "map_on_runtime", False) or (fam is not None and fam.route == "relevance"):
-            return EAGER
-        return OPENVINO
+    def runtime_of(self, result) -> str:
+        """The forward that served a call's rows: the feature map came from OpenVINO (``map_on_runtime``)
+        unless a row propagated relevance, which runs the whole batch through the backbone's own modules."""
+        relevance = any(fam is not None and fam.route == "relevance" for fam in result.items)
+        return OPENVINO if getattr(self, "map_on_runtime", False) and not relevance else EAGER
 
     def explain_items(self, items: List[EmbedItem]) -> Dict[Tuple[int, int], EmbeddingAnswer]:
         """One preprocessing and one FAM call for all ``items``; answers keyed by (request, position)."""
@@ -219,11 +231,12 @@ class EmbeddingHandler(CamserveHandler):
         result = self.fam.explain(batch[:n], [i.spec for i in items])
         out: Dict[Tuple[int, int], EmbeddingAnswer] = {}
         seconds, counts = {}, Counter()
+        runtime = self.runtime_of(result)
         for row, (item, fam) in enumerate(zip(items, result.items)):
             height_width = tuple(reversed(image_size(item.image)))
             answer = EmbeddingAnswer(dim=int(result.embeddings.shape[-1]), batch_size=n,
                                      crop_box=crop_box(height_width, p.resize, p.crop),
-                                     runtime=self.runtime_of(fam))
+                                     runtime=runtime)
             if item.include_embedding:
                 scale = 10 ** self.embedding_decimals
                 answer.embedding = (torch.round(result.embeddings[row].float() * scale) / scale).cpu().tolist()
@@ -234,7 +247,8 @@ class EmbeddingHandler(CamserveHandler):
                     reference_map=b64png(to_uint8(fam.reference_map)) if fam.reference_map is not None else None,
                     size=[int(fam.query_map.shape[-1]), int(fam.query_map.shape[-2])],
                     passes=dict(fam.passes), seconds=round(fam.seconds, 4),
-                    batch_seconds=round(getattr(fam, "batch_seconds", 0.0) or fam.seconds, 4))
+                    batch_seconds=round(getattr(fam, "batch_seconds", 0.0) or fam.seconds, 4),
+                    layer=fam.layer, layer_shape=list(fam.layer_shape) if fam.layer is not None else None)
                 if self.summarising:
                     pair = [fam.query_map] + ([fam.reference_map] if fam.reference_map is not None else [])
                     answer.fam.summaries = summarise(torch.stack([m.float() for m in pair]))
