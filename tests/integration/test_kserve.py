@@ -288,6 +288,16 @@ def test_embedding_archive_fam_reference_and_gallery(embed):
     bad = embed.post(f"/v1/models/{EMBED}:predict",
                      json={"instances": [{"image": b64(photo(TENCH)), "reference_embedding": [0.1, 0.2]}]})
     assert bad.status_code == 400 and bad.json()["error"]["type"]
+    # FAM below the last map (layer=): the relevance route, on the predictor as on TorchServe
+    shallow = embed.post(f"/v1/models/{EMBED}:predict", json={"instances": [
+        {"image": b64(photo(TENCH)), "reference": b64(photo(PHOTOS[1])), "layer": "stage3"}]})
+    assert shallow.status_code == 200, shallow.text
+    answer = shallow.json()["predictions"][0]
+    assert (answer["route"], answer["layer"], answer["runtime"]) == ("relevance", "_blocks.4", "eager")
+    assert answer["passes"]["relevance"] == 1 and decode_png(answer["query_map"]).size == (224, 224)
+    refused = embed.post(f"/v1/models/{EMBED}:predict", json={"instances": [
+        {"image": b64(photo(TENCH)), "reference": b64(photo(PHOTOS[1])), "layer": "nope"}]})
+    assert refused.status_code == 400 and refused.json()["error"]["type"] == "UnknownLayerError"
 
 
 # -- the same answer as TorchServe ---------------------------------------------------------------
