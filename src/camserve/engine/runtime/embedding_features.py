@@ -16,8 +16,8 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch import nn
 
-from camserve.engine.runtime.fast_path import BF16_TOLERANCE
-from camserve.engine.runtime.openvino_forward import OpenVinoForward, openvino_available
+from camserve.engine.runtime.fast_path import BF16_TOLERANCE, refusal, unavailable
+from camserve.engine.runtime.openvino_forward import OpenVinoForward
 from camserve.engine.runtime.settings import RuntimeSettings
 
 
@@ -50,16 +50,11 @@ def fast_features(embedding_model, input_size: Tuple[int, int], settings: Runtim
     :func:`~camserve.engine.runtime.fast_path.build_fast_path`'s (``fast_path: openvino`` makes them a
     ``RuntimeError``)."""
     def refuse(reason: str):
-        if settings.fast_path == "openvino":
-            raise RuntimeError(f"handler.runtime.fast_path=openvino: {reason}")
-        return None, reason
+        return refusal(settings, reason)
 
-    if settings.fast_path == "off":
-        return None, "off by the archive (handler.runtime.fast_path)"
-    if device.type != "cpu":
-        return refuse(f"the OpenVINO path runs on CPUs; this worker runs on {device}")
-    if not openvino_available():
-        return refuse("OpenVINO is not installed (pip install 'camserve[fast]')")
+    why = unavailable(settings, device)
+    if why is not None:
+        return refuse(why)
     if embedding_model.output_is_embedding:
         return refuse("the model's own forward returns its embeddings (no separate feature map to compile)")
     try:

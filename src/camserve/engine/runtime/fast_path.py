@@ -57,6 +57,26 @@ class FastPath:
         return f"{self.name} {self.forward.version} at {self.layer!r} ({self.forward.precision}; {self.reason})"
 
 
+def refusal(settings: RuntimeSettings, reason: str) -> Tuple[None, str]:
+    """``(None, reason)``: the eager engine serves; with ``fast_path: openvino`` (required) a
+    ``RuntimeError`` instead, so that the worker does not load."""
+    if settings.fast_path == "openvino":
+        raise RuntimeError(f"handler.runtime.fast_path=openvino: {reason}")
+    return None, reason
+
+
+def unavailable(settings: RuntimeSettings, device: torch.device) -> Optional[str]:
+    """Why no OpenVINO path can run on this worker at all (turned off, not a CPU, not installed), or
+    ``None``."""
+    if settings.fast_path == "off":
+        return "off by the archive (handler.runtime.fast_path)"
+    if device.type != "cpu":
+        return f"the OpenVINO path runs on CPUs; this worker runs on {device}"
+    if not openvino_available():
+        return "OpenVINO is not installed (pip install 'camserve[fast]')"
+    return None
+
+
 def build_fast_path(model: nn.Module, layer: str, input_size: Tuple[int, int], settings: RuntimeSettings,
                     device: torch.device, threads: Optional[int] = None,
                     tolerance: float = 1e-3) -> Tuple[Optional[FastPath], str]:
@@ -66,16 +86,11 @@ def build_fast_path(model: nn.Module, layer: str, input_size: Tuple[int, int], s
     ``fast_path="openvino"`` a path that cannot be built is a ``RuntimeError`` (the worker does not
     load); with ``auto`` the reason is returned and the eager engine serves everything."""
     def refuse(reason: str):
-        if settings.fast_path == "openvino":
-            raise RuntimeError(f"handler.runtime.fast_path=openvino: {reason}")
-        return None, reason
+        return refusal(settings, reason)
 
-    if settings.fast_path == "off":
-        return None, "off by the archive (handler.runtime.fast_path)"
-    if device.type != "cpu":
-        return refuse(f"the OpenVINO path runs on CPUs; this worker runs on {device}")
-    if not openvino_available():
-        return refuse("OpenVINO is not installed (pip install 'camserve[fast]')")
+    why = unavailable(settings, device)
+    if why is not None:
+        return refuse(why)
     head, head_reason, _ = trace_head(model, layer, input_size)
     try:
         forward = OpenVinoForward.with_features(model, layer, input_size, threads or torch.get_num_threads(),
