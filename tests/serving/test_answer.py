@@ -59,6 +59,9 @@ ANSWERS = [ClassifierAnswer(PREDICTIONS, batch_size=2),
            comparison_answer(),
            EmbeddingAnswer(dim=3, batch_size=1, crop_box=[0.0, 0.0, 5.0, 5.0], embedding=[0.1, 0.2, 0.3]),
            embedding_answer(matches=False), embedding_answer(matches=True), embedding_answer(False, False)]
+UNDEFINED_RHO = ClassifierAnswer(PREDICTIONS, batch_size=1, explanations=[explanation("gradcam"), explanation("cam")],
+                                 comparison=ComparisonAnswer(["gradcam", "cam"], 3, [0.5, 0.25], [[1.0, None], [None, None]]))
+ANSWERS.append(UNDEFINED_RHO)
 
 
 @pytest.mark.parametrize("answer", ANSWERS, ids=range(len(ANSWERS)))
@@ -115,6 +118,8 @@ def test_v2_tensor_shapes():
     assert compared["method"].shape == [2] and compared["heatmap"].shape == [2, 1]  # method dimension
     assert compared["crop_box"].shape == [4] and compared["spearman"].shape == [2, 2]
     assert "options.1" in compared and "options.0" not in compared  # only layercam has options
+    undefined = UNDEFINED_RHO.to_v2_tensors()["spearman"]  # a constant map's ρ: JSON text with null, not a 500
+    assert undefined.datatype == "BYTES" and json.loads(undefined.data[0]) == [[1.0, None], [None, None]]
     embedded = embedding_answer().to_v2_tensors()
     assert embedded["embedding"].shape == [3] and embedded["match_index"].data == [4, 7]
     assert "match_reference_map" not in embedded  # one match has none

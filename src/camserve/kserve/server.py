@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 from cloudevents.sdk.converters.util import has_binary_headers
 from fastapi import Request, Response

@@ -328,8 +328,12 @@ class ComparisonAnswer:
                    [list(row) for row in body.get("spearman") or []])
 
     def to_v2_tensors(self) -> Dict[str, Tensor]:
-        """``spearman`` (FP32 methods × methods), ``comparison_target``, ``comparison_seconds``."""
-        out: Dict[str, Tensor] = {"spearman": tensor([list(row) for row in self.spearman], "FP32")}
+        """``spearman`` (FP32 methods × methods; as JSON text, ``null`` kept, when a ρ is undefined — a
+        constant map — since FP32 has no JSON spelling for it), ``comparison_target``, ``comparison_seconds``."""
+        rows = [list(row) for row in self.spearman]
+        undefined = any(value is None for row in rows for value in row)
+        out: Dict[str, Tensor] = {"spearman": tensor(dumps(rows), "BYTES", JSON_TEXT) if undefined
+                                  else tensor(rows, "FP32")}
         if self.target is not None:
             out["comparison_target"] = tensor(int(self.target), "INT64")
         out["comparison_seconds"] = tensor(list(self.seconds), "FP32")
