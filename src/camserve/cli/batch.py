@@ -21,7 +21,9 @@ Locally the engine runs on the GPU when there is one (``--device``); with ``--se
 POSTed to TorchServe's classifier endpoint (``batch-size`` requests in flight, the server batches),
 and the returned heatmap is rendered here the same way. With ``--ray [ADDRESS]`` the same run is a
 Ray Data pipeline (CPU decoding tasks, engine actors, records written per block by the driver), on a
-local Ray cluster or a running one: see :mod:`camserve.cli.batch_ray`.
+local Ray cluster or a running one: see :mod:`camserve.cli.batch_ray`. With ``--task embed --gallery
+G.npz`` the model is an embedding model and each image is explained against its best gallery matches
+(:mod:`camserve.cli.batch_embedding`).
 """
 
 from __future__ import annotations
@@ -35,9 +37,11 @@ from pathlib import Path
 from typing import Any, List
 
 from camserve.cli import report as report_module
+from camserve.cli.batch_embedding import (check_embedding_args, is_embedding_run, local_backend,
+                                          run_method_and_layer)
 from camserve.cli.batch_steps import (chunks, compute_scores, decode, DEFAULT_MODEL, discover_inputs,
                                       failed_record, finish_item, hash_file, install_sigterm_as_interrupt,
-                                      Item, LocalBackend, parse_options, score_function, ServerBackend,
+                                      Item, parse_options, score_function, ServerBackend,
                                       Settings, settings_summary)
 from camserve.cli.records import RecordStore
 from camserve.commands.model_args import add_model_arguments
@@ -49,9 +53,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", help="image folders, image files, or .txt files listing image paths")
     parser.add_argument("--out", required=True, type=Path, help="output folder (created; reused to resume)")
     parser.add_argument("--model", default=DEFAULT_MODEL, help="model name (default: effnet_lite0)")
-    parser.add_argument("--method", default="shallowcam", help="explanation method (default: shallowcam)")
+    parser.add_argument("--method", default=None,
+                        help="explanation method (default: shallowcam; fam for an embedding run)")
     parser.add_argument("--layer", default=None, help="layer to explain (default: the model profile's default layer)")
-    parser.add_argument("--target", default="top1", help="'top1', 'topK' or a class index (default: top1)")
+    parser.add_argument("--target", default="top1",
+                        help="'top1', 'topK' or a class index (default: top1); an embedding run: topK gallery matches")
+    parser.add_argument("--gallery", type=Path, default=None,
+                        help="an embedding run (--task embed): the gallery (.npz/.pt) each image is matched and "
+                             "explained against")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                         help="method option, repeatable (e.g. spatial=relevance)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per forward (or requests in flight)")
@@ -100,6 +109,8 @@ def run(args: argparse.Namespace) -> int:
         from camserve.cli.batch_ray import run_ray  # needs camserve[ray]; imported only when asked for
 
         return run_ray(args)
+    if is_embedding_run(args):
+        check_embedding_args(args)
     if args.token_file and not args.server:
         raise SystemExit("camserve batch: --token-file only makes sense with --server")
     metrics = None
@@ -113,11 +124,9 @@ def run(args: argparse.Namespace) -> int:
     if not paths:
         raise SystemExit("camserve batch: no input images found")
 
-    backend = ServerBackend(args) if args.server else LocalBackend(args)
-    layer = args.layer
-    if layer is None:
-        layer = (backend.profile.default_layer or "") if backend.profile is not None else ""
-    settings = Settings(model=backend.model_name, model_version=backend.model_version, method=args.method.lower(),
+    backend = ServerBackend(args) if args.server else local_backend(args)
+    method, layer = run_method_and_layer(args, backend)
+    settings = Settings(model=backend.model_name, model_version=backend.model_version, method=method,
                         layer=layer, target=str(args.target), options=parse_options(args.option),
                         topk=args.topk, colormap=args.colormap, alpha=args.alpha,
                         overlay_max_side=args.overlay_max_side, scores=bool(args.scores),

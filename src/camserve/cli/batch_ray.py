@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 from camserve.cli import batch_steps as batch_module
+from camserve.cli.batch_embedding import check_embedding_args, is_embedding_run, local_backend, run_method_and_layer
 from camserve.engine.errors import ExplanationInputError
 from camserve.engine.imaging.render import encode_png, to_uint8
 from camserve.cli import report as report_module
@@ -237,7 +238,7 @@ class ExplainWorker:
         if cwd and os.path.isdir(cwd):
             os.chdir(cwd)  # relative spec paths (--model-file, --weights, --labels) as on the driver
         args = argparse.Namespace(**args_dict)
-        self.backend = batch_module.LocalBackend(args)
+        self.backend = local_backend(args)
         self.backend.explainer  # load now: a broken spec fails the actor, not the first batch
         self.backend.description = f"ray:{self.backend.device}"
         self.settings = settings
@@ -323,7 +324,7 @@ def _driver_backend(args: argparse.Namespace):
     (a spec model is built once on the driver's CPU for its profile; the bundled one is not loaded)."""
     driver_args = argparse.Namespace(**vars(args))
     driver_args.device = "cpu"
-    return batch_module.LocalBackend(driver_args)
+    return local_backend(driver_args)
 
 
 def _start_ray(args: argparse.Namespace, log_dir: Optional[str]):
@@ -394,6 +395,8 @@ def run_ray(args: argparse.Namespace) -> int:
     if is_uri(str(args.out)) or re.match(r"^[A-Za-z][A-Za-z0-9+.\-]*:/", str(args.out)):
         raise SystemExit("camserve batch: --out must be a folder of the driver's machine (the driver writes "
                          "every record and file); inputs may be URIs")
+    if is_embedding_run(args):
+        check_embedding_args(args)
     if args.scores and batch_module.score_function() is None:
         raise SystemExit("camserve batch: --scores is not implemented yet: camserve.engine.evaluation.metrics "
                          "(deletion/insertion) is not available in this installation")
@@ -405,9 +408,9 @@ def run_ray(args: argparse.Namespace) -> int:
         raise SystemExit("camserve batch: no input images found")
 
     backend = _driver_backend(args)
-    layer = args.layer if args.layer is not None else (backend.profile.default_layer or "")
+    method, layer = run_method_and_layer(args, backend)
     settings = batch_module.Settings(
-        model=backend.model_name, model_version=backend.model_version, method=args.method.lower(), layer=layer,
+        model=backend.model_name, model_version=backend.model_version, method=method, layer=layer,
         target=str(args.target), options=batch_module.parse_options(args.option), topk=args.topk,
         colormap=args.colormap, alpha=args.alpha, overlay_max_side=args.overlay_max_side, scores=bool(args.scores),
         score_steps=args.score_steps,
