@@ -33,7 +33,7 @@ import re
 from pathlib import Path
 from typing import Any, Dict, List
 
-from camserve.cli.batch_steps import (DEFAULT_MODEL, Item, LocalBackend, Result, local_model_version,
+from camserve.cli.batch_steps import (DEFAULT_MODEL, Item, LocalBackend, Result, local_model_version, run_device,
                                       spec_model_version)
 from camserve.commands.model_args import load_for_cli, spec_from_args
 from camserve.engine import FamExplainer, FamSpec, Gallery
@@ -114,12 +114,7 @@ class EmbeddingBackend:
     """The embedding model and its gallery in this process: one batched FAM call per batch of images."""
 
     def __init__(self, args: argparse.Namespace):
-        import torch
-
-        if args.device == "auto":
-            self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        else:
-            self.device = torch.device(args.device)
+        self.device = run_device(args)
         self.description = f"local:{self.device}"
         spec, _config = spec_from_args(args, task_default="embed")
         loaded = load_for_cli(spec, self.device)

@@ -171,16 +171,20 @@ class Result:
     scores: Optional[Dict[str, float]] = None
 
 
+def run_device(args: argparse.Namespace):
+    """``--device``: ``auto`` is the GPU when there is one, else the CPU."""
+    import torch
+
+    if args.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(args.device)
+
+
 class LocalBackend:
     """The engine in this process: one batched forward (+ backward passes) per batch."""
 
     def __init__(self, args: argparse.Namespace):
-        import torch
-
-        if args.device == "auto":
-            self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        else:
-            self.device = torch.device(args.device)
+        self.device = run_device(args)
         self._explainer = None
         self.description = f"local:{self.device}"
         self.spec = None
