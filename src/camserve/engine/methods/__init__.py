@@ -14,18 +14,20 @@ from camserve.engine.methods.cam.gradcampp import GradCAMPlusPlus
 from camserve.engine.methods.cam.layercam import LayerCAM
 from camserve.engine.methods.captum.attribute import CaptumAttribution
 from camserve.engine.methods.captum.catalog import ALIASES as CAPTUM_ALIASES, METHODS as CAPTUM_METHODS, PREFIX
+from camserve.engine.methods.lrp.fgcam import FGCAM
 from camserve.engine.methods.lrp.relevancecam import RelevanceCAM
 from camserve.engine.methods.lrp.shallowcam import ShallowCAM
 from camserve.engine.methods.registry import CLASSIC, Method, Registry
 from camserve.engine.methods.similarity.fam import FAM, GRADCAM_SIMILARITY
 
-_CLASSIC = (CAM(), GradCAM(), GradCAMPlusPlus(), LayerCAM(), RelevanceCAM(), ShallowCAM())
+_CLASSIC = (CAM(), GradCAM(), GradCAMPlusPlus(), LayerCAM(), RelevanceCAM(), ShallowCAM(), FGCAM())
 _CLASSIC_ALIASES = {
     "gradcam": ("grad-cam", "grad_cam"),
     "gradcampp": ("gradcam++", "grad-cam++", "gradcamplusplus", "gradcam_pp"),
     "layercam": ("layer-cam", "layer_cam"),
     "relevancecam": ("relevance-cam", "relevance_cam"),
     "shallowcam": ("shallow-cam", "shallow_cam"),
+    "fgcam": ("fg-cam", "fg_cam"),
 }
 _CAPTUM_NAMES = list(CAPTUM_METHODS) + ["noise_tunnel"]
 
