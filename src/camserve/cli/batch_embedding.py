@@ -33,8 +33,7 @@ import re
 from pathlib import Path
 from typing import Any, Dict, List
 
-from camserve.cli.batch_steps import (DEFAULT_MODEL, Item, LocalBackend, Result, local_model_version, run_device,
-                                      spec_model_version)
+from camserve.cli.batch_steps import DEFAULT_MODEL, Item, LocalBackend, Result, run_device, spec_model_version
 from camserve.commands.model_args import load_for_cli, spec_from_args
 from camserve.engine import FamExplainer, FamSpec, Gallery
 from camserve.engine.errors import InvalidOptionError
@@ -127,9 +126,7 @@ class EmbeddingBackend:
         self.fam = FamExplainer(self.model, self.gallery, self.profile.input_size, stages=self.profile.stages or None)
         self._fast = None
         gallery_digest = hashlib.sha256(Path(args.gallery).read_bytes()).hexdigest()[:12]
-        bundled = spec.source == DEFAULT_MODEL and not spec.weights
-        version = local_model_version(DEFAULT_MODEL) if bundled else spec_model_version(spec)
-        self.model_version = f"{version}+gallery:{gallery_digest}"
+        self.model_version = f"{spec_model_version(spec)}+gallery:{gallery_digest}"
         self.model_name = args.model if args.model != DEFAULT_MODEL else (
             f"{spec.arch or spec.class_name or spec.source}:embed")
 

