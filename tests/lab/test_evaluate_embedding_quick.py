@@ -139,3 +139,27 @@ def test_evaluate_embedding_user_model_jacobian_route(tmp_path):
     assert set(table) == {"fam", "captum.integrated_gradients", "random"}
     assert all(math.isfinite(float(r["overall"])) and int(r["n"]) == 2 for r in table.values())
     assert float(table["captum.integrated_gradients"]["explain_seconds"]) > 0
+
+
+def test_fam_family_benchmark_end_to_end_on_cifar(tmp_path):
+    """`camserve.lab.evaluate_fam_family` at its smallest: the pooled ResNet-56, two tasks (flip and a 5-way
+    5-shot episode), one query per half; the raw JSON and the rendered tables."""
+    from pathlib import Path
+
+    from camserve.lab.evaluate_fam_family import main as family, render
+
+    assert family(["--models", "pooled", "--tasks", "flip,fewshot", "--pool", "200", "--choose", "1",
+                   "--report", "1", "--steps", "4", "--ig-steps", "2", "--out", str(tmp_path)]) == 0
+    raw = json.loads((tmp_path / "fam_family_raw.json").read_text())
+    result = raw["results"]["pooled"]
+    assert set(result["best"]) == {"product", "sfam", "neighbour"}
+    report = result["report"]
+    assert set(report) == {"flip", "fewshot"} and "prototype" in report["fewshot"]["methods"]
+    assert "prototype" not in report["flip"]["methods"]
+    for records in report.values():
+        for method, rec in records["methods"].items():
+            assert len(rec["overall"]) == 1 and all(math.isfinite(v) for v in rec["overall"])
+            assert ("top20" in rec) == (not method.startswith("random@"))
+    render([str(tmp_path / "fam_family_raw.json")], Path(tmp_path))
+    text = (tmp_path / "fam_family.md").read_text()
+    assert "## pooled" in text and "captum.ig" in text and "| prototype |" in text

@@ -181,6 +181,14 @@ class EmbeddingModel(nn.Module):
         return EmbeddingTrace(maps, pooled, raw, embedding)
 
 
+def projection_mlp(in_features: int, hidden: int, out_features: int) -> nn.Sequential:
+    """A two-layer projection head without biases, ``u = W₂ ReLU(W₁ f)``: positively homogeneous in
+    ``f`` (``u(λf) = λ u(f)`` for λ > 0), so FAM's Jacobian contributions ``c = f ⊙ ∂s̃/∂f`` sum to the
+    linearised similarity ``s̃`` exactly (Euler's identity). Trained by
+    :mod:`camserve.lab.train_contrastive_head`."""
+    return nn.Sequential(nn.Linear(in_features, hidden, bias=False), nn.ReLU(), nn.Linear(hidden, out_features, bias=False))
+
+
 def load_effnet_lite0_embedding(normalize: bool = True, projection: Optional[nn.Module] = None,
                                 device: Optional[torch.device] = None, backbone: Optional[nn.Module] = None
                                 ) -> EmbeddingModel:

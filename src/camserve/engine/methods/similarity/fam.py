@@ -39,6 +39,20 @@ Routes (recorded in ``FamExplanation.route`` and ``.method``):
   ``layer`` naming the last map itself (``stageN``, the embedding's feature layer, or a BN/activation
   of it with the same shape) is FAM as above, with ``layer`` recorded. Attention models: 400.
 
+Channel weights (``FamSpec(weights=…)``, the FAM family; formulas in
+:mod:`~camserve.engine.methods.similarity.channel_weights`, recorded in ``FamExplanation.weights``):
+``auto`` (today's FAM: ``product`` on the pooled route, ``jacobian`` otherwise); ``product`` (the
+decomposition above); ``sfam`` (SFAM's contribution importance scores as read here: the cosine lost
+when channel k is removed, or ``(1/D)‖q − r‖² − (q_k − r_k)²`` for euclidean); ``neighbour`` (the
+contributions averaged over the query's ``neighbours = k`` (default 5) nearest gallery items of the
+label their ``exp(cos/0.07)`` vote elects — on the Jacobian route, against their mean reference,
+which is the same average since ``s̃`` is linear in the reference); ``jacobian`` (``c = f ⊙ ∂s̃/∂f``,
+one backward, any model; on pooled features equal to ``product`` for dot and cosine). ``product``
+and ``sfam`` need a model whose embedding is the pooled map. Below the last map the chosen weights
+are the relevance seeded at the pooled feature (``relevance["embedding"]`` = their sum over the
+channels alive in the query). Few-shot episodes (SimpleShot prototypes, each shot's map):
+:mod:`~camserve.engine.methods.similarity.prototypes`.
+
 Public API (everything a handler or a benchmark needs)::
 
     from camserve.engine.models.embedding import load_effnet_lite0_embedding
@@ -73,7 +87,11 @@ query batch or spec count), ``InvalidOptionError`` (unknown similarity or route)
 ``UnknownMethodError`` (unknown method); for ``layer``: ``UnknownLayerError`` (unknown path or stage),
 ``NotAFeatureMapError`` (no map), ``InvalidOptionError`` (a layer above the last map, an empty name,
 ``gradcam_similarity`` or a forced route below the last map), ``UnsupportedModelError`` (relevance
-through attention or a token layer).
+through attention or a token layer); for ``weights``/``neighbours``: ``InvalidOptionError`` (unknown
+weights; weights with ``gradcam_similarity``; ``product``/``sfam`` on a model with a projection head
+or a user embedding model, or with route ``jacobian``; ``jacobian`` with route ``pooled``;
+``neighbours`` without weights ``neighbour``, not an integer, or < 1), ``InvalidReferenceError``
+(neighbour weights with no or an empty gallery, ``neighbours`` > gallery size).
 """
 
 from __future__ import annotations
@@ -87,6 +105,9 @@ import torch
 from camserve.engine.models.embedding import EmbeddingModel, EmbeddingTrace
 from camserve.engine.errors import InvalidInputError, InvalidOptionError, InvalidReferenceError, UnknownMethodError
 from camserve.engine.core.explanation import check_images
+from camserve.engine.methods.similarity.channel_weights import (WEIGHTINGS, jacobian_weights, neighbour_reference,
+                                                                neighbour_weights, product_weights, select_neighbours,
+                                                                sfam_weights)
 from camserve.engine.methods.similarity.gallery import Gallery
 from camserve.engine.methods.similarity.layers import LayerRoutes, LazyRoutes, combine, contribution_seed
 from camserve.engine.imaging.render import prepare_maps
@@ -109,13 +130,14 @@ class SimilarityMethod:
         self.name = name
 
     def accepted_options(self, given=None) -> set:
-        return {"similarity", "route"}
+        return {"similarity", "route", "weights", "neighbours"}
 
 
 FAM, GRADCAM_SIMILARITY = SimilarityMethod("fam"), SimilarityMethod("gradcam_similarity")
 METHODS = (FAM.name, GRADCAM_SIMILARITY.name)
 ROUTES = ("auto", "pooled", "jacobian")
 EPS = 1e-12
+DEFAULT_NEIGHBOURS = 5
 
 
 @dataclass
@@ -127,7 +149,15 @@ class FamSpec:
     ``layer`` (optional, FAM only): a module path of the backbone or a stage alias ``stage1`` … —
     the last map (the one the embedding pools; ``None``) is FAM as above, a layer below it gets the
     relevance route (:mod:`camserve.engine.methods.similarity.layers`: route ``"relevance"``,
-    method ``"fam-relevance"``)."""
+    method ``"fam-relevance"``).
+
+    ``weights`` (FAM only): the channel weights of the FAM family
+    (:mod:`camserve.engine.methods.similarity.channel_weights`) — ``auto`` (``product`` on the pooled
+    route, ``jacobian`` otherwise: today's FAM), ``product``, ``sfam`` (both need a model whose
+    embedding is the pooled map), ``neighbour`` (the product or Jacobian contributions averaged over the
+    query's ``neighbours`` nearest gallery items of the label their vote elects; needs a labelled
+    gallery; ``neighbours`` defaults to 5) or ``jacobian`` (``f ⊙ ∂s̃/∂f``, one backward, any model).
+    At a layer below the last map the chosen weights are the relevance seeded at the pooled feature."""
 
     reference_image: Optional[torch.Tensor] = None
     reference_embedding: Any = None
@@ -136,6 +166,8 @@ class FamSpec:
     method: str = "fam"
     route: str = "auto"
     layer: Optional[str] = None
+    weights: str = "auto"
+    neighbours: Optional[int] = None
 
 
 @dataclass
@@ -147,7 +179,9 @@ class FamExplanation:
     map); ``layer_shape``: the map's ``(h, w)`` before upsampling. ``relevance`` (relevance route
     only): ``{"embedding": Σ_k f_k g_k, "layer": Σ_kij R^l_kij}`` of the query — the relevance
     seeded at the embedding (``Σ_k c_k`` up to the channels dead in the query) and how much of it
-    reached the layer; for a gallery request, of the best match."""
+    reached the layer; for a gallery request, of the best match. ``weights``: the channel weighting
+    used (``product|sfam|neighbour|jacobian``; ``gradcam`` for the baseline); ``neighbours``
+    (neighbour weights only): ``{"indices": [...], "label": ...}`` of the gallery items averaged."""
 
     similarity: float
     contributions: torch.Tensor
@@ -164,6 +198,8 @@ class FamExplanation:
     layer: Optional[str] = None
     layer_shape: Optional[Tuple[int, int]] = None
     relevance: Optional[Dict[str, float]] = None
+    weights: str = "product"
+    neighbours: Optional[Dict[str, Any]] = None
 
 
 @dataclass
@@ -183,6 +219,10 @@ class _Plan:
     method: str
     route: str                      # "pooled" | "jacobian" | "gradient" | "relevance"
     layer: Optional[str] = None     # the resolved module path a request named (None: no layer)
+    weights: str = "product"        # "product" | "sfam" | "neighbour" | "jacobian" | "gradcam"
+    k_neighbours: int = 0
+    neighbour_ids: List[int] = field(default_factory=list)
+    neighbour_label: Optional[str] = None
     reference: Optional[torch.Tensor] = None   # image (3,H,W) or embedding (D,)
     k: int = 1
     row: int = -1                   # batch row of a reference image
@@ -203,12 +243,9 @@ def similarity_scores(query: torch.Tensor, references: torch.Tensor, kind: str) 
 
 
 def contributions(query: torch.Tensor, reference: torch.Tensor, kind: str) -> torch.Tensor:
-    """Per-channel ``c_k``: ``q_k r_k`` (dot), ``q_k r_k/(‖q‖‖r‖)`` (cosine), ``2 q_k r_k − r_k²`` (euclidean)."""
-    if kind == "dot":
-        return query * reference
-    if kind == "cosine":
-        return query * reference / (query.norm() * reference.norm()).clamp_min(EPS)
-    return 2 * query * reference - reference ** 2
+    """Per-channel ``c_k``: ``q_k r_k`` (dot), ``q_k r_k/(‖q‖‖r‖)`` (cosine), ``2 q_k r_k − r_k²`` (euclidean)
+    (:func:`~camserve.engine.methods.similarity.channel_weights.product_weights`)."""
+    return product_weights(query, reference, kind)
 
 
 def _reported_similarity(query: torch.Tensor, reference: torch.Tensor, kind: str) -> float:
@@ -361,7 +398,9 @@ class FamExplainer:
                 seconds=forward_seconds * (1 + (plan.kind == "image")) / rows + pair_share,
                 passes=passes[plan.index], batch_seconds=seconds, layer=plan.layer,
                 layer_shape=tuple(pairs[0][1].shape[-2:]),
-                relevance=plan.relevance[0] if plan.relevance else None)
+                relevance=plan.relevance[0] if plan.relevance else None, weights=plan.weights,
+                neighbours=({"indices": list(plan.neighbour_ids), "label": plan.neighbour_label}
+                            if plan.weights == "neighbour" else None))
         return items, embeddings, seconds
 
     # -- planning -----------------------------------------------------------------------------
@@ -382,7 +421,10 @@ class FamExplainer:
                                         "reference_embedding or gallery_topk)")
         if len(given) > 1:
             raise InvalidReferenceError(f"request {index}: give exactly one reference, got {given}")
-        route = self._route(spec)
+        weights, k_neighbours = self._check_weights(index, spec)
+        route = self._route(spec, weights)
+        if weights == "auto":
+            weights = {"pooled": "product", "jacobian": "jacobian", "gradient": "gradcam"}[route]
         layer = None
         if spec.layer is not None:
             if not isinstance(spec.layer, str) or not spec.layer.strip():
@@ -398,7 +440,8 @@ class FamExplainer:
                     raise InvalidOptionError(f"request {index}: route {spec.route!r} is the last map's; a layer below "
                                              f"it ({layer!r}) takes the relevance route (leave route 'auto')")
                 route = "relevance"
-        plan = _Plan(index, "", spec.similarity, spec.method, route, layer=layer)
+        plan = _Plan(index, "", spec.similarity, spec.method, route, layer=layer, weights=weights,
+                     k_neighbours=k_neighbours)
         if spec.reference_image is not None:
             plan.kind, plan.reference = "image", self._check_image(index, spec.reference_image, images)
         elif spec.reference_embedding is not None:
@@ -407,15 +450,53 @@ class FamExplainer:
             plan.kind, plan.k = "gallery", self._check_topk(index, spec.gallery_topk)
         return plan
 
-    def _route(self, spec: FamSpec) -> str:
+    def _route(self, spec: FamSpec, weights: str) -> str:
         if spec.method == "gradcam_similarity":
             return "gradient"
         if spec.route == "pooled" and not self.model.pooled_route:
             raise InvalidOptionError("the pooled route needs an embedding that is the pooled map itself "
                                      "(this model has a projection head or is a user embedding model)")
+        if weights == "jacobian":
+            if spec.route == "pooled":
+                raise InvalidOptionError("weights 'jacobian' take the jacobian route (one backward); "
+                                         "leave route 'auto' or ask for weights 'product'")
+            return "jacobian"
         if spec.route == "auto":
             return "pooled" if self.model.pooled_route else "jacobian"
         return spec.route
+
+    def _check_weights(self, index: int, spec: FamSpec) -> Tuple[str, int]:
+        """The channel weighting a request asks for and its neighbour count (0 unless ``neighbour``)."""
+        weights = spec.weights
+        if not isinstance(weights, str) or weights not in WEIGHTINGS:
+            raise InvalidOptionError(f"request {index}: unknown FAM weights {weights!r}; choose one of {list(WEIGHTINGS)}")
+        if spec.method == "gradcam_similarity" and weights != "auto":
+            raise InvalidOptionError(f"request {index}: weights {weights!r} are FAM's; gradcam_similarity has its "
+                                     "own (the mean gradient of the similarity) — leave weights 'auto'")
+        if weights in ("product", "sfam"):
+            if not self.model.pooled_route:
+                raise InvalidOptionError(f"request {index}: weights {weights!r} decompose a similarity of pooled maps; "
+                                         "this model has a projection head or is a user embedding model "
+                                         "(use weights 'jacobian', 'neighbour' or 'auto')")
+            if spec.route == "jacobian":
+                raise InvalidOptionError(f"request {index}: weights {weights!r} are computed on the pooled route; "
+                                         "route 'jacobian' computes weights 'jacobian'")
+        if weights != "neighbour":
+            if spec.neighbours is not None:
+                raise InvalidOptionError(f"request {index}: neighbours applies to weights 'neighbour' only, "
+                                         f"got weights {weights!r}")
+            return weights, 0
+        k = DEFAULT_NEIGHBOURS if spec.neighbours is None else spec.neighbours
+        if isinstance(k, bool) or not isinstance(k, int):
+            raise InvalidOptionError(f"request {index}: neighbours must be an integer, got {k!r}")
+        if k < 1:
+            raise InvalidOptionError(f"request {index}: neighbours must be ≥ 1, got {k}")
+        if self.gallery is None or len(self.gallery) == 0:
+            raise InvalidReferenceError(f"request {index}: neighbour weights average over the query's nearest "
+                                        "labelled gallery items, but the gallery is empty")
+        if k > len(self.gallery):
+            raise InvalidReferenceError(f"request {index}: neighbours = {k} exceeds the gallery size {len(self.gallery)}")
+        return weights, k
 
     def _check_image(self, index: int, image, images: torch.Tensor) -> torch.Tensor:
         if not isinstance(image, torch.Tensor):
@@ -466,11 +547,23 @@ class FamExplainer:
             fmaps = self.gallery.feature_maps
             plan.ref_maps = [fmaps[i] if fmaps is not None else None for i in top]
             plan.ref_ids = [(i, self.gallery.labels[i]) for i in top]
+        if plan.weights == "neighbour":
+            plan.neighbour_ids, plan.neighbour_label = select_neighbours(
+                embeddings[plan.index], self.gallery.embeddings, self.gallery.labels, plan.k_neighbours)
+
+    def _pooled_weights(self, plan: _Plan, rank: int, embeddings: torch.Tensor) -> torch.Tensor:
+        """The gradient-free channel weights of a plan (product, SFAM or neighbour-averaged)."""
+        query = embeddings[plan.index]
+        if plan.weights == "neighbour":
+            return neighbour_weights(query, self.gallery.embeddings[plan.neighbour_ids], plan.similarity)
+        if plan.weights == "sfam":
+            return sfam_weights(query, plan.ref_embeddings[rank], plan.similarity)
+        return product_weights(query, plan.ref_embeddings[rank], plan.similarity)
 
     def _pooled_pair(self, plan: _Plan, rank: int, embeddings: torch.Tensor, maps: torch.Tensor):
         """Gradient-free FAM for one (query, reference) pair: ``(c, query map, reference map, s)``."""
         query, reference = embeddings[plan.index], plan.ref_embeddings[rank]
-        c = contributions(query, reference, plan.similarity)
+        c = self._pooled_weights(plan, rank, embeddings)
         w = normalised_weights(c)
         ref_map = plan.ref_maps[rank]
         sim = _reported_similarity(query, reference, plan.similarity)
@@ -494,7 +587,7 @@ class FamExplainer:
                     sim = _reported_similarity(embeddings[q], reference, p.similarity)
                     ref_map = p.ref_maps[rank]
                     if p.route == "jacobian":
-                        c = trace.pooled[q].detach() * grads[q].sum(dim=(1, 2))
+                        c = jacobian_weights(trace.pooled[q].detach(), grads[q])
                         w = normalised_weights(c)
                         pair = (c, weighted_map(w, maps[q]), weighted_map(w, ref_map) if ref_map is not None else None, sim)
                     else:
@@ -518,14 +611,15 @@ class FamExplainer:
         for rank in range(rounds):
             active = [p for p in plans if len(p.ref_ids) > rank]
             last = rank == rounds - 1
-            if self.model.pooled_route:
-                weights = {p.index: contributions(embeddings[p.index], p.ref_embeddings[rank], p.similarity)
-                           for p in active}
-            else:
-                scalar = sum(self._differentiable_score(p, rank, trace) for p in active)
+            jacobian = [p for p in active if p.weights == "jacobian" or not self.model.pooled_route]
+            gradient_free = [p for p in active if not (p.weights == "jacobian" or not self.model.pooled_route)]
+            with torch.no_grad():
+                weights = {p.index: self._pooled_weights(p, rank, embeddings) for p in gradient_free}
+            if jacobian:
+                scalar = sum(self._differentiable_score(p, rank, trace) for p in jacobian)
                 grads = torch.autograd.grad(scalar, trace.maps, retain_graph=True)[0].detach()
-                weights = {p.index: pooled[p.index] * grads[p.index].sum(dim=(1, 2)) for p in active}
-                for p in active:
+                weights.update({p.index: jacobian_weights(pooled[p.index], grads[p.index]) for p in jacobian})
+                for p in jacobian:
                     passes[p.index]["backward"] += 1
             with torch.no_grad():
                 seed = torch.zeros_like(pooled)
@@ -570,6 +664,10 @@ class FamExplainer:
             return similarity_scores(query, reference[None].float(), plan.similarity)[0]
         raw = trace.raw[q]
         query = raw / raw.detach().norm().clamp_min(EPS) if self.model.normalize else raw
+        if plan.weights == "neighbour":  # s̃ is linear in the reference: the neighbours' mean reference
+            reference = neighbour_reference(self.gallery.embeddings[plan.neighbour_ids], plan.similarity).float()
+            scale = {"dot": 1.0, "cosine": 1.0 / float(query.detach().norm().clamp_min(EPS)), "euclidean": 2.0}
+            return (query @ reference) * scale[plan.similarity]
         reference = plan.ref_embeddings[rank].detach().float()
         if plan.similarity == "dot":
             return query @ reference

@@ -1,0 +1,462 @@
+"""The FAM family on pair, retrieval and few-shot tasks: each channel weighting at its best layer vs
+Grad-CAM-on-similarity, Captum IG and smooth random maps (issue 21, item 4, on the CIFAR models).
+
+``python -m camserve.lab.evaluate_fam_family --out DIR`` then
+``python -c "from camserve.lab.evaluate_fam_family import render; render(['DIR/fam_family_raw.json'], Path('benchmarks/results'))"``
+
+Models: the pretrained CIFAR-10 ResNet-56, embedding = L2-normalised GAP of layer3 (``pooled``), and
+the same backbone with a contrastive projection head trained in the run on the even half
+(:mod:`camserve.lab.train_contrastive_head`; ``head``: the Jacobian route). Image set: ``--pool``
+sorted CIFAR-10 test JPEGs; even positions = **choose** half, odd = **report** half; queries at a
+fixed stride within each half. The labelled gallery = the choose half minus the choose queries.
+
+Tasks (the reference embedding ``r`` each query is explained against; the score every curve uses is
+``cos(T(e(x)), r)`` of the modified query ``x``):
+
+* ``flip`` / ``zoom`` (centre 24×24 → 32×32) / ``crop`` (a seeded off-centre 24×24 → 32×32) /
+  ``jitter`` (seeded brightness/contrast/saturation ±40 %): the query vs its transformed copy;
+* ``neighbour``: vs the most similar other image of the pool;
+* ``retrieval``: vs its top-1 match in the gallery (the query's own image excluded);
+* ``fewshot``: a 5-way 5-shot episode per query (its class and 4 seeded others, 5 shots each from the
+  gallery), SimpleShot nearest centroid (:mod:`~camserve.engine.methods.similarity.prototypes`):
+  ``T`` centres by the support mean and L2-normalises, ``r`` = the winning prototype. FAM weightings
+  (and Grad-CAM) are computed against the winning class's un-centred mean embedding with the
+  episode's support as the labelled gallery; ``prototype`` is the episode's own Jacobian map.
+
+Methods: ``<weights>@<layer>`` for the weightings (pooled: product, sfam, neighbour; head: jacobian,
+neighbour) at ``last`` (FAM), ``stage1``, ``stage2`` (relevance route) — the layer of each weighting
+chosen on the choose half (mean overall over tasks); ``gradcam_similarity``; ``captum.ig`` (16
+steps, zero baseline, on the same score); ``random@h`` (smooth random maps at resolution h).
+Faithfulness as :mod:`camserve.lab.evaluate_fam_layers`: deletion/insertion of the query (16 steps,
+seeded ties), ``overall = AUC(ins) − AUC(del)``; the top-20 % test vs a random map of the same
+resolution; explanation seconds per method (time ratio vs IG).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from camserve.engine.evaluation.metrics import (deletion_insertion, endpoint_scores, gaussian_blur, mean_and_sem,
+                                                paired)
+from camserve.engine.methods.captum.attribute import attribute
+from camserve.engine.methods.similarity.fam import FamExplainer, FamSpec
+from camserve.engine.methods.similarity.gallery import Gallery
+from camserve.engine.methods.similarity.prototypes import FewShotEpisode, centre_and_normalise, explain_queries
+from camserve.engine.models.embedding import EmbeddingModel
+from camserve.lab.evaluate_embedding import DifferentiableEmbedding
+from camserve.lab.evaluate_faithfulness import image_set, load_batch, load_cifar_resnet, shared_dir
+from camserve.lab.evaluate_fam_layers import smooth_random, spread, top_deletion_scores
+from camserve.lab.evaluation_report import machine_summary
+from camserve.lab.train_contrastive_head import MEAN, STD, HeadConfig, colour_jitter, train_head
+
+TASKS = ("flip", "zoom", "crop", "jitter", "neighbour", "retrieval", "fewshot")
+LAYERS = ("last", "stage1", "stage2")
+TOP_FRACTION = 0.2
+WAYS, SHOTS = 5, 5
+
+
+# -- score: cos(T(e(x)), r) -------------------------------------------------------------------------
+class ScoreForward(nn.Module):
+    """``(N, R)`` cosines of ``T(e(x))`` to ``R`` references (Captum target = the row's reference);
+    ``T`` centres by ``mean`` and L2-normalises when a mean is given (few-shot), else identity."""
+
+    def __init__(self, embedding: EmbeddingModel, references: torch.Tensor, means: Optional[torch.Tensor] = None):
+        super().__init__()
+        self.embedding = DifferentiableEmbedding(embedding)
+        self.references = references
+        self.means = means
+
+    def transformed(self, x: torch.Tensor, owners: Optional[torch.Tensor] = None) -> torch.Tensor:
+        e = self.embedding(x)
+        if self.means is None:
+            return e
+        means = self.means[owners] if owners is not None else self.means
+        return e - means
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.means is not None:  # Captum repeats the n queries per step: row i is query i mod n
+            rows = torch.arange(x.shape[0], device=x.device) % self.means.shape[0]
+            return F.normalize(self.embedding(x) - self.means[rows], dim=-1) @ F.normalize(self.references, dim=-1).T
+        return F.normalize(self.embedding(x), dim=-1) @ F.normalize(self.references, dim=-1).T
+
+    def score(self, batch: torch.Tensor, owners: torch.Tensor) -> torch.Tensor:
+        return F.cosine_similarity(self.transformed(batch, owners), self.references[owners], dim=-1)
+
+
+# -- models and tasks ------------------------------------------------------------------------------
+def build_models(args, log) -> Dict[str, EmbeddingModel]:
+    classifier = load_cifar_resnet(str(shared_dir() / "models" / "cifar-resnet" / "resnet56-4bfd9763.th"), 56, "cpu")
+    models = {"pooled": EmbeddingModel.from_classifier(classifier, "layer3", normalize=True)}
+    if "head" in args.models:
+        backbone = EmbeddingModel.from_classifier(classifier, "layer3", normalize=False)
+        config = HeadConfig(images=args.head_images, views=args.head_views, epochs=args.head_epochs)
+        head, stats = train_head(config, backbone, log)
+        args.head_stats = {"config": vars(config), **stats}
+        models["head"] = EmbeddingModel.from_classifier(classifier, "layer3", normalize=True, projection=head)
+    return {name: models[name] for name in args.models}
+
+
+def pixels_op(queries: torch.Tensor, op: Callable) -> torch.Tensor:
+    return (op(queries * STD + MEAN).clamp(0, 1) - MEAN) / STD
+
+
+def transformed_copies(kind: str, queries: torch.Tensor, seed: int) -> torch.Tensor:
+    if kind == "flip":
+        return queries.flip(-1)
+    if kind == "zoom":
+        return F.interpolate(queries[..., 4:28, 4:28], size=(32, 32), mode="bilinear", align_corners=False)
+    generator = torch.Generator().manual_seed(seed)
+    if kind == "crop":
+        out = []
+        for q in queries:
+            top, left = (int(v) for v in torch.randint(0, 9, (2,), generator=generator))
+            out.append(F.interpolate(q[None, :, top:top + 24, left:left + 24], size=(32, 32), mode="bilinear",
+                                     align_corners=False)[0])
+        return torch.stack(out)
+    return pixels_op(queries, lambda p: torch.cat([colour_jitter(p[i:i + 1], generator) for i in range(p.shape[0])]))
+
+
+def embed(model, images, batch=100):
+    with torch.inference_mode():
+        return torch.cat([model(images[i:i + batch]) for i in range(0, images.shape[0], batch)])
+
+
+class Data:
+    """The pool, its labels, and per model the embeddings and the traced gallery."""
+
+    def __init__(self, args):
+        data = shared_dir() / "data" / "cifar10-test"
+        items = image_set("cifar", data, args.pool, 0)
+        self.files = [f for f, _ in items]
+        self.labels = [label for _, label in items]
+        self.images = load_batch("cifar", data, self.files, "cpu")
+        indices = list(range(len(items)))
+        self.choose = spread(indices[0::2], args.choose)
+        self.report = spread(indices[1::2], args.report)
+        self.gallery_idx = [i for i in indices[0::2] if i not in set(self.choose)]
+        self.description = (f"{len(items)} CIFAR-10 test JPEGs (image_set seed 0, sorted) from "
+                            "../shared/data/cifar10-test")
+
+
+def make_tasks(data: Data, model: EmbeddingModel, indices: List[int], tasks, seed: int) -> Dict[str, dict]:
+    """Per task: queries, reference embeddings, FAM reference embeddings, episode means (few-shot)."""
+    pool_e = embed(model, data.images)
+    gallery_e = pool_e[data.gallery_idx]
+    queries = data.images[indices]
+    q_e = pool_e[indices]
+    out = {}
+    for kind in tasks:
+        if kind in ("flip", "zoom", "crop", "jitter"):
+            refs = embed(model, transformed_copies(kind, queries, seed))
+            out[kind] = {"queries": queries, "references": refs}
+        elif kind == "neighbour":
+            sims = q_e @ pool_e.T
+            sims[torch.arange(len(indices)), torch.tensor(indices)] = -2.0
+            nearest = sims.argmax(dim=1).tolist()
+            out[kind] = {"queries": queries, "references": pool_e[nearest],
+                         "same_label": sum(data.labels[j] == data.labels[i] for i, j in zip(indices, nearest))}
+        elif kind == "retrieval":
+            top = (q_e @ gallery_e.T).argmax(dim=1).tolist()
+            out[kind] = {"queries": queries, "references": gallery_e[top],
+                         "same_label": sum(data.labels[data.gallery_idx[j]] == data.labels[i]
+                                           for i, j in zip(indices, top))}
+        else:
+            out[kind] = few_shot_task(data, model, indices, pool_e, seed)
+    return out
+
+
+def few_shot_task(data: Data, model, indices, pool_e, seed) -> dict:
+    rng = random.Random(seed)
+    classes = sorted(set(data.labels))
+    by_class = {c: [i for i in data.gallery_idx if data.labels[i] == c] for c in classes}
+    episodes, means, protos, fam_refs, correct = [], [], [], [], 0
+    with torch.no_grad():
+        for i in indices:
+            way = [data.labels[i]] + rng.sample([c for c in classes if c != data.labels[i]], WAYS - 1)
+            support = [j for c in way for j in rng.sample(by_class[c], SHOTS)]
+            labels = [str(data.labels[j]) for j in support]
+            e = pool_e[support]
+            mean = e.mean(dim=0)
+            x = centre_and_normalise(e, mean)
+            names = [str(c) for c in way]
+            prototypes = torch.stack([x[k * SHOTS:(k + 1) * SHOTS].mean(dim=0) for k in range(WAYS)])
+            q = centre_and_normalise(pool_e[i][None], mean)
+            win = int((-((q - prototypes) ** 2).sum(-1)).argmax())
+            correct += names[win] == str(data.labels[i])
+            trace = model.trace(data.images[support])
+            episodes.append(FewShotEpisode(names, mean, prototypes, labels, e, trace.maps))
+            means.append(mean)
+            protos.append(prototypes[win])
+            fam_refs.append(e[win * SHOTS:(win + 1) * SHOTS].mean(dim=0))
+    return {"queries": data.images[indices], "references": torch.stack(protos), "means": torch.stack(means),
+            "fam_references": torch.stack(fam_refs), "episodes": episodes, "accuracy": correct / len(indices)}
+
+
+# -- maps -------------------------------------------------------------------------------------------
+def method_maps(method: str, fam: FamExplainer, model, task: dict, args) -> torch.Tensor:
+    queries = task["queries"]
+    n = queries.shape[0]
+    fam_refs = task.get("fam_references", task["references"])
+    if method == "captum.ig":
+        forward = ScoreForward(model, task["references"], task.get("means"))
+        out = []
+        for s in range(0, n, args.explain_batch):
+            sl = slice(s, s + args.explain_batch)
+            forward.references = task["references"][sl]
+            forward.means = task["means"][sl] if "means" in task else None
+            out.append(attribute(forward, queries[sl], torch.arange(queries[sl].shape[0]),
+                                 "captum.integrated_gradients", {"steps": args.ig_steps}).maps)
+        return torch.cat(out)
+    if method == "prototype":
+        return torch.stack([explain_queries(model, ep, queries[i:i + 1])[0].query_map
+                            for i, ep in enumerate(task["episodes"])])
+    if method == "gradcam_similarity":
+        specs = [FamSpec(reference_embedding=r.tolist(), method="gradcam_similarity") for r in fam_refs]
+    else:
+        weights, layer = method.split("@")
+        layer = None if layer == "last" else layer
+        specs = [FamSpec(reference_embedding=r.tolist(), weights=weights, layer=layer) for r in fam_refs]
+    maps = []
+    saved = fam.gallery
+    try:
+        for s in range(0, n, args.explain_batch):
+            if "episodes" in task:  # few-shot: the episode's support is the labelled gallery
+                for i in range(s, min(n, s + args.explain_batch)):
+                    ep = task["episodes"][i]
+                    fam.gallery = Gallery(ep.support_embeddings, ep.support_labels)
+                    maps.append(fam.explain(queries[i:i + 1], specs[i:i + 1]).items[0].query_map[None])
+            else:
+                result = fam.explain(queries[s:s + args.explain_batch], specs[s:s + args.explain_batch])
+                maps.append(torch.stack([item.query_map for item in result.items]))
+    finally:
+        fam.gallery = saved
+    return torch.cat(maps)
+
+
+def resolution(method: str, fam: FamExplainer) -> int:
+    if method.startswith("random@"):
+        return int(method.split("@")[1])
+    if "@" in method and not method.endswith("@last"):
+        return fam.resolve_layer(method.split("@")[1]).shape[0]
+    return 8 if method != "captum.ig" else 32
+
+
+def evaluate_half(model, fam, tasks: Dict[str, dict], methods: List[str], args, log) -> dict:
+    out = {}
+    for kind, task in tasks.items():
+        queries = task["queries"]
+        n = queries.shape[0]
+        forward = ScoreForward(model, task["references"], task.get("means"))
+
+        def score(batch, owners):
+            with torch.inference_mode():
+                return forward.score(batch, owners)
+
+        blurred = gaussian_blur(queries, 9, 2.0)
+        endpoints = endpoint_scores(score, queries, blurred, args.batch_size)
+        records = {"clean_score": endpoints.clean.tolist(), "methods": {}}
+        for key in ("same_label", "accuracy"):
+            if key in task:
+                records[key] = task[key]
+        random_cache: Dict[int, torch.Tensor] = {}
+        for method in methods:
+            if method == "prototype" and kind != "fewshot":
+                continue
+            h = resolution(method, fam)
+            t0 = time.perf_counter()
+            maps = (smooth_random(n, (h, h), (32, 32), seed=args.seed + h) if method.startswith("random@")
+                    else method_maps(method, fam, model, task, args))
+            seconds = time.perf_counter() - t0
+            curves = deletion_insertion(score, queries, maps, steps=args.steps, batch_size=args.batch_size,
+                                        blurred=blurred, endpoints=endpoints)
+            rec = {"resolution": h, "explain_seconds": round(seconds, 3),
+                   "deletion_auc": curves.deletion_auc.tolist(), "insertion_auc": curves.insertion_auc.tolist(),
+                   "overall": curves.overall.tolist()}
+            if not method.startswith("random@"):
+                if h not in random_cache:
+                    rnd = smooth_random(n, (h, h), (32, 32), seed=args.seed + 1000 + h)
+                    random_cache[h] = top_deletion_scores(score, queries, rnd, TOP_FRACTION, args.batch_size)
+                mine = top_deletion_scores(score, queries, maps, TOP_FRACTION, args.batch_size)
+                rec["top20"] = {"wins": int((mine < random_cache[h]).sum()), "n": n}
+            records["methods"][method] = rec
+            log(f"  {kind:9s} {method:20s} overall {mean_and_sem(rec['overall'])[0]:.3f} "
+                f"del {mean_and_sem(rec['deletion_auc'])[0]:.3f} ({seconds:.1f} s)")
+        out[kind] = records
+    return out
+
+
+def values(half: dict, kinds, method: str, key: str) -> List[float]:
+    return [v for k in kinds for v in half[k]["methods"].get(method, {}).get(key, [])]
+
+
+def weightings(model_name: str) -> List[str]:
+    return ["product", "sfam", "neighbour"] if model_name == "pooled" else ["jacobian", "neighbour"]
+
+
+def run_model(name: str, model: EmbeddingModel, data: Data, args, log) -> dict:
+    gallery = Gallery.build(model, data.images[data.gallery_idx], [str(data.labels[i]) for i in data.gallery_idx])
+    fam = FamExplainer(model, gallery, input_size=(32, 32))
+    log(f"[{name}] choose half ({len(data.choose)} queries/task)")
+    choose_tasks = make_tasks(data, model, data.choose, args.tasks, args.seed)
+    candidates = [f"{w}@{layer}" for w in weightings(name) for layer in LAYERS]
+    choose = evaluate_half(model, fam, choose_tasks, candidates, args, log)
+    best = {}
+    for w in weightings(name):
+        options = [f"{w}@{layer}" for layer in LAYERS]
+        best[w] = max(options, key=lambda m: mean_and_sem(values(choose, list(choose), m, "overall"))[0])
+    log(f"[{name}] best layers on the choose half: {best}")
+    log(f"[{name}] report half ({len(data.report)} queries/task)")
+    report_tasks = make_tasks(data, model, data.report, args.tasks, args.seed + 1)
+    chosen = list(best.values())
+    fam_default = f"{weightings(name)[0]}@last"
+    resolutions = sorted({resolution(m, fam) for m in chosen} | {8, 32})
+    methods = list(dict.fromkeys(chosen + [fam_default, "prototype", "gradcam_similarity", "captum.ig"]
+                                 + [f"random@{h}" for h in resolutions]))
+    report = evaluate_half(model, fam, report_tasks, methods, args, log)
+    return {"best": best, "fam_default": fam_default, "choose": choose, "report": report, "methods": methods}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", default="pooled,head")
+    parser.add_argument("--tasks", default=",".join(TASKS))
+    parser.add_argument("--pool", type=int, default=1000)
+    parser.add_argument("--choose", type=int, default=12)
+    parser.add_argument("--report", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--ig-steps", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--explain-batch", type=int, default=8)
+    parser.add_argument("--head-images", type=int, default=1000)
+    parser.add_argument("--head-views", type=int, default=4)
+    parser.add_argument("--head-epochs", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    args.models = [m for m in args.models.split(",") if m]
+    args.tasks = [t for t in args.tasks.split(",") if t]
+    torch.set_num_threads(args.threads)
+    started = time.time()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    lines: List[str] = []
+
+    def log(text):
+        print(text, flush=True)
+        lines.append(text)
+
+    data = Data(args)
+    models = build_models(args, log)
+    results = {name: run_model(name, model, data, args, log) for name, model in models.items()}
+    meta = {"data": data.description, "choose_indices": data.choose, "report_indices": data.report,
+            "gallery_size": len(data.gallery_idx), "tasks": args.tasks, "steps": args.steps, "ig_steps": args.ig_steps,
+            "head": getattr(args, "head_stats", None), "machine": machine_summary(),
+            "torch_threads": torch.get_num_threads(), "wall_seconds": round(time.time() - started, 1),
+            "command": "python -m camserve.lab.evaluate_fam_family " + " ".join(argv or sys.argv[1:])}
+    with open(out / "fam_family_raw.json", "w") as f:
+        json.dump({"meta": meta, "results": results, "log": lines}, f, indent=1)
+    log(f"wrote {out / 'fam_family_raw.json'} in {meta['wall_seconds']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
+
+# -- the committed tables ----------------------------------------------------------------------------
+def _diff(d: dict, lower_better: bool = False) -> str:
+    better = d["losses"] if lower_better else d["wins"]
+    return f"{d['diff']:+.3f} ± {d['sem']:.3f} ({better}/{d['n']})"
+
+
+def summary_rows(result: dict, kinds: List[str]) -> List[dict]:
+    report, methods = result["report"], result["methods"]
+    ig_seconds = sum(report[k]["methods"]["captum.ig"]["explain_seconds"] for k in kinds if "captum.ig" in report[k]["methods"])
+    rows = []
+    for m in methods:
+        ks = [k for k in kinds if m in report[k]["methods"]]
+        if not ks:
+            continue
+        row = {"method": m, "n": len(values(report, ks, m, "overall"))}
+        for key in ("overall", "deletion_auc", "insertion_auc"):
+            row[key] = mean_and_sem(values(report, ks, m, key))
+        if m != "captum.ig":
+            row["vs_ig_overall"] = paired(values(report, ks, m, "overall"), values(report, ks, "captum.ig", "overall"))
+        h = report[ks[0]]["methods"][m]["resolution"]
+        rnd = f"random@{h}"
+        if not m.startswith("random@") and rnd in methods:
+            row["vs_random_deletion"] = paired(values(report, ks, m, "deletion_auc"), values(report, ks, rnd, "deletion_auc"))
+        tops = [report[k]["methods"][m]["top20"] for k in ks if "top20" in report[k]["methods"][m]]
+        if tops:
+            row["top20"] = (sum(t["wins"] for t in tops), sum(t["n"] for t in tops))
+        seconds = sum(report[k]["methods"][m]["explain_seconds"] for k in ks)
+        row["seconds"] = seconds
+        row["time_vs_ig"] = seconds / ig_seconds if ig_seconds and not m.startswith("random@") else None
+        rows.append(row)
+    return rows
+
+
+def table(rows: List[dict]) -> List[str]:
+    lines = ["| method | n | overall | deletion AUC ↓ | Δ overall vs IG (wins) | deletion vs random of same "
+             "resolution (− = better; wins) | top-20 % wins | time / IG |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        vs_ig = _diff(r["vs_ig_overall"]) if "vs_ig_overall" in r else "–"
+        vs_rnd = _diff(r["vs_random_deletion"], lower_better=True) if "vs_random_deletion" in r else "–"
+        top = f"{r['top20'][0]}/{r['top20'][1]} ({r['top20'][0] / r['top20'][1]:.0%})" if "top20" in r else "–"
+        ratio = f"{r['time_vs_ig']:.3f}" if r.get("time_vs_ig") is not None else "–"
+        lines.append(f"| {r['method']} | {r['n']} | {r['overall'][0]:.3f} ± {r['overall'][1]:.3f} | "
+                     f"{r['deletion_auc'][0]:.3f} ± {r['deletion_auc'][1]:.3f} | {vs_ig} | {vs_rnd} | {top} | {ratio} |")
+    return lines
+
+
+def render(paths: List[str], out: Path, preface: str = "") -> None:
+    lines = ["# The FAM family on pair, retrieval and few-shot tasks (CIFAR-10 ResNet-56)", ""]
+    if preface:
+        lines += [preface.strip(), ""]
+    combined = {}
+    for p in paths:
+        data = json.loads(Path(p).read_text())
+        meta = data["meta"]
+        for name, result in data["results"].items():
+            combined[name] = {"meta": meta, "summary": {scope: summary_rows(result, list(result["report"]) if scope == "all"
+                                                                             else [scope])
+                                                        for scope in ["all"] + list(result["report"])},
+                              **{k: result[k] for k in ("best", "methods", "choose", "report")}}
+        lines += [f"Data: {meta['data']}; choose half = even positions ({len(meta['choose_indices'])} queries per "
+                  f"task), report half = odd positions ({len(meta['report_indices'])} per task); labelled gallery: "
+                  f"{meta['gallery_size']} choose-half images. {meta['steps']} deletion/insertion steps; IG "
+                  f"{meta['ig_steps']} steps. Machine: {meta['machine']}, {meta['torch_threads']} torch thread(s), "
+                  f"wall {meta['wall_seconds']} s. Command: `{meta['command']}`.", ""]
+        if meta.get("head"):
+            h = meta["head"]
+            lines += [f"Head: trained in the run on {h['config']['images']} even-half images × {h['config']['views']} "
+                      f"views, {h['config']['epochs']} epochs, NT-Xent {h['loss_first']:.3f} → {h['loss_last']:.3f} "
+                      f"({h['seconds']} s).", ""]
+        for name, result in data["results"].items():
+            report = result["report"]
+            kinds = list(report)
+            lines += [f"## {name}", "", "Best layer per weighting on the choose half: "
+                      + ", ".join(f"{w} → {m}" for w, m in result["best"].items()) + ".", ""]
+            extra = [f"{k}: reference shares the label in {report[k]['same_label']}/{len(report[k]['clean_score'])}"
+                     for k in kinds if "same_label" in report[k]]
+            extra += [f"few-shot 5-way 5-shot accuracy {report[k]['accuracy']:.0%}" for k in kinds if "accuracy" in report[k]]
+            if extra:
+                lines += ["; ".join(extra) + ".", ""]
+            for scope in ["all"] + kinds:
+                ks = kinds if scope == "all" else [scope]
+                lines += [f"**Report half, {scope}** (mean ± SEM; paired differences as mean ± SEM (better in k/n)):", ""]
+                lines += table(summary_rows(result, ks)) + [""]
+    (out / "fam_family.md").write_text("\n".join(lines))
+    (out / "fam_family.json").write_text(json.dumps(combined, indent=1))
