@@ -178,3 +178,54 @@ def test_fam_at_a_shallow_layer(torchserve_server):
         refused = post(torchserve_server, files={"image": photo(QUERY), "reference": photo(SAME_KIND),
                                                  "layer": (None, layer)})
         assert refused.status_code == 400 and refused.json()["error"]["type"] == kind, refused.text
+
+
+def test_fam_family_weights_and_array_maps(torchserve_server):
+    """``weights=`` picks the FAM family's channel weights (answered as ``weights``; neighbour weights name
+    the gallery items they averaged), ``format=array`` answers the maps at the map's own resolution (7×7
+    at the last map, 56×56 at stage2), over multipart and v2; bad combinations are 400s naming the cause."""
+    pair = {"image": photo(QUERY), "reference": photo(SAME_KIND)}
+    default = post(torchserve_server, files=pair).json()
+    assert default["weights"] == "product" and default["format"] == "png"
+    for weights in ("sfam", "jacobian", "product"):
+        body = post(torchserve_server, files={**pair, "weights": weights}).json()
+        assert body["weights"] == weights and abs(body["similarity"] - default["similarity"]) < 1e-5, body
+    jacobian = post(torchserve_server, files={**pair, "weights": "jacobian"}).json()
+    assert jacobian["passes"]["backward"] == 1 and default["passes"]["backward"] == 0
+    neighbour = post(torchserve_server, files={"image": photo("n01440764_tench.JPEG"), "gallery": "2",
+                                                "weights": "neighbour", "neighbours": "2"}).json()
+    assert neighbour["weights"] == "neighbour" and len(neighbour["neighbours"]["indices"]) <= 2
+    assert neighbour["neighbours"]["label"] == "tench"
+    # against an image reference, neighbour weights average over the query's neighbours in the archive's gallery
+    against_image = post(torchserve_server, files={**pair, "weights": "neighbour"}).json()
+    assert against_image["weights"] == "neighbour" and len(against_image["neighbours"]["indices"]) >= 1
+
+    arrays = post(torchserve_server, files={**pair, "format": "array"}).json()
+    assert arrays["format"] == "array" and arrays["size"] == [7, 7]
+    query = np.asarray(arrays["query_map"])
+    assert query.shape == (7, 7) and np.asarray(arrays["reference_map"]).shape == (7, 7)
+    assert query.min() >= 0 and query.max() == 1.0  # normalised at its own resolution
+    # the PNG is that array upsampled: its 32×32 cell means follow the array
+    cells = np.asarray(png(default["query_map"]), dtype=np.float32).reshape(7, 32, 7, 32).mean(axis=(1, 3)) / 255
+    assert np.corrcoef(cells.ravel(), query.ravel())[0, 1] > 0.95
+    shallow = post(torchserve_server, files={**pair, "format": "array", "layer": (None, "stage2")}).json()
+    assert shallow["size"] == [56, 56] and np.asarray(shallow["query_map"]).shape == (56, 56)
+    gallery = post(torchserve_server, files={"image": photo(QUERY), "gallery": "2", "format": "array"}).json()
+    assert all(np.asarray(m["query_map"]).shape == (7, 7) for m in gallery["matches"])
+    tensors = v2(torchserve_server, [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [b64(QUERY)]},
+                                     {"name": "reference", "datatype": "BYTES", "shape": [1],
+                                      "data": [b64(SAME_KIND)]}], {"format": "array", "weights": "sfam"})
+    assert tensors.status_code == 200, tensors.text
+    out = {o["name"]: o for o in tensors.json()["outputs"]}
+    assert out["query_map_array"]["shape"] == [1, 7, 7] and out["query_map_array"]["datatype"] == "FP32"
+    assert out["weights"]["data"] == ["sfam"] and "query_map" not in out
+
+    for files, word in (({**pair, "weights": "cosine"}, "cosine"),
+                        ({**pair, "neighbours": "3"}, "weights=neighbour"),
+                        ({**pair, "weights": "sfam", "method": "gradcam_similarity"}, "gradcam_similarity"),
+                        ({"image": photo(QUERY), "weights": "sfam"}, "no reference"),
+                        ({**pair, "format": "jpeg"}, "jpeg"),
+                        ({**pair, "weights": "neighbour", "neighbours": "999"}, "neighbours")):
+        refused = post(torchserve_server, files=files)
+        assert refused.status_code == 400, (files.keys(), refused.text)
+        assert word in refused.json()["error"]["message"], refused.text

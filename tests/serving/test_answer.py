@@ -62,6 +62,11 @@ ANSWERS = [ClassifierAnswer(PREDICTIONS, batch_size=2),
 UNDEFINED_RHO = ClassifierAnswer(PREDICTIONS, batch_size=1, explanations=[explanation("gradcam"), explanation("cam")],
                                  comparison=ComparisonAnswer(["gradcam", "cam"], 3, [0.5, 0.25], [[1.0, None], [None, None]]))
 ANSWERS.append(UNDEFINED_RHO)
+ARRAY_FAM = EmbeddingAnswer(dim=3, batch_size=1, crop_box=[0.0, 0.0, 5.0, 5.0], fam=FamAnswer(
+    similarity=0.9, metric="cosine", method="fam", route="pooled", reference="gallery", weights="neighbour",
+    neighbours={"indices": [4, 7], "label": "tench"}, format="array", query_map=[[0.0, 1.0], [0.5, 0.25]],
+    reference_map=None, size=[2, 2], matches=[FamMatch(4, "tench", 0.9, [[0.0, 1.0], [0.5, 0.25]], [[1.0, 0.0], [0.0, 0.0]])]))
+ANSWERS.append(ARRAY_FAM)
 
 
 @pytest.mark.parametrize("answer", ANSWERS, ids=range(len(ANSWERS)))
@@ -120,6 +125,10 @@ def test_v2_tensor_shapes():
     assert "options.1" in compared and "options.0" not in compared  # only layercam has options
     undefined = UNDEFINED_RHO.to_v2_tensors()["spearman"]  # a constant map's ρ: JSON text with null, not a 500
     assert undefined.datatype == "BYTES" and json.loads(undefined.data[0]) == [[1.0, None], [None, None]]
+    arrays = ARRAY_FAM.to_v2_tensors()
+    assert arrays["query_map_array"].shape == [2, 2] and arrays["match_query_map_array"].shape == [1, 2, 2]
+    assert arrays["weights"].data == ["neighbour"] and json.loads(arrays["neighbours"].data[0])["label"] == "tench"
+    assert "query_map" not in arrays and EmbeddingAnswer.from_json(ARRAY_FAM.to_json()).fam.format == "array"
     embedded = embedding_answer().to_v2_tensors()
     assert embedded["embedding"].shape == [3] and embedded["match_index"].data == [4, 7]
     assert "match_reference_map" not in embedded  # one match has none

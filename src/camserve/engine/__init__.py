@@ -18,11 +18,12 @@ from camserve.engine.lrp.canonizers import CANONIZERS
 from camserve.engine.lrp.composites import COMPOSITES, get_composite
 from camserve.engine.methods import REGISTRY
 from camserve.engine.methods.captum.catalog import CaptumLimits
+from camserve.engine.methods.similarity.channel_weights import WEIGHTINGS as FAM_WEIGHTINGS
 from camserve.engine.methods.similarity.fam import SIMILARITIES, FamExplainer, FamResult, FamSpec
 from camserve.engine.methods.similarity.gallery import Gallery
 from camserve.engine.pipeline import ExplainResult, ExplainSpec, Explainer, Explanation
 
-__all__ = ["CANONIZERS", "COMPOSITES", "CaptumLimits", "Comparison", "ExplainResult", "ExplainSpec", "Explainer",
+__all__ = ["CANONIZERS", "COMPOSITES", "FAM_WEIGHTINGS", "CaptumLimits", "Comparison", "ExplainResult", "ExplainSpec", "Explainer",
            "Explanation", "ExplanationInputError", "FamExplainer", "FamResult", "FamSpec", "Gallery",
            "InvalidInputError", "InvalidOptionError", "InvalidReferenceError", "InvalidTargetError",
            "NotAFeatureMapError", "REGISTRY", "SIMILARITIES", "UnknownLayerError", "UnknownMethodError",

@@ -468,13 +468,14 @@ class ClassifierAnswer(Displayable):
 @dataclass
 class FamMatch:
     """One gallery match: ``index`` and ``label`` of the gallery entry, ``similarity`` to the query, and
-    the FAM pair (``query_map``, ``reference_map``: base64 PNGs; the reference map may be ``None``)."""
+    the FAM pair (``query_map``, ``reference_map``: base64 PNGs, or nested lists with ``format=array``;
+    the reference map may be ``None``)."""
 
     index: int
     label: str
     similarity: float
-    query_map: str
-    reference_map: Optional[str] = None
+    query_map: Any
+    reference_map: Any = None
 
     def to_json(self) -> Dict[str, Any]:
         return {"index": self.index, "label": self.label, "similarity": self.similarity,
@@ -495,15 +496,20 @@ class FamAnswer:
     ``[width, height]``; ``reference_map`` ``None`` without a reference image); ``passes``, ``seconds``
     (the image's share), ``batch_seconds``; ``overlay`` (with ``overlay=1``); ``matches`` (gallery);
     ``summaries`` (the query's and the reference's map, when the server keeps records; never answered);
-    ``layer``, ``layer_shape`` (when the request named a layer: the module path and the map's ``[h, w]``)."""
+    ``layer``, ``layer_shape`` (when the request named a layer: the module path and the map's ``[h, w]``);
+    ``weights`` (the channel weighting of the FAM family that drew the maps: ``product``, ``sfam``,
+    ``neighbour``, ``jacobian``, or ``gradcam`` for the baseline) and ``neighbours`` (neighbour weights:
+    the gallery items averaged and their label); ``format``: ``png`` (the maps as base64 PNGs at the
+    model input's size) or ``array`` (nested lists at the map's own resolution, ``size`` then that
+    resolution's ``[width, height]``)."""
 
     similarity: float
     metric: str
     method: str
     route: str
     reference: Optional[str]
-    query_map: str
-    reference_map: Optional[str]
+    query_map: Any
+    reference_map: Any
     size: List[int]
     passes: Dict[str, int] = field(default_factory=dict)
     seconds: Optional[float] = None
@@ -513,17 +519,25 @@ class FamAnswer:
     summaries: Optional[List[MapSummary]] = field(default=None, compare=False, repr=False)
     layer: Optional[str] = None
     layer_shape: Optional[List[int]] = None
+    weights: Optional[str] = None
+    neighbours: Optional[Dict[str, Any]] = None
+    format: str = "png"
 
-    KEYS = ("similarity", "metric", "method", "route", "reference", "layer", "layer_shape", "query_map",
-            "reference_map", "size", "passes", "seconds", "batch_seconds", "overlay", "matches")
+    KEYS = ("similarity", "metric", "method", "route", "reference", "weights", "neighbours", "layer", "layer_shape",
+            "format", "query_map", "reference_map", "size", "passes", "seconds", "batch_seconds", "overlay", "matches")
 
     def to_json(self) -> Dict[str, Any]:
         body = {"similarity": self.similarity, "metric": self.metric, "method": self.method, "route": self.route,
                 "reference": self.reference}
+        if self.weights is not None:
+            body["weights"] = self.weights
+        if self.neighbours is not None:
+            body["neighbours"] = dict(self.neighbours)
         if self.layer is not None:
             body["layer"] = self.layer
             body["layer_shape"] = list(self.layer_shape or [])
-        body.update({"query_map": self.query_map, "reference_map": self.reference_map, "size": list(self.size),
+        body.update({"format": self.format, "query_map": self.query_map, "reference_map": self.reference_map,
+                     "size": list(self.size),
                      "passes": dict(self.passes), "seconds": self.seconds, "batch_seconds": self.batch_seconds})
         if self.overlay is not None:
             body["overlay"] = self.overlay
@@ -539,7 +553,9 @@ class FamAnswer:
                    list(body.get("size") or []), dict(body.get("passes") or {}), body.get("seconds"),
                    body.get("batch_seconds"), body.get("overlay"),
                    [FamMatch.from_json(m) for m in matches] if matches is not None else None,
-                   layer=body.get("layer"), layer_shape=body.get("layer_shape"))
+                   layer=body.get("layer"), layer_shape=body.get("layer_shape"), weights=body.get("weights"),
+                   neighbours=body.get("neighbours"),
+                   format=body.get("format") or ("array" if isinstance(body.get("query_map"), list) else "png"))
 
     def maps(self) -> List[str]:
         """Every map of the explanation: the pair, then each match's pair (absent ones left out)."""
@@ -607,13 +623,19 @@ class EmbeddingAnswer(Displayable):
         fam = self.fam
         if fam is not None:
             for name, datatype in (("similarity", "FP32"), ("metric", "BYTES"), ("route", "BYTES"),
-                                   ("reference", "BYTES"), ("layer", "BYTES"), ("layer_shape", "INT64")):
+                                   ("reference", "BYTES"), ("weights", "BYTES"), ("layer", "BYTES"),
+                                   ("layer_shape", "INT64")):
                 if getattr(fam, name) is not None:
                     out[name] = tensor(getattr(fam, name), datatype)
+            if fam.neighbours is not None:
+                out["neighbours"] = tensor(dumps(fam.neighbours), "BYTES", JSON_TEXT)
             out["method"] = tensor(str(fam.method), "BYTES")
+            arrays = fam.format == "array"
             for name in ("query_map", "reference_map", "overlay"):
                 if getattr(fam, name) is not None:
-                    out[name] = tensor(getattr(fam, name), "BYTES", PNG)
+                    out[name + ("_array" if arrays and name != "overlay" else "")] = (
+                        tensor(getattr(fam, name), "FP32") if arrays and name != "overlay"
+                        else tensor(getattr(fam, name), "BYTES", PNG))
             out["size"] = tensor(list(fam.size), "INT64")
             for kind, count in fam.passes.items():
                 out[f"passes_{kind}"] = tensor(int(count), "INT64")
@@ -624,9 +646,11 @@ class EmbeddingAnswer(Displayable):
                 out["match_index"] = tensor([m.index for m in matches], "INT64")
                 out["match_label"] = tensor([str(m.label) for m in matches], "BYTES")
                 out["match_similarity"] = tensor([m.similarity for m in matches], "FP32")
-                out["match_query_map"] = tensor([m.query_map for m in matches], "BYTES", PNG)
+                suffix, datatype, parameters = ("_array", "FP32", None) if arrays else ("", "BYTES", PNG)
+                out["match_query_map" + suffix] = tensor([m.query_map for m in matches], datatype, parameters)
                 if all(m.reference_map is not None for m in matches):
-                    out["match_reference_map"] = tensor([m.reference_map for m in matches], "BYTES", PNG)
+                    out["match_reference_map" + suffix] = tensor([m.reference_map for m in matches], datatype,
+                                                                 parameters)
         out["crop_box"] = tensor(list(self.crop_box), "FP32")
         if fam is not None and fam.batch_seconds is not None:
             out["batch_seconds"] = tensor(float(fam.batch_seconds), "FP32")

@@ -125,7 +125,7 @@ def embedding_panels(answer: Any, image: Optional[Image.Image], reference: Optio
     fam = answer.fam
     if fam is None:
         return []
-    size = fam.size or [PANEL_SIDE, PANEL_SIDE]
+    size = (fam.size if getattr(fam, "format", "png") != "array" else None) or [PANEL_SIDE, PANEL_SIDE]
     seen = _crop(image, answer.crop_box, size)
     panels = []
     if fam.query_map:

@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from camserve.engine import REGISTRY, SIMILARITIES, FamExplainer, FamSpec, Gallery, get_composite
+from camserve.engine import FAM_WEIGHTINGS as WEIGHTINGS, REGISTRY, SIMILARITIES, FamExplainer, FamSpec, Gallery, get_composite
 from camserve.engine.core.values import truth
 from camserve.engine.models import EFFNET_LITE0, ModelProfile, embedding_model_for, load_spec
 from camserve.engine.imaging.preprocess import crop_box
@@ -39,7 +39,7 @@ from camserve.serving.encode import b64png
 from camserve.serving.errors import InvalidRequestOptionError, MissingInputError
 from camserve.serving.images import decode_image, image_size
 from camserve.ops.metrics import record_explanations
-from camserve.serving.options import as_text, parse_colormap, parse_flag, parse_int
+from camserve.serving.options import FORMATS, as_text, parse_colormap, parse_flag, parse_int
 from camserve.serving.protocol import EMBED_FIELDS
 from camserve.serving.requests import ParsedRequest
 from camserve.serving.settings import model_spec, runtime_settings
@@ -57,6 +57,7 @@ class EmbedItem:
     include_embedding: bool
     overlay: bool
     colormap: str
+    format: str = "png"
 
 
 def parse_embedding(value: Any) -> List[float]:
@@ -73,7 +74,7 @@ def parse_embedding(value: Any) -> List[float]:
 
 
 EMBED_OPTIONS = ("similarity", "method", "explain", "gallery", "topk", "embedding", "overlay", "colormap",
-                 "layer", "model_name")
+                 "layer", "weights", "neighbours", "format", "model_name")
 
 
 @dataclass
@@ -89,6 +90,14 @@ class EmbedOptions:
     overlay: bool
     colormap: str
     layer: Optional[str] = None
+    weights: str = "auto"
+    neighbours: Optional[int] = None
+    format: str = "png"
+
+    def spec(self, **reference) -> FamSpec:
+        """The engine's request for this item: the reference given, with the options' FAM fields."""
+        return FamSpec(similarity=self.similarity, method=self.method, layer=self.layer, weights=self.weights,
+                       neighbours=self.neighbours, **reference)
 
 
 def parse_embed_options(raw: Dict[str, Any], settings) -> EmbedOptions:
@@ -130,8 +139,22 @@ def parse_embed_options(raw: Dict[str, Any], settings) -> EmbedOptions:
         chosen = chosen or None  # gallery=0: no gallery
     colormap = parse_colormap(raw.get("colormap") or settings.colormap)
     layer = str(raw.get("layer") or "").strip() or None
+    weights = str(raw.get("weights") or "auto").strip().lower()
+    if weights not in WEIGHTINGS:
+        raise InvalidRequestOptionError(f"unknown FAM weights {weights!r}; choose one of {list(WEIGHTINGS)}")
+    if weights != "auto" and method == "gradcam_similarity":
+        raise InvalidRequestOptionError(f"weights={weights!r} chooses FAM's channel weights; gradcam_similarity has "
+                                        f"its own (Grad-CAM's): drop one of them")
+    neighbours = raw.get("neighbours")
+    neighbours = None if neighbours in (None, "") else parse_int("neighbours", neighbours, 1, settings.max_gallery_topk)
+    if neighbours is not None and weights != "neighbour":
+        raise InvalidRequestOptionError("neighbours counts the gallery items neighbour weights average: add "
+                                        "weights=neighbour")
+    fmt = str(raw.get("format") or "png").strip().lower()
+    if fmt not in FORMATS:
+        raise InvalidRequestOptionError(f"option 'format' must be one of {list(FORMATS)}, got {fmt!r}")
     return EmbedOptions(similarity, method, chosen, parse_flag("embedding", raw.get("embedding", True)),
-                        parse_flag("overlay", raw.get("overlay", False)), colormap, layer)
+                        parse_flag("overlay", raw.get("overlay", False)), colormap, layer, weights, neighbours, fmt)
 
 
 class EmbeddingHandler(CamserveHandler):
@@ -178,18 +201,16 @@ class EmbeddingHandler(CamserveHandler):
             spec = None
             if "reference" in item.payloads:
                 reference = decode_image(image_bytes(item.payloads["reference"], "reference"), s.max_pixels, "reference")
-                spec = FamSpec(similarity=options.similarity, method=options.method, layer=options.layer)
+                spec = options.spec()
             elif "reference_embedding" in item.payloads:
-                spec = FamSpec(reference_embedding=parse_embedding(item.payloads["reference_embedding"]),
-                               similarity=options.similarity, method=options.method, layer=options.layer)
+                spec = options.spec(reference_embedding=parse_embedding(item.payloads["reference_embedding"]))
             elif options.gallery is not None:
                 if self.gallery is None or not len(self.gallery):
                     raise MissingInputError("this archive has no gallery; send a reference or reference_embedding")
                 high = min(s.max_gallery_topk, len(self.gallery))
                 k = min(s.gallery_topk, high) if options.gallery is True else options.gallery
                 k = parse_int("gallery", k, 1, high)
-                spec = FamSpec(gallery_topk=k, similarity=options.similarity, method=options.method,
-                               layer=options.layer)
+                spec = options.spec(gallery_topk=k)
             if options.layer is not None:
                 if spec is None:
                     raise InvalidRequestOptionError(f"layer={options.layer!r} places the FAM map, but this request "
@@ -198,8 +219,11 @@ class EmbeddingHandler(CamserveHandler):
                 if not resolved.last and spec.method == "gradcam_similarity":
                     raise InvalidRequestOptionError(f"gradcam_similarity is served at the last map only; layer "
                                                     f"{resolved.path!r} lies below it (use method 'fam')")
+            if spec is None and (options.weights != "auto" or options.format != "png"):
+                raise InvalidRequestOptionError("weights and format shape a FAM explanation, but this request asks "
+                                                "for none (no reference or gallery)")
             items.append(EmbedItem(index, position, image, reference, spec, options.embedding, options.overlay,
-                                   options.colormap))
+                                   options.colormap, options.format))
         return items
 
     def run_batch(self, requests: Sequence[Tuple[int, ParsedRequest]], context) -> Dict[int, Any]:
@@ -216,6 +240,20 @@ class EmbeddingHandler(CamserveHandler):
         unless a row propagated relevance, which runs the whole batch through the backbone's own modules."""
         relevance = any(fam is not None and fam.route == "relevance" for fam in result.items)
         return OPENVINO if getattr(self, "map_on_runtime", False) and not relevance else EAGER
+
+    def map_encoder(self, fmt: str):
+        """``(map at the output size, the same at its own resolution) → answer value``: a base64 PNG of
+        the first (``png``), or the second as nested lists rounded to ``handler.array_decimals``
+        (``array``); ``None`` stays ``None``."""
+        scale = 10 ** self.settings.array_decimals
+
+        def encode(full, layer):
+            if full is None:
+                return None
+            if fmt == "array":
+                return (torch.round(layer.float() * scale) / scale).cpu().tolist()
+            return b64png(to_uint8(full))
+        return encode
 
     def explain_items(self, items: List[EmbedItem]) -> Dict[Tuple[int, int], EmbeddingAnswer]:
         """One preprocessing and one FAM call for all ``items``; answers keyed by (request, position)."""
@@ -241,14 +279,18 @@ class EmbeddingHandler(CamserveHandler):
                 scale = 10 ** self.embedding_decimals
                 answer.embedding = (torch.round(result.embeddings[row].float() * scale) / scale).cpu().tolist()
             if fam is not None:
+                encode = self.map_encoder(item.format)
+                shown = fam.query_map_layer if item.format == "array" else fam.query_map
                 answer.fam = FamAnswer(
                     similarity=round(float(fam.similarity), 6), metric=fam.metric, method=fam.method,
-                    route=fam.route, reference=fam.reference, query_map=b64png(to_uint8(fam.query_map)),
-                    reference_map=b64png(to_uint8(fam.reference_map)) if fam.reference_map is not None else None,
-                    size=[int(fam.query_map.shape[-1]), int(fam.query_map.shape[-2])],
+                    route=fam.route, reference=fam.reference,
+                    query_map=encode(fam.query_map, fam.query_map_layer),
+                    reference_map=encode(fam.reference_map, fam.reference_map_layer),
+                    size=[int(shown.shape[-1]), int(shown.shape[-2])],
                     passes=dict(fam.passes), seconds=round(fam.seconds, 4),
                     batch_seconds=round(getattr(fam, "batch_seconds", 0.0) or fam.seconds, 4),
-                    layer=fam.layer, layer_shape=list(fam.layer_shape) if fam.layer is not None else None)
+                    layer=fam.layer, layer_shape=list(fam.layer_shape) if fam.layer is not None else None,
+                    weights=fam.weights, neighbours=fam.neighbours, format=item.format)
                 if self.summarising:
                     pair = [fam.query_map] + ([fam.reference_map] if fam.reference_map is not None else [])
                     answer.fam.summaries = summarise(torch.stack([m.float() for m in pair]))
@@ -258,8 +300,8 @@ class EmbeddingHandler(CamserveHandler):
                 if fam.matches is not None:
                     answer.fam.matches = [FamMatch(
                         index=int(m["index"]), label=m["label"], similarity=round(float(m["similarity"]), 6),
-                        query_map=b64png(to_uint8(m["query_map"])),
-                        reference_map=b64png(to_uint8(m["reference_map"])) if m["reference_map"] is not None else None,
+                        query_map=encode(m["query_map"], m["query_map_layer"]),
+                        reference_map=encode(m["reference_map"], m["reference_map_layer"]),
                     ) for m in fam.matches]
                 seconds[fam.method] = seconds.get(fam.method, 0.0) + fam.seconds  # the rows' shares, summed
                 counts[fam.method] += 1

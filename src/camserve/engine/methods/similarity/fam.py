@@ -110,7 +110,7 @@ from camserve.engine.methods.similarity.channel_weights import (WEIGHTINGS, jaco
                                                                 sfam_weights)
 from camserve.engine.methods.similarity.gallery import Gallery
 from camserve.engine.methods.similarity.layers import LayerRoutes, LazyRoutes, combine, contribution_seed
-from camserve.engine.imaging.render import prepare_maps
+from camserve.engine.imaging.render import prepare_maps, upsample
 from camserve.engine.timing import clock
 
 SIMILARITIES = ("cosine", "dot", "euclidean")
@@ -173,7 +173,10 @@ class FamSpec:
 @dataclass
 class FamExplanation:
     """The explanation of one query: for a gallery request, the fields describe the best match and
-    ``matches`` lists all k (``{index, label, similarity, query_map, reference_map}``).
+    ``matches`` lists all k (``{index, label, similarity, query_map, reference_map, query_map_layer,
+    reference_map_layer}``). ``query_map``/``reference_map`` are at the output size;
+    ``query_map_layer``/``reference_map_layer`` the same maps at the map's own resolution
+    (``layer_shape``), normalised before upsampling (what ``format=array`` answers).
 
     ``layer``: the module path the map is at (``None`` when the request named no layer: the last
     map); ``layer_shape``: the map's ``(h, w)`` before upsampling. ``relevance`` (relevance route
@@ -200,6 +203,8 @@ class FamExplanation:
     relevance: Optional[Dict[str, float]] = None
     weights: str = "product"
     neighbours: Optional[Dict[str, Any]] = None
+    query_map_layer: Optional[torch.Tensor] = None
+    reference_map_layer: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -377,23 +382,28 @@ class FamExplainer:
         pair_share = (seconds - forward_seconds) / max(1, len(plans))  # the pairs' work, split over the plans
         for plan in plans:
             pairs = raw[plan.index]
-            stacked_q = prepare_maps(torch.stack([q for _, q, _, _ in pairs]), size)
+            layer_q = prepare_maps(torch.stack([q for _, q, _, _ in pairs]), None)  # normalised, (h, w) of A
+            stacked_q = upsample(layer_q, size)
             ref_present = [r is not None for _, _, r, _ in pairs]
-            stacked_r = (prepare_maps(torch.stack([r for _, _, r, _ in pairs if r is not None]), size)
-                         if any(ref_present) else None)
-            ref_maps, cursor = [], 0
+            layer_r = (prepare_maps(torch.stack([r for _, _, r, _ in pairs if r is not None]), None)
+                       if any(ref_present) else None)
+            stacked_r = upsample(layer_r, size) if layer_r is not None else None
+            ref_maps, ref_layer_maps, cursor = [], [], 0
             for present in ref_present:
                 ref_maps.append(stacked_r[cursor] if present else None)
+                ref_layer_maps.append(layer_r[cursor] if present else None)
                 cursor += int(present)
             matches = None
             if plan.kind == "gallery":
                 matches = [{"index": idx, "label": label, "similarity": sim, "query_map": stacked_q[m],
-                            "reference_map": ref_maps[m]}
+                            "reference_map": ref_maps[m], "query_map_layer": layer_q[m],
+                            "reference_map_layer": ref_layer_maps[m]}
                            for m, ((idx, label), (_, _, _, sim)) in enumerate(zip(plan.ref_ids, pairs))]
             method = {"pooled": "fam", "jacobian": "fam-jacobian", "gradient": "gradcam_similarity",
                       "relevance": "fam-relevance"}[plan.route]
             items[plan.index] = FamExplanation(
                 similarity=pairs[0][3], contributions=pairs[0][0], query_map=stacked_q[0], reference_map=ref_maps[0],
+                query_map_layer=layer_q[0], reference_map_layer=ref_layer_maps[0],
                 route=plan.route, method=method, metric=plan.similarity, reference=plan.kind, matches=matches,
                 seconds=forward_seconds * (1 + (plan.kind == "image")) / rows + pair_share,
                 passes=passes[plan.index], batch_seconds=seconds, layer=plan.layer,
