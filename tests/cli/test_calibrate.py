@@ -1,5 +1,6 @@
 """``camserve calibrate`` end to end on the pretrained CIFAR ResNet-20 and real CIFAR-10 test JPEGs:
-the model card (JSON + self-contained HTML) and its choices, ``camserve archive --calibrate`` (the card
+the model card (JSON + self-contained HTML) and its choices, the early-elimination record, the
+OpenVINO curve forward against the eager model, ``camserve archive --calibrate`` (the card
 in the .mar, the chosen defaults in model-config.yaml), the calibrated score in a served answer (the
 real handler, in-process), and bad inputs → a clear message and a non-zero exit."""
 
@@ -10,9 +11,14 @@ import shutil
 import zipfile
 
 import pytest
+import torch
 import yaml
 
 from camserve.cli.main import main
+from camserve.engine.evaluation.metrics import class_probabilities, gaussian_blur, perturbation_curves, source_scores
+from camserve.engine.runtime.openvino_forward import openvino_available
+from camserve.lab.curve_forward import CurveForward
+from camserve.lab.evaluate_faithfulness import load_batch, load_cifar_resnet
 from camserve.serving.answer import ExplanationAnswer
 from camserve.serving.local import handle_rows, handler_class, setup_from_mar, worker_context
 
@@ -23,6 +29,7 @@ MODEL = ["--source", "eager", "--model-file", str(REPO / "examples" / "cifar_res
          "--class-name", "CifarResNet", "--kwargs", '{"depth": 20}', "--weights", str(RESNET20),
          "--preprocess", "crop=32"]
 N_IMAGES = 20  # a seeded sample of the 5,000 JPEGs: 10 per half
+SLICE = 5  # two elimination slices of the choose half
 CANDIDATES = "layercam,gradcam,sc[rel+soft@T4]"  # three of the five: the test stays short
 
 pytestmark = pytest.mark.skipif(not (RESNET20.is_file() and CIFAR.is_dir()), reason="shared CIFAR data/model absent")
@@ -33,7 +40,7 @@ def calibrated(tmp_path_factory):
     work = tmp_path_factory.mktemp("calibrate")
     out = work / "card"
     done = camserve("calibrate", *MODEL, "--data", str(CIFAR), "--max-images", str(N_IMAGES), "--out", str(out),
-                    "--candidates", CANDIDATES,
+                    "--candidates", CANDIDATES, "--eliminate-slice", str(SLICE),
                     "--threads", "2", cwd=work)
     assert done.returncode == 0, done.stdout + done.stderr
     card = json.loads((out / "calibration.json").read_text())
@@ -50,8 +57,8 @@ def test_the_model_card_records_a_choice_per_stage_on_the_choose_half(calibrated
     for stage in card["stages"]:
         rows, chosen = stage["choose"], stage["chosen"]
         assert set(rows) == set(card["protocol"]["candidates"]) == set(CANDIDATES.split(","))
-        passing = {n: r["overall"] for n, r in rows.items() if r["passed"]}
-        assert chosen["name"] == max(passing, key=passing.get)  # the most faithful reading passing the checks
+        passing = {n: r["overall"] for n, r in rows.items() if r["passed"] and "eliminated" not in r}
+        assert chosen["name"] == max(passing, key=passing.get)  # the most faithful surviving reading passing the checks
         assert rows["layercam"]["vs_layercam"] == 0 and "C" in rows["layercam"]["checks"]
         report, base = stage["report"], stage["layercam_report"]
         assert report["n"] == N_IMAGES // 2 and report["wins"] + report["losses"] <= report["n"]
@@ -68,6 +75,54 @@ def test_the_model_card_records_a_choice_per_stage_on_the_choose_half(calibrated
     assert page.count("data:image/png;base64,") == 2 and "http" not in page.replace("http-equiv", "")
     for stage in card["stages"]:
         assert stage["chosen"]["name"] in page
+
+
+def test_the_card_records_what_was_eliminated_when_and_by_how_much(calibrated):
+    _work, _out, card, stdout = calibrated
+    elimination = card["protocol"]["elimination"]
+    assert elimination["slice_images"] == SLICE and elimination["z"] == 3
+    z, half = elimination["z"], N_IMAGES // 2
+    eliminated = [e for s in card["stages"] for e in s["eliminated"]]
+    assert eliminated, "the seeded 10-image choose half eliminates at least one reading after 5 images"
+    for stage in card["stages"]:
+        for entry in stage["eliminated"]:
+            row = stage["choose"][entry["name"]]
+            assert row["eliminated"] == entry and row["n"] == entry["after_images"] == SLICE
+            assert entry["name"] not in ("layercam", entry["best"]) and stage["chosen"]["name"] != entry["name"]
+            assert f"{entry['name']} eliminated after {SLICE} images" in stdout
+            if entry["reason"].startswith("below"):  # clearly behind the best: mean(d) + z·SEM(d) < 0
+                assert entry["vs_best"] + z * entry["sem"] < 0
+            else:
+                assert entry["reason"].startswith("clearly fails check")
+        for name, row in stage["choose"].items():
+            assert row["n"] == (SLICE if "eliminated" in row else half)
+    assert card["timing"]["image_jobs"]["choose"] < 3 * 3 * half  # fewer (image, reading) units than without
+    assert set(card["timing"]["parts_seconds"]) >= {"endpoints", "explain_seconds", "curve_seconds",
+                                                   "randomisation_seconds"}
+
+
+@pytest.mark.skipif(not openvino_available(), reason="OpenVINO (the fast extra) not installed")
+def test_openvino_curve_forward_agrees_with_the_eager_model():
+    """The curves' step images scored by OpenVINO and by the eager model (inference mode): the same
+    curves within float rounding, on real CIFAR-10 images and the pretrained ResNet-20."""
+    model = load_cifar_resnet(str(RESNET20), 20, "cpu")
+    files = [f"{c}/{n:04d}.jpg" for c in ("cat", "ship", "truck") for n in (0, 2)]
+    images = load_batch("cifar", CIFAR, files, "cpu")
+    fast, eager = CurveForward(model, (32, 32), "cpu"), CurveForward(model, (32, 32), "cpu", use_openvino="off")
+    assert fast.name == "openvino" and eager.name == "eager", fast.describe()
+    with torch.inference_mode():
+        top2 = model(images).topk(2, dim=1).indices
+    maps = torch.rand(len(files), 32, 32, generator=torch.Generator().manual_seed(0))
+    blurred = gaussian_blur(images, 9, 2.0)
+    curves = {}
+    for forward in (fast, eager):
+        score = class_probabilities(forward, top2)
+        fixed = source_scores(score, images, blurred, batch_size=4)
+        curves[forward.name] = perturbation_curves(score, images, maps, steps=16, batch_size=32, blurred=blurred,
+                                                   tie_seed=0, fixed=fixed)
+    for kind, values in curves["eager"].items():
+        assert values.shape == (len(files), 17, 2)
+        assert torch.allclose(curves["openvino"][kind], values, atol=1e-4), kind
 
 
 def test_archive_calibrate_serves_the_calibrated_defaults_and_score(calibrated):

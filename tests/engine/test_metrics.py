@@ -9,6 +9,7 @@ from camserve.engine.errors import InvalidInputError
 from camserve.engine.core.rank_correlation import average_ranks, spearman_rows
 from camserve.engine.evaluation.metrics import (auc, classifier_score, deletion_insertion, endpoint_scores,
                                      gaussian_blur, paired, perturbation_curves, pixel_ranks, random_maps,
+                                     source_scores,
                                      similarity_score, spearman, step_counts)
 
 
@@ -158,6 +159,37 @@ def test_blur_deletion_and_perturbation_curves_agree_with_deletion_insertion():
     assert torch.allclose(curves["deletion_zero"][..., 1], -zero.deletion, atol=1e-5)
     assert torch.allclose(blur.deletion[:, -1], score(blurred, None), atol=1e-5)   # deleted to the blur
     assert torch.allclose(blur.insertion, zero.insertion)
+
+
+def test_shared_endpoints_give_the_same_curves_with_fewer_forwards():
+    """Step 0 is the start image and step S the whole source image for any map: with ``fixed`` (the
+    sources' scores, computed once) only the S − 1 interior steps are forwarded, the curves equal."""
+    torch.manual_seed(0)
+    images = torch.randn(3, 3, 8, 8)
+    maps = torch.rand(3, 8, 8)
+    weights = torch.randn(3, 8, 8)
+    forwarded = []
+
+    def score2(batch, owners):
+        forwarded.append(batch.shape[0])
+        s = (batch * weights).sum(dim=(1, 2, 3))
+        return torch.stack([s, -s], 1)
+
+    blurred = gaussian_blur(images)
+    full = perturbation_curves(score2, images, maps, steps=5, batch_size=7, blurred=blurred)
+    assert sum(forwarded) == 3 * 3 * 6
+    fixed = source_scores(score2, images, blurred, batch_size=2)
+    assert set(fixed) == {"clean", "blurred", "zeros"} and fixed["clean"].shape == (3, 2)
+    forwarded.clear()
+    shared = perturbation_curves(score2, images, maps, steps=5, batch_size=7, blurred=blurred, fixed=fixed)
+    assert sum(forwarded) == 3 * 3 * 4  # the interior steps only
+    for kind in full:
+        assert torch.allclose(shared[kind], full[kind], atol=1e-5), kind
+    one = perturbation_curves(lambda b, o: score2(b, o)[:, :1], images, maps, steps=5, kinds=("deletion_zero",),
+                              blurred=blurred,
+                              fixed={k: v[:, :1] for k, v in fixed.items()})
+    assert one["deletion_zero"].shape == (3, 6, 1)
+    assert torch.allclose(one["deletion_zero"][..., 0], full["deletion_zero"][..., 0], atol=1e-5)
 
 
 def test_spearman_and_paired_statistics():

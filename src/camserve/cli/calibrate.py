@@ -8,7 +8,8 @@
 The lab's faithfulness protocol (:mod:`camserve.lab.calibration`) on a fixed choose/report split of
 the folder (:mod:`camserve.lab.calibration_images`): every candidate at every stage on the choose
 half, the most faithful one passing the checks chosen per stage, the chosen ones and LayerCAM
-measured on the report half. Writes the model card ``calibration.json`` + ``calibration.html``
+measured on the report half (early elimination between slices of the choose half, curves on
+OpenVINO when it is installed: see :mod:`camserve.lab.calibration`). Writes the model card ``calibration.json`` + ``calibration.html``
 into ``--out`` (:mod:`camserve.lab.calibration_card`); one progress line per scored reading.
 
 Exit status: 0 when every stage has a chosen reading; 1 with a message for bad inputs (no images,
@@ -28,7 +29,8 @@ import torch
 from camserve.commands.local_model import load_local_model
 from camserve.commands.model_args import add_model_arguments
 from camserve.engine.models import labels_for
-from camserve.lab.calibration import CANDIDATES, DEFAULT_CHECKS, MIN_STEPS, CalibrationError, Calibrator, calibrate
+from camserve.lab.calibration import (CANDIDATES, DEFAULT_CHECKS, ELIMINATE_SLICE, ELIMINATE_Z, MIN_STEPS,
+                                      RANDOMISATION_IMAGES, CalibrationError, Calibrator, calibrate)
 from camserve.lab.calibration_card import build_card, write_card
 from camserve.lab.calibration_images import load_half, split_items
 
@@ -52,6 +54,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--composite", default="epsilon_plus", help="LRP composite of Shallow-CAM's relevance pass")
     parser.add_argument("--batch-size", type=int, default=64, help="perturbed images per forward")
     parser.add_argument("--explain-batch", type=int, default=32, help="images per explanation call")
+    parser.add_argument("--eliminate-slice", type=int, default=ELIMINATE_SLICE,
+                        help="choose-half images per elimination slice: after each slice a candidate clearly "
+                             f"behind the best stops (default {ELIMINATE_SLICE}; 0 = measure every candidate "
+                             "on every image)")
+    parser.add_argument("--eliminate-z", type=float, default=ELIMINATE_Z,
+                        help=f"eliminate a candidate more than this many SEM below the best (default {ELIMINATE_Z:g})")
+    parser.add_argument("--randomisation-images", type=int, default=RANDOMISATION_IMAGES,
+                        help="images per half (the first of the seeded sample) on which the randomisation check "
+                             f"is measured (default {RANDOMISATION_IMAGES})")
+    parser.add_argument("--curve-forward", choices=("auto", "eager"), default="auto",
+                        help="forward of the curves' step images: auto = OpenVINO when installed and in "
+                             "agreement with the model, else eager; eager = the PyTorch model")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
@@ -74,6 +88,9 @@ def run(args: argparse.Namespace) -> int:
                                 steps=args.steps, seed=args.seed, checks=args.checks, max_rho_rand=args.max_rho_rand,
                                 composite=args.composite, batch_size=args.batch_size,
                                 explain_batch=args.explain_batch, progress=progress,
+                                eliminate_slice=args.eliminate_slice, eliminate_z=args.eliminate_z,
+                                curve_forward="off" if args.curve_forward == "eager" else "auto",
+                                randomisation_images=args.randomisation_images,
                                 last_layer=model.resolve_layers([model.profile.stages[-1]])[0])
     except CalibrationError as error:
         raise SystemExit(f"camserve calibrate: {error}") from None

@@ -15,31 +15,47 @@ the user's own images split into a **choose** and a **report** half
   top-1 and top-2 class maps; LayerCAM passes its own), **D** ``cds > 0`` and ``oma > 0`` (the
   class's own map deletes its evidence faster than the runner-up's), **R** model randomisation
   ``rho_rand_all < max_rho_rand`` (0.5; the map after re-initialising every parametrised layer
-  above the stage).
+  above the stage), measured on the first ``randomisation_images`` images of each half (32 by
+  default; the halves are a seeded sample in sorted order, so this is a fixed seeded subset).
 
-**Choose half:** every candidate at every stage; per stage the candidate with the highest mean
-``overall`` among those passing the required checks is chosen (LayerCAM may win). **Report half:**
-the chosen reading and LayerCAM only, the card's figures. The served defaults
+**Choose half:** every candidate at every stage, measured in slices of ``eliminate_slice`` images
+with early elimination between slices (:mod:`camserve.lab.calibration_elimination`: a candidate more
+than ``eliminate_z`` SEM below the current best, or clearly failing a check, stops there; LayerCAM
+and the best never do; 0 turns it off); per stage the surviving candidate with the highest mean
+``overall`` on the whole half among those passing the required checks is chosen (LayerCAM may
+win). **Report half:** the chosen reading and LayerCAM only, the card's figures. The served defaults
 (:func:`served_defaults`): the chosen method of the stage with the highest choose-half ``overall``
 is ``default_method``; each chosen method's ``method_layers`` entry is its best stage (choose half)
 and its ``method_options`` the options of that reading.
 
+**Cost.** The curves' step images are scored by
+:class:`~camserve.lab.curve_forward.CurveForward` (OpenVINO when available and in agreement with the
+eager model, else the eager model) in batches of ``batch_size``; the probabilities of each image's
+clean, blurred and all-zero versions — every curve's first and last step — are computed once per
+half and shared by every stage and reading
+(:func:`~camserve.engine.evaluation.metrics.source_scores`), so a reading costs ``4 (S − 1)``
+forwards per image (60 at 16 steps) instead of ``4 (S + 1)``.
+
 Candidates (:data:`CANDIDATES`, names of :data:`~camserve.lab.evaluate_faithfulness.VARIANTS`):
 ``layercam``, ``gradcam``, ``gradcampp``, ``sc[rel+plain]`` (Shallow-CAM's served reading) and
 ``sc[rel+soft@T4]`` (the softmax start at temperature 4, the reading measured best on the CIFAR
-ResNets). Readings that need a layer above (``refine``, ``above``) do not apply at the last stage.
+ResNets). Any other VARIANTS name may be given (e.g. ``fgcam``, FG-CAM: not a default, the measured
+calibrations predate it). Readings that need a layer above (``refine``, ``above``) do not apply at
+the last stage.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from camserve.engine import ExplainSpec
-from camserve.engine.evaluation.metrics import gaussian_blur, mean_and_sem, paired
+from camserve.engine.evaluation.metrics import class_probabilities, gaussian_blur, mean_and_sem, paired, source_scores
+from camserve.lab.calibration_elimination import SECONDS, eliminate, first_images, join, slices, survivors_after
+from camserve.lab.curve_forward import CurveForward
 from camserve.lab.evaluate_faithfulness import (BASELINE, NEEDS_ABOVE, VARIANTS, evaluate_one, make_explainer,
                                                 randomised)
 
@@ -48,6 +64,11 @@ CANDIDATES = ("layercam", "gradcam", "gradcampp", "sc[rel+plain]", "sc[rel+soft@
 #: the checks a reading must pass to be chosen (see the module docstring)
 DEFAULT_CHECKS = "CDR"
 MIN_STEPS = 16
+MIN_RANDOMISATION_IMAGES = 4
+#: choose-half images per elimination slice, and how many SEM below the best eliminates
+ELIMINATE_SLICE, ELIMINATE_Z = 20, 3.0
+#: images per half (the first ones: a seeded sample, sorted) on which the randomisation check is measured
+RANDOMISATION_IMAGES = 32
 
 
 class CalibrationError(ValueError):
@@ -115,7 +136,9 @@ class Calibrator:
     def __init__(self, module, input_size, layers: Sequence[str], *, candidates: Sequence[str] = CANDIDATES,
                  steps: int = MIN_STEPS, seed: int = 0, checks: str = DEFAULT_CHECKS, max_rho_rand: float = 0.5,
                  composite: str = "epsilon_plus", batch_size: int = 64, explain_batch: int = 32,
-                 last_layer: Optional[str] = None, progress: Callable[[str], None] = print):
+                 last_layer: Optional[str] = None, progress: Callable[[str], None] = print,
+                 eliminate_slice: int = ELIMINATE_SLICE, eliminate_z: float = ELIMINATE_Z,
+                 curve_forward: str = "auto", randomisation_images: int = RANDOMISATION_IMAGES):
         if steps < MIN_STEPS:
             raise CalibrationError(f"--steps {steps}: the protocol needs at least {MIN_STEPS} steps")
         unknown_checks = sorted(set(checks) - set("CDR"))
@@ -126,8 +149,17 @@ class Calibrator:
         self.last_layer = last_layer or self.layers[-1]  # the model's last stage (no layer above it)
         check_candidates(self.candidates, self.layers, self.last_layer)
         self.composite, self.progress = composite, progress
+        self.seconds: Dict[str, float] = {}  # where the time went: endpoints, explain, curve, randomisation
         self.settings = argparse.Namespace(steps=steps, batch_size=batch_size, explain_batch=explain_batch, seed=seed)
         self.explainer = make_explainer(module, self.input_size, composite)
+        self.eliminate_slice, self.eliminate_z = max(0, int(eliminate_slice)), float(eliminate_z)
+        if randomisation_images < MIN_RANDOMISATION_IMAGES:
+            raise CalibrationError(f"--randomisation-images {randomisation_images}: the R check needs at least "
+                                   f"{MIN_RANDOMISATION_IMAGES} images")
+        self.randomisation_images = int(randomisation_images)
+        device = next(module.parameters()).device
+        self.forward = CurveForward(module, self.input_size, device, curve_forward)
+        progress(f"curve forward: {self.forward.describe()}")
 
     def randomised_explainers(self, layer: str) -> Dict[str, object]:
         """Explainers of the model with the layers above ``layer`` re-initialised (seeded): the last
@@ -144,40 +176,75 @@ class Calibrator:
             logits = torch.cat([self.module(images[i:i + 128]) for i in range(0, len(images), 128)])
         return logits.topk(2, dim=1).indices
 
-    def measure(self, images: torch.Tensor, names_for: Callable[[str], Sequence[str]], half: str) -> Dict:
-        """``{layer: {name: record}}`` of :func:`evaluate_one` for ``names_for(layer)`` at each stage
-        (LayerCAM always measured: the paired baseline)."""
+    def measure(self, images: torch.Tensor, names_for: Callable[[str], Sequence[str]], half: str,
+                slice_images: int = 0) -> Tuple[Dict[str, Dict[str, dict]], Dict[str, List[dict]]]:
+        """``({layer: {name: record}}, {layer: [elimination]})``: :func:`evaluate_one` for
+        ``names_for(layer)`` at each stage (LayerCAM always measured: the paired baseline), in slices
+        of ``slice_images`` images with elimination between them (0: one slice, none eliminated)."""
         top2 = self.top2(images)
-        settings = argparse.Namespace(**vars(self.settings), _blurred=blur_for(images))
-        jobs = [(layer, name) for layer in self.layers
-                for name in dict.fromkeys([BASELINE, *names_for(layer)])
-                if applicable(name, layer, self.last_layer)]
+        blurred = blur_for(images)
+        t0 = time.time()
+        fixed = source_scores(class_probabilities(self.forward, top2), images, blurred, self.settings.batch_size)
+        self.seconds["endpoints"] = self.seconds.get("endpoints", 0.0) + time.time() - t0
+        survivors = {layer: [n for n in dict.fromkeys([BASELINE, *names_for(layer)])
+                             if applicable(n, layer, self.last_layer)] for layer in self.layers}
         out: Dict[str, Dict[str, dict]] = {layer: {} for layer in self.layers}
+        eliminated: Dict[str, List[dict]] = {layer: [] for layer in self.layers}
+        parts = slices(len(images), slice_images)
         done = 0
-        for layer in self.layers:
-            randomised_explainers = self.randomised_explainers(layer)
-            for job_layer, name in jobs:
-                if job_layer != layer:
+        for index, part in enumerate(parts):
+            settings = argparse.Namespace(**vars(self.settings), _blurred=blurred[part])
+            part_fixed = {k: v[part] for k, v in fixed.items()}
+            for position, layer in enumerate(self.layers):
+                randomised_explainers = self.randomised_explainers(layer)
+                for name in survivors[layer]:
+                    t0 = time.time()
+                    record = evaluate_one(self.explainer, randomised_explainers, self.module, images[part], top2[part],
+                                          layer, name, settings, forward=self.forward, fixed=part_fixed,
+                                          randomisation_limit=self.randomisation_images - part.start)
+                    out[layer][name] = join(out[layer][name], record) if name in out[layer] else record
+                    done += 1
+                    left = (sum(len(survivors[l]) for l in self.layers[position + 1:])
+                            + len(survivors[layer]) - survivors[layer].index(name) - 1
+                            + (len(parts) - index - 1) * sum(len(v) for v in survivors.values()))
+                    where = f" images {part.start + 1}–{part.stop}" if len(parts) > 1 else ""
+                    self.progress(f"[{half} {done}/{done + left}] {layer} {name}{where}: overall "
+                                  f"{sum(combined(record)) / record['n']:.3f} ({time.time() - t0:.1f} s)")
+                if index == len(parts) - 1:
                     continue
-                t0 = time.time()
-                record = evaluate_one(self.explainer, randomised_explainers, self.module, images, top2, layer, name,
-                                      settings)
-                out[layer][name] = record
-                done += 1
-                self.progress(f"[{half} {done}/{len(jobs)}] {layer} {name}: overall "
-                              f"{sum(combined(record)) / record['n']:.3f} ({time.time() - t0:.1f} s)")
-        return out
+                seen = {n: out[layer][n] for n in survivors[layer]}
+                base = seen[BASELINE]
+                gone = eliminate(seen, self.candidates, BASELINE, self.checks, self.max_rho_rand, self.eliminate_z,
+                                 combined, lambda r: score_row(r, base, self.checks, self.max_rho_rand)["passed"])
+                for entry in gone:
+                    self.progress(f"[{half}] {layer} {entry['name']} eliminated after {entry['after_images']} "
+                                  f"images: {entry['reason']}")
+                eliminated[layer] += gone
+                survivors[layer] = survivors_after(survivors[layer], gone)
+        for records in out.values():
+            for record in records.values():
+                for key in SECONDS:
+                    self.seconds[key] = self.seconds.get(key, 0.0) + record.get(key, 0.0)
+        return out, eliminated
 
-    def choose(self, records: Dict[str, Dict[str, dict]]) -> Dict[str, dict]:
-        """Per stage: every candidate's choose-half row and the chosen name (``None``: none passed)."""
+    def choose(self, records: Dict[str, Dict[str, dict]],
+               eliminated: Optional[Dict[str, List[dict]]] = None) -> Dict[str, dict]:
+        """Per stage: every candidate's choose-half row (an eliminated one's on the images it saw,
+        with its ``eliminated`` entry) and the chosen name among the survivors (``None``: none passed)."""
         stages = {}
         for layer in self.layers:
             base = records[layer][BASELINE]
-            rows = {name: score_row(rec, base, self.checks, self.max_rho_rand) for name, rec in records[layer].items()
-                    if name in self.candidates}
-            passing = [n for n in rows if rows[n]["passed"]]
+            gone = {e["name"]: e for e in (eliminated or {}).get(layer, [])}
+            rows = {}
+            for name, rec in records[layer].items():
+                if name not in self.candidates:
+                    continue
+                rows[name] = score_row(rec, first_images(base, rec["n"]), self.checks, self.max_rho_rand)
+                if name in gone:
+                    rows[name]["eliminated"] = gone[name]
+            passing = [n for n in rows if rows[n]["passed"] and n not in gone]
             chosen = max(passing, key=lambda n: (rows[n]["overall"], -self.candidates.index(n))) if passing else None
-            stages[layer] = {"rows": rows, "chosen": chosen}
+            stages[layer] = {"rows": rows, "chosen": chosen, "eliminated": list(gone.values())}
         return stages
 
     def resolved_options(self, images: torch.Tensor, name: str, layer: str) -> dict:
@@ -205,9 +272,11 @@ def stage_entry(alias: str, layer: str, chosen: Optional[str], choose_rows: Dict
     """One stage of the model card: the choose-half table, the chosen reading and its report-half
     figures vs LayerCAM, and the mean curves of both on the report half."""
     entry: Dict[str, object] = {"stage": alias, "layer": layer, "choose": choose_rows, "chosen": None,
-                                "report": None, "curves": {}}
+                                "report": None, "curves": {},
+                                "eliminated": [r["eliminated"] for r in choose_rows.values() if "eliminated" in r]}
     if chosen is None:
-        failing = ", ".join(f"{n} ({r['checks']})" for n, r in choose_rows.items())
+        failing = ", ".join(f"{n} ({r['checks']}{', eliminated' if 'eliminated' in r else ''})"
+                            for n, r in choose_rows.items())
         entry["reason"] = f"no candidate passes the checks {calibrator.checks} on the choose half: {failing}"
         return entry
     method, options = VARIANTS[chosen]
@@ -259,11 +328,12 @@ def calibrate(calibrator: Calibrator, aliases: Dict[str, str], choose: dict, rep
     returns the model card's body (``stages``, ``served``, ``scores``, ``timing``) and the example
     maps under ``"_examples"`` (not serialised)."""
     t0 = time.time()
-    choose_records = calibrator.measure(choose["images"], lambda layer: calibrator.candidates, "choose")
-    picked = calibrator.choose(choose_records)
+    choose_records, eliminated = calibrator.measure(choose["images"], lambda layer: calibrator.candidates, "choose",
+                                                    calibrator.eliminate_slice)
+    picked = calibrator.choose(choose_records, eliminated)
     t1 = time.time()
-    report_records = calibrator.measure(report["images"], lambda layer: [n for n in [picked[layer]["chosen"]] if n],
-                                        "report")
+    report_records, _ = calibrator.measure(report["images"],
+                                           lambda layer: [n for n in [picked[layer]["chosen"]] if n], "report")
     t2 = time.time()
     by_layer = {layer: alias for alias, layer in aliases.items()}
     stages = []
@@ -277,5 +347,9 @@ def calibrate(calibrator: Calibrator, aliases: Dict[str, str], choose: dict, rep
             "top1_accuracy": {"choose": accuracy(calibrator, choose), "report": accuracy(calibrator, report)},
             "timing": {"choose_seconds": round(t1 - t0, 1), "report_seconds": round(t2 - t1, 1),
                        "jobs": {"choose": sum(len(r) for r in choose_records.values()),
-                                "report": sum(len(r) for r in report_records.values())}},
+                                "report": sum(len(r) for r in report_records.values())},
+                       "image_jobs": {"choose": sum(r["n"] for v in choose_records.values() for r in v.values()),
+                                      "report": sum(r["n"] for v in report_records.values() for r in v.values())},
+                       "parts_seconds": {k: round(v, 1) for k, v in calibrator.seconds.items()},
+                       "curve_forward": calibrator.forward.describe()},
             "_examples": examples}

@@ -4,14 +4,17 @@
 
 * ``model`` (name), ``spec`` (the model spec mapping), ``data`` (the image folder), ``labels``
   (where labels came from), ``n`` (``{"choose": n, "report": n}``), ``split`` (how), ``protocol``
-  (steps, seed, checks, ``max_rho_rand``, candidates with their options, composite, batch sizes);
+  (steps, seed, checks, ``max_rho_rand``, candidates with their options, composite, batch sizes,
+  ``elimination`` settings, ``curve_forward``: which forward scored the curves and why);
 * ``stages``: per stage ``stage`` (alias), ``layer`` (module path), ``chosen`` (``name``,
   ``method``, ``options``, ``resolved_options`` — what a served explanation of that reading
   reports), ``report`` (report half: ``overall`` ± ``overall_sem``, ``overall0``, ``overallB``,
   ``vs_layercam`` = mean of ``overall_i − overall_i^LayerCAM`` with its ``sem`` and ``wins`` /
   ``losses`` of ``n``, ``rho12`` and ``layercam_rho12``, ``cds``, ``oma``, ``rho_rand_head`` /
   ``rho_rand_all``, ``checks``), ``layercam_report``, ``choose`` (every candidate's choose-half row),
-  ``curves`` (mean report-half curves), or ``chosen: null`` and ``reason``;
+  ``curves`` (mean report-half curves), ``eliminated`` (the candidates stopped early on the choose
+  half: ``name``, ``after_images``, ``reason``, ``best``, ``vs_best`` ± ``sem``; their ``choose``
+  rows are on the images they saw and carry the same entry), or ``chosen: null`` and ``reason``;
 * ``served``: ``default_method``, ``default_stage``, ``method_layers``, ``method_options`` (what
   ``camserve archive --calibrate`` writes into the handler section);
 * ``scores``: ``[{method, layer, options, overall, vs_layercam, sem, n}]`` — what a served answer
@@ -58,7 +61,14 @@ def build_card(model_name: str, spec: dict, split: CalibrationSplit, calibrator:
                      "score": "overall = (overall0 + overallB) / 2, overallX = AUC(ins) - AUC(del to X)",
                      "candidates": {n: {"method": VARIANTS[n][0], "options": dict(VARIANTS[n][1])}
                                     for n in calibrator.candidates},
-                     "batch_size": settings.batch_size, "explain_batch": settings.explain_batch},
+                     "batch_size": settings.batch_size, "explain_batch": settings.explain_batch,
+                     "elimination": {"slice_images": calibrator.eliminate_slice, "z": calibrator.eliminate_z,
+                                     "rule": "after each slice of the choose half, a candidate with mean(d) + z*SEM(d) "
+                                             "< 0 against the current best (d = paired overall difference), or "
+                                             "failing a required check by more than z SEM, stops; LayerCAM and "
+                                             "the best never do"},
+                     "curve_forward": calibrator.forward.describe(),
+                     "randomisation_images": calibrator.randomisation_images},
         "stages": result["stages"], "served": result["served"], "scores": result["scores"],
         "top1_accuracy": result["top1_accuracy"], "timing": result["timing"],
         "wall_seconds": round(wall_seconds, 1), "machine": machine(), "command": command,

@@ -112,9 +112,15 @@ def stage_table(stages: List[dict]) -> str:
     return f"<table>{head}{''.join(rows)}</table>"
 
 
+def eliminated_note(row: dict) -> str:
+    """For a candidate stopped early on the choose half: when and why."""
+    gone = row.get("eliminated")
+    return f" (eliminated: {html.escape(gone['reason'])})" if gone else ""
+
+
 def choose_table(stages: List[dict]) -> str:
     head = ("<tr><th>stage</th><th>candidate</th><th>overall</th><th>Δ vs LayerCAM ± SEM</th><th>rho12</th>"
-            "<th>cds</th><th>oma</th><th>rho_rand all</th><th>checks</th><th>passed</th></tr>")
+            "<th>cds</th><th>oma</th><th>rho_rand all</th><th>checks</th><th>passed</th><th>n</th></tr>")
     rows = []
     for s in stages:
         for name, r in s["choose"].items():
@@ -123,7 +129,7 @@ def choose_table(stages: List[dict]) -> str:
                         f"<td>{_f(r['vs_layercam'], sign=True)} ± {_f(r['sem'])}</td><td>{_f(r['rho12'], 2)}</td>"
                         f"<td>{_f(r['cds'], sign=True)}</td><td>{_f(r['oma'], sign=True)}</td>"
                         f"<td>{_f(r.get('rho_rand_all'), 2)}</td><td>{r['checks']}</td>"
-                        f"<td>{'yes' if r['passed'] else 'no'}</td></tr>")
+                        f"<td>{'yes' if r['passed'] else 'no'}</td><td>{r['n']}{eliminated_note(r)}</td></tr>")
     return f"<table>{head}{''.join(rows)}</table>"
 
 

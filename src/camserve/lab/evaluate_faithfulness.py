@@ -80,6 +80,7 @@ VARIANTS = OrderedDict([
     ("gradcam", ("gradcam", {})),
     ("gradcampp", ("gradcampp", {})),
     ("relevancecam", ("relevancecam", {})),
+    ("fgcam", ("fgcam", {})),                              # FG-CAM (Qiu et al. 2024): Grad-CAM's components by LRP
     ("sc", ("shallowcam", {"contrastive": True})),        # the default before issue 15 (rel, contrastive)
     ("sc[rel+plain]", ("shallowcam", {"contrastive": False})),
     ("sc[rel+pos]", ("shallowcam", {"beta": "positive", "contrastive": True})),
@@ -255,9 +256,20 @@ def layer_maps(explainer, images, method: Optional[str], options: Dict, layer: s
 
 
 # -- one (layer, method) -----------------------------------------------------------------------
-def evaluate_one(explainer, rand_explainers, model, images, top2, layer, name, args) -> dict:
+def evaluate_one(explainer, rand_explainers, model, images, top2, layer, name, args, forward=None,
+                 fixed=None, randomisation_limit=None) -> dict:
+    """One (layer, reading) on ``images``: the per-image record (see the module docstring).
 
+    ``forward`` (default ``model``) scores the curves' step images — any gradient-free
+    ``images → logits`` (e.g. :class:`~camserve.lab.curve_forward.CurveForward`); ``fixed`` the
+    probabilities ``(N, 2)`` of ``top2`` on the clean, blurred and all-zero images
+    (:func:`~camserve.engine.evaluation.metrics.source_scores`), shared by every reading of these
+    images: the curves' endpoints are then copied, not forwarded. ``randomisation_limit`` ``k``: the
+    randomisation correlations of the first ``k`` images only (``rho_rand_*`` lists of length ``k``;
+    default all). The record's ``explain_seconds``,
+    ``curve_seconds`` and ``randomisation_seconds`` say where the time went."""
     method, options = VARIANTS[name]
+    forward = model if forward is None else forward
     t0 = time.perf_counter()
     maps = layer_maps(explainer, images, method, options, layer, "top2", args.explain_batch, args.seed)
     explain_seconds = time.perf_counter() - t0
@@ -265,11 +277,14 @@ def evaluate_one(explainer, rand_explainers, model, images, top2, layer, name, a
     up1 = prepare_maps(maps[:, 0], size)
     up2 = prepare_maps(maps[:, 1], size)
     blurred = args._blurred
-    curves = perturbation_curves(class_probabilities(model, top2), images, up1, steps=args.steps,
-                                 batch_size=args.batch_size, blurred=blurred, tie_seed=args.seed)
-    own = perturbation_curves(class_probabilities(model, top2[:, :1]), images, up2, steps=args.steps,
+    t0 = time.perf_counter()
+    curves = perturbation_curves(class_probabilities(forward, top2), images, up1, steps=args.steps,
+                                 batch_size=args.batch_size, blurred=blurred, tie_seed=args.seed, fixed=fixed)
+    own = perturbation_curves(class_probabilities(forward, top2[:, :1]), images, up2, steps=args.steps,
                               kinds=("deletion_zero",), batch_size=args.batch_size, blurred=blurred,
-                              tie_seed=args.seed)
+                              tie_seed=args.seed,
+                              fixed=None if fixed is None else {k: v[:, :1] for k, v in fixed.items()})
+    curve_seconds = time.perf_counter() - t0
     del0 = auc(curves["deletion_zero"][..., 0])
     delb = auc(curves["deletion_blur"][..., 0])
     ins = auc(curves["insertion_blur"][..., 0])
@@ -284,13 +299,20 @@ def evaluate_one(explainer, rand_explainers, model, images, top2, layer, name, a
         "cds": (auc(drop1) - auc(drop2)).tolist(),
         "oma": (auc(own["deletion_zero"][..., 0]) - del0).tolist(),
         "mean_curves": {k: v[..., 0].mean(0).tolist() for k, v in curves.items()},
+        "curve_seconds": round(curve_seconds, 3),
     }
+    t0 = time.perf_counter()
+    k = images.shape[0] if randomisation_limit is None else max(0, min(int(randomisation_limit), images.shape[0]))
     for scope, rexp in rand_explainers.items():
-        if method is None:
-            rmaps = layer_maps(rexp, images, None, {}, layer, top2[:, 0], args.explain_batch, args.seed + 1)
+        if k == 0:
+            record[f"rho_rand_{scope}"] = []
+        elif method is None:
+            rmaps = layer_maps(rexp, images[:k], None, {}, layer, top2[:k, 0], args.explain_batch, args.seed + 1)
         else:
-            rmaps = layer_maps(rexp, images, method, options, layer, top2[:, 0], args.explain_batch)
-        record[f"rho_rand_{scope}"] = spearman(maps[:, 0], rmaps[:, 0]).tolist()
+            rmaps = layer_maps(rexp, images[:k], method, options, layer, top2[:k, 0], args.explain_batch)
+        if k:
+            record[f"rho_rand_{scope}"] = spearman(maps[:k, 0], rmaps[:, 0]).tolist()
+    record["randomisation_seconds"] = round(time.perf_counter() - t0, 3)
     return record
 
 

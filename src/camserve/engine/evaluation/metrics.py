@@ -25,12 +25,15 @@ curves (the top of a photograph is mostly background). ``tie_seed=None`` restore
 function that may return several scores per image (e.g. the probabilities of the top-1 and top-2
 classes, for the contrastive deletion score). :func:`spearman` (average ranks for ties) and
 :func:`paired` (paired difference, SEM, win counts) are the statistics the evaluation reports.
+Every curve starts at an unperturbed source image and ends at another (clean, blurred or all
+zeros), whatever the map: :func:`source_scores` scores those once, and ``perturbation_curves(…,
+fixed=…)`` then forwards only the interior steps of each map.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -242,14 +245,20 @@ KINDS = {"deletion_zero": ("clean", "zeros"), "deletion_blur": ("clean", "blurre
 
 def perturbation_curves(score_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], images: torch.Tensor,
                         maps: torch.Tensor, steps: int = 16, kinds=tuple(KINDS), batch_size: int = 64,
-                        blurred: Optional[torch.Tensor] = None, tie_seed: Optional[int] = 0) -> dict:
+                        blurred: Optional[torch.Tensor] = None, tie_seed: Optional[int] = 0,
+                        fixed: Optional[Dict[str, torch.Tensor]] = None) -> dict:
     """Scores ``{kind: (N, S + 1, K)}`` of every perturbation kind in one batched pass.
 
     ``score_fn(batch, owners)`` returns ``(B,)`` or ``(B, K)`` scores (``K`` = 1 for the former).
     Step ``k`` of a kind ``(start, source)`` is ``start`` with the top ``⌈k·HW/S⌉`` pixels of the
     map's order taken from ``source``: ``deletion_zero`` (clean → zeros), ``deletion_blur`` (clean
-    → blur), ``insertion_blur`` (blur → clean). Every step, endpoints included, is scored (the
-    endpoints are a small share of ``S + 1`` steps; keeping them in the same batches keeps it simple).
+    → blur), ``insertion_blur`` (blur → clean).
+
+    Step 0 is the unmodified ``start`` image and step ``S`` the whole ``source`` image, whatever the
+    map. Without ``fixed`` every step is forwarded; with ``fixed`` — the scores ``(N, K)`` of the
+    ``"clean"``, ``"blurred"`` and ``"zeros"`` images (:func:`source_scores`, computed once and shared
+    by every map of the images) — only the ``S − 1`` interior steps are, and the endpoints are copied
+    from it: the same values, ``2 / (S + 1)`` fewer forwards.
     """
     if images.dim() != 4:
         raise InvalidInputError(f"images must be (N, 3, H, W), got {tuple(images.shape)}")
@@ -267,9 +276,13 @@ def perturbation_curves(score_fn: Callable[[torch.Tensor, torch.Tensor], torch.T
     sources = {"clean": images, "blurred": blurred, "zeros": torch.zeros_like(images[:1]).expand_as(images)}
     ranks = pixel_ranks(maps.to(device), tie_seed)
     counts = step_counts(h * w, steps, device)
-    jobs_kind = torch.arange(len(kinds), device=device).repeat_interleave(n * (steps + 1))
-    jobs_owner = torch.arange(n, device=device).repeat_interleave(steps + 1).repeat(len(kinds))
-    jobs_step = torch.arange(steps + 1, device=device).repeat(n * len(kinds))
+    all_kind = torch.arange(len(kinds), device=device).repeat_interleave(n * (steps + 1))
+    all_owner = torch.arange(n, device=device).repeat_interleave(steps + 1).repeat(len(kinds))
+    all_step = torch.arange(steps + 1, device=device).repeat(n * len(kinds))
+    forwarded = torch.arange(all_kind.shape[0], device=device)
+    if fixed is not None:
+        forwarded = forwarded[(all_step > 0) & (all_step < steps)]
+    jobs_kind, jobs_owner, jobs_step = all_kind[forwarded], all_owner[forwarded], all_step[forwarded]
     pieces = []
     with torch.inference_mode():
         for start in range(0, jobs_kind.shape[0], batch_size):
@@ -285,9 +298,35 @@ def perturbation_curves(score_fn: Callable[[torch.Tensor, torch.Tensor], torch.T
                     batch[sel] = torch.where(modified[sel], sources[second][o], sources[first][o])
             out = score_fn(batch, own)
             pieces.append(out.reshape(out.shape[0], -1).float())
-    flat = torch.cat(pieces)
+    if fixed is None:
+        flat = torch.cat(pieces)
+    else:
+        width = fixed["clean"].reshape(n, -1).shape[1]
+        flat = torch.empty(all_kind.shape[0], width, device=device)
+        if pieces:
+            flat[forwarded] = torch.cat(pieces).to(device)
+        for k, name in enumerate(kinds):  # step 0 = the start image, step S = the source image
+            first, second = KINDS[name]
+            base = k * n * (steps + 1) + torch.arange(n, device=device) * (steps + 1)
+            flat[base] = fixed[first].reshape(n, -1).float().to(device)
+            flat[base + steps] = fixed[second].reshape(n, -1).float().to(device)
     flat = flat.view(len(kinds), n, steps + 1, -1)
     return {name: flat[k] for k, name in enumerate(kinds)}
+
+
+def source_scores(score_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], images: torch.Tensor,
+                  blurred: torch.Tensor, batch_size: int = 64) -> Dict[str, torch.Tensor]:
+    """Scores ``(N, K)`` of the three unperturbed sources of :data:`KINDS` — ``"clean"`` (the images),
+    ``"blurred"`` and ``"zeros"`` — under ``score_fn``: every curve's first and last step, whatever
+    the map (pass them as :func:`perturbation_curves`' ``fixed``)."""
+    n = images.shape[0]
+    owners = torch.arange(n, device=images.device)
+    out = {}
+    with torch.inference_mode():
+        for name, stack in (("clean", images), ("blurred", blurred), ("zeros", torch.zeros_like(images))):
+            scores = [score_fn(stack[i:i + batch_size], owners[i:i + batch_size]) for i in range(0, n, batch_size)]
+            out[name] = torch.cat([s.reshape(s.shape[0], -1).float() for s in scores])
+    return out
 
 
 def class_probabilities(model: torch.nn.Module, classes: torch.Tensor) -> Callable:
