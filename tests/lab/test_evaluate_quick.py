@@ -200,3 +200,32 @@ def test_bench_memory_child_gets_the_same_model():
     assert spec_from_args(child)[0].preprocess == {"crop": 32, "resize": 36}
     assert (child.shallow_layer, child.head_layer, child.data, child.threads, child.device) == \
         ("stage1", None, str(CIFAR), 1, "cpu")
+
+
+def test_bench_fam_family_cases_explain_at_their_layers():
+    """`camserve bench`'s FAM cases (issue 21's cost targets): the family's weightings at the last map
+    and the relevance route at the shallow layer each explain the 8 pairs at the layer they name."""
+    import argparse
+
+    import torch
+
+    from camserve.lab import bench
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(["--device", "cpu"])
+    local, _, _, shallow = bench.bench_model(args, torch.device("cpu"))
+    x = bench.load_batch(16, local.profile, torch.device("cpu"), None)
+    cases = bench.fam_cases(local, x, shallow)
+    assert shallow == "_blocks.2"
+    expected = {"camserve fam sfam weights (pooled), 8 pairs": (None, (7, 7)),
+                "camserve fam jacobian weights (last map), 8 pairs": (None, (7, 7)),
+                "camserve fam @_blocks.2 (relevance route), 8 pairs": ("_blocks.2", (56, 56)),
+                "camserve fam sfam weights @_blocks.2 (relevance route), 8 pairs": ("_blocks.2", (56, 56))}
+    targets = bench.case_targets("_conv_head", shallow)
+    for name, (layer, shape) in expected.items():
+        answers = cases[name](x).items
+        assert len(answers) == 8 and name in targets
+        assert {(a.layer, tuple(a.layer_shape)) for a in answers} == {(layer, shape)}
+        assert all(torch.isfinite(a.query_map).all() and a.query_map.max() > 0 for a in answers)
+    assert targets["camserve fam @_blocks.2 (relevance route), 8 pairs"] == 3.0

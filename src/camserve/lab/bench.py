@@ -39,8 +39,12 @@ from camserve.engine import Explainer
 
 
 def case_targets(head: str, shallow: str) -> Dict[str, float]:
-    """Target ratios at batch 8 (issue 2 and 3) of the cases at these layers."""
+    """Target ratios at batch 8 (issue 2 and 3) of the cases at these layers; the FAM family's
+    (issue 21): the last map ≤ 1.10× the plain embedding of the pair, a shallow map ≤ 3×."""
     return {
+        "camserve fam sfam weights (pooled), 8 pairs": 1.1, "camserve fam jacobian weights (last map), 8 pairs": 1.1,
+        f"camserve fam @{shallow} (relevance route), 8 pairs": 3.0,
+        f"camserve fam sfam weights @{shallow} (relevance route), 8 pairs": 3.0,
         f"camserve gradcam @{head}": 1.3, f"camserve layercam @{head}": 1.3,
         f"camserve shallowcam[grad] @{shallow}": 3.0, f"camserve shallowcam[rel] @{shallow}": 3.0,
         f"camserve shallowcam[grad+refine] @{shallow}": 3.0, f"camserve shallowcam[rel+refine] @{shallow}": 3.0,
@@ -147,9 +151,11 @@ def classifier_cases(model, explainer, quick: bool, ig_max_batch: int = 1, head:
     return cases
 
 
-def fam_cases(local: LocalModel, images: torch.Tensor) -> Dict[str, Callable]:
+def fam_cases(local: LocalModel, images: torch.Tensor, shallow: Optional[str] = None) -> Dict[str, Callable]:
     """8 query/reference pairs (16 images) — plain embedding vs FAM routes (the pooled one only where
-    the embedding is the pooled map)."""
+    the embedding is the pooled map), the FAM family's weightings (``sfam`` where the embedding is
+    the pooled map, ``jacobian``) at the last map and, with ``shallow``, the relevance route at that
+    layer. ``neighbour`` weights need a labelled gallery: not timed here."""
 
     embedding, _route = local.embedding()
     fam = FamExplainer(embedding, input_size=local.profile.input_size)
@@ -158,9 +164,10 @@ def fam_cases(local: LocalModel, images: torch.Tensor) -> Dict[str, Callable]:
     def plain(_):
         return fam.embed(torch.cat([queries, references]))
 
-    def route(method, route_name):
+    def route(method, route_name, **options):
         def fn(_):
-            return fam.explain(queries, [FamSpec(reference_image=r, method=method, route=route_name) for r in references])
+            return fam.explain(queries, [FamSpec(reference_image=r, method=method, route=route_name, **options)
+                                         for r in references])
         return fn
 
     cases = {"plain embedding of the 16 images": plain}
@@ -168,6 +175,14 @@ def fam_cases(local: LocalModel, images: torch.Tensor) -> Dict[str, Callable]:
         cases["camserve fam (pooled), 8 pairs"] = route("fam", "pooled")
     cases.update({"camserve fam (jacobian route), 8 pairs": route("fam", "jacobian"),
                   "camserve gradcam_similarity, 8 pairs": route("gradcam_similarity", "auto")})
+    if embedding.pooled_route:
+        cases["camserve fam sfam weights (pooled), 8 pairs"] = route("fam", "auto", weights="sfam")
+    cases["camserve fam jacobian weights (last map), 8 pairs"] = route("fam", "auto", weights="jacobian")
+    if shallow:
+        cases[f"camserve fam @{shallow} (relevance route), 8 pairs"] = route("fam", "auto", layer=shallow)
+        if embedding.pooled_route:
+            cases[f"camserve fam sfam weights @{shallow} (relevance route), 8 pairs"] = route(
+                "fam", "auto", layer=shallow, weights="sfam")
     return cases
 
 
@@ -243,7 +258,7 @@ def memory_child(case: str, batch: int, args) -> dict:
     if explainer is not None:
         cases = {k: v[0] for k, v in classifier_cases(local.module, explainer, False, 1, head, shallow).items()}
     if case not in cases:
-        cases.update(fam_cases(local, x))
+        cases.update(fam_cases(local, x, shallow))
     fn = cases[case]
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -328,10 +343,11 @@ def run(args: argparse.Namespace) -> int:
               flush=True)
     if not args.no_fam or not cases:
         x16 = load_batch(16, profile, device, args.data)
-        fam = fam_cases(local, x16)
+        fam = fam_cases(local, x16, shallow)
         if args.quick:  # the pooled route when the embedding has one, else the Jacobian route
-            drop = ("gradcam", "jacobian") if "camserve fam (pooled), 8 pairs" in fam else ("gradcam",)
-            fam = {k: v for k, v in fam.items() if not any(d in k for d in drop)}
+            keep = ("camserve fam (pooled), 8 pairs" if "camserve fam (pooled), 8 pairs" in fam
+                    else "camserve fam (jacobian route), 8 pairs")
+            fam = {k: v for k, v in fam.items() if k in ("plain embedding of the 16 images", keep)}
         samples = interleaved(fam, x16, reps, device, args.clock)
         rows += summarise_samples("embedding", samples, "plain embedding of the 16 images", 8, 16)
     memory = {}
