@@ -298,6 +298,12 @@ def test_embedding_archive_fam_reference_and_gallery(embed):
     refused = embed.post(f"/v1/models/{EMBED}:predict", json={"instances": [
         {"image": b64(photo(TENCH)), "reference": b64(photo(PHOTOS[1])), "layer": "nope"}]})
     assert refused.status_code == 400 and refused.json()["error"]["type"] == "UnknownLayerError"
+    # few-shot prototypes over the archive's gallery (one shot per class): the tench wins its own class
+    fewshot = embed.post(f"/v1/models/{EMBED}:predict", json={"instances": [
+        {"image": b64(photo(TENCH)), "prototypes": True, "embedding": False}]})
+    assert fewshot.status_code == 200, fewshot.text
+    answer = fewshot.json()["predictions"][0]
+    assert answer["prototype"]["label"] == "tench" and answer["matches"][0]["reference_map"]
 
 
 # -- the same answer as TorchServe ---------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 
 import numpy as np
 import pytest
@@ -229,3 +230,35 @@ def test_fam_family_weights_and_array_maps(torchserve_server):
         refused = post(torchserve_server, files=files)
         assert refused.status_code == 400, (files.keys(), refused.text)
         assert word in refused.json()["error"]["message"], refused.text
+
+
+def zoomed_tench() -> bytes:
+    """A held-out view: the tench photograph's centre 70 % (the archive's gallery holds the whole photo)."""
+    image = Image.open(SAMPLES / "n01440764_tench.JPEG").convert("RGB")
+    w, h = image.size
+    buffer = io.BytesIO()
+    image.crop((int(0.15 * w), int(0.15 * h), int(0.85 * w), int(0.85 * h))).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_fewshot_prototypes_over_the_archive_gallery(torchserve_server):
+    """``prototypes=true``: a SimpleShot episode whose support set is the archive's labelled gallery
+    (one shot per class here); the query's map against the winning prototype and the shot's own map,
+    over multipart and v2; a clash with another reference is a 400 and the server stays up."""
+    body = post(torchserve_server, files={"image": zoomed_tench(), "prototypes": "true"}).json()
+    assert body["prototype"]["label"] == "tench" and body["reference"] == "prototype", body.get("prototype")
+    assert body["similarity"] == max(body["prototype"]["scores"].values())
+    assert png(body["query_map"]).size == (224, 224) and body["passes"] == {"forward": 1, "backward": 1}
+    (shot,) = body["matches"]
+    assert shot["label"] == "tench" and shot["query_map"] is None and png(shot["reference_map"]).size == (224, 224)
+    tensors = v2(torchserve_server, [{"name": "image", "datatype": "BYTES", "shape": [1],
+                                      "data": [base64.b64encode(zoomed_tench()).decode()]}],
+                 {"prototypes": True, "format": "array", "embedding": False})
+    assert tensors.status_code == 200, tensors.text
+    out = {o["name"]: o for o in tensors.json()["outputs"]}
+    assert out["reference"]["data"] == ["prototype"] and "match_query_map_array" not in out
+    assert out["match_reference_map_array"]["shape"] == [1, 1, 7, 7]
+    assert json.loads(out["prototype"]["data"][0])["label"] == "tench"
+    refused = post(torchserve_server, files={"image": zoomed_tench(), "prototypes": "true", "reference": photo(QUERY)})
+    assert refused.status_code == 400 and "reference" in refused.json()["error"]["message"]
+    assert post(torchserve_server, files={"image": photo(QUERY)}).status_code == 200

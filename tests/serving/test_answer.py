@@ -67,6 +67,13 @@ ARRAY_FAM = EmbeddingAnswer(dim=3, batch_size=1, crop_box=[0.0, 0.0, 5.0, 5.0], 
     neighbours={"indices": [4, 7], "label": "tench"}, format="array", query_map=[[0.0, 1.0], [0.5, 0.25]],
     reference_map=None, size=[2, 2], matches=[FamMatch(4, "tench", 0.9, [[0.0, 1.0], [0.5, 0.25]], [[1.0, 0.0], [0.0, 0.0]])]))
 ANSWERS.append(ARRAY_FAM)
+PROTOTYPE_FAM = EmbeddingAnswer(dim=3, batch_size=1, crop_box=[0.0, 0.0, 5.0, 5.0], fam=FamAnswer(
+    similarity=-0.25, metric="nearest_centroid", method="fam", route="jacobian", reference="prototype",
+    weights="jacobian", prototype={"label": "tench", "shots": 2, "scores": {"tench": -0.25, "bulbul": -1.5}},
+    format="array", query_map=[[0.0, 1.0], [0.5, 0.25]], reference_map=None, size=[2, 2],
+    matches=[FamMatch(0, "tench", 0.8, None, [[1.0, 0.0], [0.0, 0.0]]),
+             FamMatch(1, "tench", 0.7, None, [[0.0, 1.0], [0.0, 0.0]])]))
+ANSWERS.append(PROTOTYPE_FAM)
 
 
 @pytest.mark.parametrize("answer", ANSWERS, ids=range(len(ANSWERS)))
@@ -206,3 +213,14 @@ def test_server_answer_read_back_by_the_batch_door():
     assert sparse.explained.crop_box == [] and sparse.explained.layer is None
     with pytest.raises(ValueError):
         ClassifierAnswer.from_json("not an answer")
+
+
+def test_prototype_answer_carries_the_episode_and_each_shot_map():
+    """``prototypes=true``: the episode (``prototype``: JSON text in v2) and each shot's own map; the
+    shots carry no query map of their own, so v2 has no ``match_query_map*``."""
+    body = PROTOTYPE_FAM.to_json()
+    assert body["prototype"]["label"] == "tench" and [m["query_map"] for m in body["matches"]] == [None, None]
+    tensors = PROTOTYPE_FAM.to_v2_tensors()
+    assert json.loads(tensors["prototype"].data[0]) == body["prototype"]
+    assert "match_query_map_array" not in tensors and tensors["match_reference_map_array"].shape == [2, 2, 2]
+    assert [p.title for p in PROTOTYPE_FAM.panels()][1:] == ["shot 0 tench · 0.800", "shot 1 tench · 0.700"]

@@ -499,7 +499,10 @@ class FamAnswer:
     ``layer``, ``layer_shape`` (when the request named a layer: the module path and the map's ``[h, w]``);
     ``weights`` (the channel weighting of the FAM family that drew the maps: ``product``, ``sfam``,
     ``neighbour``, ``jacobian``, or ``gradcam`` for the baseline) and ``neighbours`` (neighbour weights:
-    the gallery items averaged and their label); ``format``: ``png`` (the maps as base64 PNGs at the
+    the gallery items averaged and their label); ``prototype`` (``prototypes=true``: the few-shot
+    episode over the archive's gallery — ``label`` the winning class, ``scores`` ``−‖q̃ − p_c‖²`` per
+    class, ``shots`` its support images; ``matches`` then lists the shots shown, each with its map as
+    ``reference_map`` and no ``query_map`` of its own); ``format``: ``png`` (the maps as base64 PNGs at the
     model input's size) or ``array`` (nested lists at the map's own resolution, ``size`` then that
     resolution's ``[width, height]``)."""
 
@@ -522,9 +525,11 @@ class FamAnswer:
     weights: Optional[str] = None
     neighbours: Optional[Dict[str, Any]] = None
     format: str = "png"
+    prototype: Optional[Dict[str, Any]] = None
 
-    KEYS = ("similarity", "metric", "method", "route", "reference", "weights", "neighbours", "layer", "layer_shape",
-            "format", "query_map", "reference_map", "size", "passes", "seconds", "batch_seconds", "overlay", "matches")
+    KEYS = ("similarity", "metric", "method", "route", "reference", "weights", "neighbours", "prototype", "layer",
+            "layer_shape", "format", "query_map", "reference_map", "size", "passes", "seconds", "batch_seconds",
+            "overlay", "matches")
 
     def to_json(self) -> Dict[str, Any]:
         body = {"similarity": self.similarity, "metric": self.metric, "method": self.method, "route": self.route,
@@ -533,6 +538,8 @@ class FamAnswer:
             body["weights"] = self.weights
         if self.neighbours is not None:
             body["neighbours"] = dict(self.neighbours)
+        if self.prototype is not None:
+            body["prototype"] = dict(self.prototype)
         if self.layer is not None:
             body["layer"] = self.layer
             body["layer_shape"] = list(self.layer_shape or [])
@@ -554,7 +561,7 @@ class FamAnswer:
                    body.get("batch_seconds"), body.get("overlay"),
                    [FamMatch.from_json(m) for m in matches] if matches is not None else None,
                    layer=body.get("layer"), layer_shape=body.get("layer_shape"), weights=body.get("weights"),
-                   neighbours=body.get("neighbours"),
+                   neighbours=body.get("neighbours"), prototype=body.get("prototype"),
                    format=body.get("format") or ("array" if isinstance(body.get("query_map"), list) else "png"))
 
     def maps(self) -> List[str]:
@@ -609,8 +616,8 @@ class EmbeddingAnswer(Displayable):
     def to_v2_tensors(self) -> Dict[str, Tensor]:
         """``embedding``, ``dim``, ``batch_size``, ``runtime``; with FAM ``similarity``, ``metric``, ``route``,
         ``reference``, ``layer``/``layer_shape`` (a named layer), ``method``, ``query_map``, ``reference_map``, ``overlay``, ``size``,
-        ``passes_<kind>``, ``seconds``, the matches (``match_index``, ``match_label``, ``match_similarity``,
-        ``match_query_map``, ``match_reference_map`` when every match has one); then ``crop_box`` and
+        ``passes_<kind>``, ``seconds``, ``prototype`` (JSON text), the matches (``match_index``, ``match_label``,
+        ``match_similarity``, ``match_query_map``, ``match_reference_map`` when every match has one); then ``crop_box`` and
         ``batch_seconds``."""
         out: Dict[str, Tensor] = {}
         if self.embedding is not None:
@@ -629,6 +636,8 @@ class EmbeddingAnswer(Displayable):
                     out[name] = tensor(getattr(fam, name), datatype)
             if fam.neighbours is not None:
                 out["neighbours"] = tensor(dumps(fam.neighbours), "BYTES", JSON_TEXT)
+            if fam.prototype is not None:
+                out["prototype"] = tensor(dumps(fam.prototype), "BYTES", JSON_TEXT)
             out["method"] = tensor(str(fam.method), "BYTES")
             arrays = fam.format == "array"
             for name in ("query_map", "reference_map", "overlay"):
@@ -647,7 +656,8 @@ class EmbeddingAnswer(Displayable):
                 out["match_label"] = tensor([str(m.label) for m in matches], "BYTES")
                 out["match_similarity"] = tensor([m.similarity for m in matches], "FP32")
                 suffix, datatype, parameters = ("_array", "FP32", None) if arrays else ("", "BYTES", PNG)
-                out["match_query_map" + suffix] = tensor([m.query_map for m in matches], datatype, parameters)
+                if all(m.query_map is not None for m in matches):
+                    out["match_query_map" + suffix] = tensor([m.query_map for m in matches], datatype, parameters)
                 if all(m.reference_map is not None for m in matches):
                     out["match_reference_map" + suffix] = tensor([m.reference_map for m in matches], datatype,
                                                                  parameters)

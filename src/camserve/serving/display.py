@@ -121,7 +121,7 @@ def classifier_panels(answer: Any, image: Optional[Image.Image]) -> List[Panel]:
 
 def embedding_panels(answer: Any, image: Optional[Image.Image], reference: Optional[Image.Image]) -> List[Panel]:
     """An embedding answer's FAM maps: the query's (over the sent image), the reference's (over the sent
-    reference image), then each gallery match's query map."""
+    reference image), then each gallery match's query map (a few-shot shot's own map)."""
     fam = answer.fam
     if fam is None:
         return []
@@ -135,7 +135,11 @@ def embedding_panels(answer: Any, image: Optional[Image.Image], reference: Optio
             else None
         panels.append(Panel(blend(fam.reference_map, ref_seen), f"reference ({fam.reference})"))
     for match in fam.matches or ():
-        panels.append(Panel(blend(match.query_map, seen), f"match {match.label} · {match.similarity:.3f}"))
+        if match.query_map:
+            panels.append(Panel(blend(match.query_map, seen), f"match {match.label} · {match.similarity:.3f}"))
+        elif match.reference_map:   # a few-shot support image's map (its image is not in the answer)
+            panels.append(Panel(blend(match.reference_map, None), f"shot {match.index} {match.label} · "
+                                                                  f"{match.similarity:.3f}"))
     return panels
 
 

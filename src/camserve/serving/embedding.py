@@ -2,7 +2,10 @@
 
 Per request: ``image`` plus at most one reference — ``reference`` (an image: multipart field or
 base64 JSON), ``reference_embedding`` (``D`` floats, JSON list or a JSON text field) or
-``gallery=k`` (the k best matches in the archive's gallery; ``gallery=true``: its ``gallery_topk``).
+``gallery=k`` (the k best matches in the archive's gallery; ``gallery=true``: its ``gallery_topk``) or
+``prototypes=true`` (a few-shot episode whose support set is the archive's labelled gallery:
+SimpleShot nearest centroid, the query's map against the winning prototype and the maps of that
+class's shots most similar to the query, ``topk`` of them, default the archive's ``gallery_topk``).
 The answer holds the embedding, and with a reference the similarity and the FAM pair (query map,
 reference map: base64 8-bit PNGs at the model input's size); with a gallery, the k matches each with
 their pair. Options:
@@ -11,20 +14,23 @@ vector, ``overlay=1`` (query map over the query crop), ``colormap``. Every optio
 (:func:`parse_embed_options`) whether the request has a reference or not.
 
 One batch = one ``to_model_input`` (queries and reference images together) and one
-``FamExplainer.explain`` (one forward over queries + reference images).
+``FamExplainer.explain`` (one forward over queries + reference images); the batch's few-shot rows
+get one more forward and backward of their own (:func:`camserve.engine.explain_queries`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from camserve.engine import FAM_WEIGHTINGS as WEIGHTINGS, REGISTRY, SIMILARITIES, FamExplainer, FamSpec, Gallery, get_composite
+from camserve.engine import (FAM_WEIGHTINGS as WEIGHTINGS, REGISTRY, SIMILARITIES, FamExplainer, FamSpec, Gallery,
+                             InvalidReferenceError, episode_from_gallery, explain_queries, get_composite)
 from camserve.engine.core.values import truth
 from camserve.engine.models import EFFNET_LITE0, ModelProfile, embedding_model_for, load_spec
 from camserve.engine.imaging.preprocess import crop_box
@@ -58,6 +64,7 @@ class EmbedItem:
     overlay: bool
     colormap: str
     format: str = "png"
+    shots: int = 0                 # prototypes=true: how many of the winning class's shots to show (0: none)
 
 
 def parse_embedding(value: Any) -> List[float]:
@@ -74,7 +81,7 @@ def parse_embedding(value: Any) -> List[float]:
 
 
 EMBED_OPTIONS = ("similarity", "method", "explain", "gallery", "topk", "embedding", "overlay", "colormap",
-                 "layer", "weights", "neighbours", "format", "model_name")
+                 "layer", "weights", "neighbours", "format", "prototypes", "model_name")
 
 
 @dataclass
@@ -93,6 +100,7 @@ class EmbedOptions:
     weights: str = "auto"
     neighbours: Optional[int] = None
     format: str = "png"
+    prototypes: Any = None         # None, or the number of shots asked for (True: the archive's gallery_topk)
 
     def spec(self, **reference) -> FamSpec:
         """The engine's request for this item: the reference given, with the options' FAM fields."""
@@ -111,6 +119,9 @@ def parse_embed_options(raw: Dict[str, Any], settings) -> EmbedOptions:
     if unknown:
         raise InvalidRequestOptionError(f"unknown option(s) {unknown} for the embedding model; "
                                         f"options: {sorted(set(EMBED_OPTIONS) - {'model_name'})}")
+    prototypes = parse_flag("prototypes", raw.pop("prototypes")) if raw.get("prototypes") not in (None, "") else False
+    if prototypes:
+        return prototype_options(raw, settings)
     given = [str(raw[k]).strip().lower() for k in ("method", "explain") if raw.get(k) not in (None, "")]
     words = ["fam" if truth(w) is True else w for w in given]
     if len(set(words)) > 1:
@@ -157,6 +168,26 @@ def parse_embed_options(raw: Dict[str, Any], settings) -> EmbedOptions:
                         parse_flag("overlay", raw.get("overlay", False)), colormap, layer, weights, neighbours, fmt)
 
 
+def prototype_options(raw: Dict[str, Any], settings) -> EmbedOptions:
+    """``prototypes=true``: the few-shot episode over the archive's gallery. ``topk`` counts the shots
+    shown (default the archive's ``gallery_topk``); the maps are FAM's with Jacobian weights at the
+    last map. Options that choose another reference, method, weighting or layer are a 400."""
+    clash = [k for k in ("gallery", "layer", "neighbours", "similarity") if raw.get(k) not in (None, "")]
+    if clash:
+        raise InvalidRequestOptionError(f"prototypes=true explains the query against the gallery's class prototypes "
+                                        f"(nearest centroid) at the last map with Jacobian weights; drop {clash}")
+    options = parse_embed_options(raw, settings)
+    if options.method != "fam":
+        raise InvalidRequestOptionError(f"prototypes=true is explained by FAM; method {options.method!r} "
+                                        f"is not served for it")
+    if options.weights not in ("auto", "jacobian"):
+        raise InvalidRequestOptionError(f"prototypes=true uses Jacobian weights (the class-dependent part of the "
+                                        f"nearest-centroid score); weights={options.weights!r} is not served for it")
+    options.prototypes = options.gallery if options.gallery is not None else True  # topk=k → k shots
+    options.gallery = None
+    return options
+
+
 class EmbeddingHandler(CamserveHandler):
     """TorchServe handler for an embedding model: the archive's model spec (EfficientNet-Lite0 features,
     D = 1280, by default)."""
@@ -183,6 +214,12 @@ class EmbeddingHandler(CamserveHandler):
         composite = get_composite(self.settings.composite) if self.settings.composite else None
         self.fam = FamExplainer(self.model, self.gallery, self.profile.input_size, composite=composite,
                                 canonizer=self.settings.canonizer, stages=self.profile.stages or None)
+        self.episode, self.episode_problem = None, "this archive has no gallery (the support set of prototypes=true)"
+        if self.gallery is not None:   # read-only after load: every request's episode is the same
+            try:
+                self.episode = episode_from_gallery(self.gallery)
+            except InvalidReferenceError as error:
+                self.episode_problem = str(error)
 
     def prepare(self, index: int, request: ParsedRequest) -> List[EmbedItem]:
         items = []
@@ -199,7 +236,17 @@ class EmbeddingHandler(CamserveHandler):
                                                 "reference or gallery (each is explained): drop one of them")
             reference = None
             spec = None
-            if "reference" in item.payloads:
+            shots = 0
+            if options.prototypes is not None:
+                if references:
+                    raise InvalidRequestOptionError(f"prototypes=true explains the query against the gallery's "
+                                                    f"class prototypes; drop {references}")
+                if self.episode is None:
+                    raise MissingInputError(f"prototypes=true: {self.episode_problem}")
+                high = min(s.max_gallery_topk, len(self.gallery))
+                shots = min(s.gallery_topk, high) if options.prototypes is True else options.prototypes
+                shots = parse_int("topk", shots, 1, high)
+            elif "reference" in item.payloads:
                 reference = decode_image(image_bytes(item.payloads["reference"], "reference"), s.max_pixels, "reference")
                 spec = options.spec()
             elif "reference_embedding" in item.payloads:
@@ -219,11 +266,11 @@ class EmbeddingHandler(CamserveHandler):
                 if not resolved.last and spec.method == "gradcam_similarity":
                     raise InvalidRequestOptionError(f"gradcam_similarity is served at the last map only; layer "
                                                     f"{resolved.path!r} lies below it (use method 'fam')")
-            if spec is None and (options.weights != "auto" or options.format != "png"):
+            if spec is None and not shots and (options.weights != "auto" or options.format != "png"):
                 raise InvalidRequestOptionError("weights and format shape a FAM explanation, but this request asks "
                                                 "for none (no reference or gallery)")
             items.append(EmbedItem(index, position, image, reference, spec, options.embedding, options.overlay,
-                                   options.colormap, options.format))
+                                   options.colormap, options.format, shots))
         return items
 
     def run_batch(self, requests: Sequence[Tuple[int, ParsedRequest]], context) -> Dict[int, Any]:
@@ -241,6 +288,27 @@ class EmbeddingHandler(CamserveHandler):
         relevance = any(fam is not None and fam.route == "relevance" for fam in result.items)
         return OPENVINO if getattr(self, "map_on_runtime", False) and not relevance else EAGER
 
+    def prototype_answer(self, item: EmbedItem, few, batch_seconds: float, rows: int) -> FamAnswer:
+        """The few-shot answer of one query: the winning class (``prototype``), the query's map against
+        its prototype and the ``item.shots`` shots of that class most similar to the query, each with
+        its own map (``reference_map``) under the same weights."""
+        encode = self.map_encoder(item.format)
+        shown = few.query_map_layer if item.format == "array" else few.query_map
+        order = few.support_similarities.argsort(descending=True)[:item.shots].tolist()
+        scores = few.scores.float().cpu().tolist()
+        return FamAnswer(
+            similarity=round(float(max(scores)), 6), metric="nearest_centroid", method="fam", route="jacobian",
+            reference="prototype", query_map=encode(few.query_map, few.query_map_layer), reference_map=None,
+            size=[int(shown.shape[-1]), int(shown.shape[-2])], passes={"forward": 1, "backward": 1},
+            seconds=round(batch_seconds / max(rows, 1), 4), batch_seconds=round(batch_seconds, 4),
+            weights="jacobian", format=item.format,
+            prototype={"label": few.label, "shots": len(few.support_indices),
+                       "scores": {c: round(v, 6) for c, v in zip(self.episode.classes, scores)}},
+            matches=[FamMatch(index=int(few.support_indices[k]), label=few.label,
+                              similarity=round(float(few.support_similarities[k]), 6), query_map=None,
+                              reference_map=encode(few.support_maps[k], few.support_maps_layer[k]))
+                     for k in order])
+
     def map_encoder(self, fmt: str):
         """``(map at the output size, the same at its own resolution) → answer value``: a base64 PNG of
         the first (``png``), or the second as nested lists rounded to ``handler.array_decimals``
@@ -256,7 +324,8 @@ class EmbeddingHandler(CamserveHandler):
         return encode
 
     def explain_items(self, items: List[EmbedItem]) -> Dict[Tuple[int, int], EmbeddingAnswer]:
-        """One preprocessing and one FAM call for all ``items``; answers keyed by (request, position)."""
+        """One preprocessing and one FAM call for all ``items`` (the few-shot rows: one
+        :func:`explain_queries` call of their own); answers keyed by (request, position)."""
         p = self.profile
         pixels = [i.image for i in items] + [i.reference for i in items if i.reference is not None]
         batch, crops = p.model_input(pixels, self.device)
@@ -266,19 +335,37 @@ class EmbeddingHandler(CamserveHandler):
             if item.reference is not None:
                 item.spec.reference_image = batch[cursor]
                 cursor += 1
-        result = self.fam.explain(batch[:n], [i.spec for i in items])
+        explained: Dict[int, Tuple[torch.Tensor, Any, str]] = {}   # row → (embedding, explanation, runtime)
+        fam_rows = [r for r, item in enumerate(items) if not item.shots]
+        shot_rows = [r for r, item in enumerate(items) if item.shots]
+        if fam_rows:
+            queries = batch[:n] if len(fam_rows) == n else batch[fam_rows]
+            result = self.fam.explain(queries, [items[r].spec for r in fam_rows])
+            runtime = self.runtime_of(result)
+            for k, r in enumerate(fam_rows):
+                explained[r] = (result.embeddings[k], result.items[k], runtime)
+        shot_seconds = 0.0
+        if shot_rows:
+            started = time.perf_counter()
+            few = explain_queries(self.model, self.episode, batch[shot_rows])
+            shot_seconds = time.perf_counter() - started
+            for k, r in enumerate(shot_rows):
+                explained[r] = (few[k].embedding, few[k], EAGER)
         out: Dict[Tuple[int, int], EmbeddingAnswer] = {}
         seconds, counts = {}, Counter()
-        runtime = self.runtime_of(result)
-        for row, (item, fam) in enumerate(zip(items, result.items)):
+        for row, item in enumerate(items):
+            embedding, fam, runtime = explained[row]
             height_width = tuple(reversed(image_size(item.image)))
-            answer = EmbeddingAnswer(dim=int(result.embeddings.shape[-1]), batch_size=n,
+            answer = EmbeddingAnswer(dim=int(embedding.shape[-1]), batch_size=n,
                                      crop_box=crop_box(height_width, p.resize, p.crop),
                                      runtime=runtime)
             if item.include_embedding:
                 scale = 10 ** self.embedding_decimals
-                answer.embedding = (torch.round(result.embeddings[row].float() * scale) / scale).cpu().tolist()
-            if fam is not None:
+                answer.embedding = (torch.round(embedding.float() * scale) / scale).cpu().tolist()
+            if item.shots:
+                answer.fam = self.prototype_answer(item, fam, shot_seconds, len(shot_rows))
+                query_map = fam.query_map
+            elif fam is not None:
                 encode = self.map_encoder(item.format)
                 shown = fam.query_map_layer if item.format == "array" else fam.query_map
                 answer.fam = FamAnswer(
@@ -291,20 +378,23 @@ class EmbeddingHandler(CamserveHandler):
                     batch_seconds=round(getattr(fam, "batch_seconds", 0.0) or fam.seconds, 4),
                     layer=fam.layer, layer_shape=list(fam.layer_shape) if fam.layer is not None else None,
                     weights=fam.weights, neighbours=fam.neighbours, format=item.format)
-                if self.summarising:
-                    pair = [fam.query_map] + ([fam.reference_map] if fam.reference_map is not None else [])
-                    answer.fam.summaries = summarise(torch.stack([m.float() for m in pair]))
-                if item.overlay:
-                    answer.fam.overlay = b64png(overlay(fam.query_map[None], crops[row:row + 1], item.colormap,
-                                                        self.settings.overlay_alpha)[0])
                 if fam.matches is not None:
                     answer.fam.matches = [FamMatch(
                         index=int(m["index"]), label=m["label"], similarity=round(float(m["similarity"]), 6),
                         query_map=encode(m["query_map"], m["query_map_layer"]),
                         reference_map=encode(m["reference_map"], m["reference_map_layer"]),
                     ) for m in fam.matches]
-                seconds[fam.method] = seconds.get(fam.method, 0.0) + fam.seconds  # the rows' shares, summed
-                counts[fam.method] += 1
+                query_map = fam.query_map
+            if answer.fam is not None:
+                if self.summarising:
+                    pair = [query_map] + ([fam.reference_map] if getattr(fam, "reference_map", None) is not None
+                                          else [])
+                    answer.fam.summaries = summarise(torch.stack([m.float() for m in pair]))
+                if item.overlay:
+                    answer.fam.overlay = b64png(overlay(query_map[None], crops[row:row + 1], item.colormap,
+                                                        self.settings.overlay_alpha)[0])
+                seconds[answer.fam.method] = seconds.get(answer.fam.method, 0.0) + answer.fam.seconds
+                counts[answer.fam.method] += 1
             out[(item.request, item.position)] = answer
         record_explanations(self.context, seconds, counts)
         return out

@@ -29,5 +29,5 @@ V2_OUTPUT_NAMES = {
     "embedding", "dim", "similarity", "metric", "route", "reference", "query_map", "reference_map",
     "match_index", "match_label", "match_similarity", "match_query_map", "match_reference_map",
     "weights", "neighbours", "query_map_array", "reference_map_array", "match_query_map_array",
-    "match_reference_map_array",
+    "match_reference_map_array", "prototype",
 }

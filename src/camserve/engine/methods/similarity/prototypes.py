@@ -73,6 +73,10 @@ class FewShotExplanation:
     query_map: torch.Tensor
     support_indices: List[int]
     support_maps: torch.Tensor
+    embedding: Optional[torch.Tensor] = None            # the query's embedding (D,)
+    query_map_layer: Optional[torch.Tensor] = None      # the maps at the feature map's own resolution
+    support_maps_layer: Optional[torch.Tensor] = None
+    support_similarities: Optional[torch.Tensor] = None  # cosine of the query to each shot (K,)
 
 
 def build_episode(embedding_model, images: torch.Tensor, labels: Sequence[str], batch_size: int = 64) -> FewShotEpisode:
@@ -95,6 +99,26 @@ def build_episode(embedding_model, images: torch.Tensor, labels: Sequence[str], 
     normalised = centre_and_normalise(embeddings, mean)
     prototypes = torch.stack([normalised[[i for i, y in enumerate(labels) if y == c]].mean(dim=0) for c in classes])
     return FewShotEpisode(classes, mean, prototypes, labels, embeddings, torch.cat(maps))
+
+
+def episode_from_gallery(gallery) -> FewShotEpisode:
+    """The episode whose support set is a labelled :class:`~camserve.engine.methods.similarity.gallery.Gallery`
+    (an archive's: its stored embeddings and last feature maps, no forward). Needs the feature maps
+    (the shots' maps) and at least 2 labels."""
+    if gallery is None or not len(gallery):
+        raise InvalidReferenceError("few-shot prototypes need a labelled gallery (the support set); this one is empty")
+    if gallery.feature_maps is None:
+        raise InvalidReferenceError("few-shot prototypes explain each shot with its feature map, but this gallery "
+                                    "keeps none: rebuild it with feature maps")
+    labels = list(gallery.labels)
+    classes = list(dict.fromkeys(labels))
+    if len(classes) < 2:
+        raise InvalidReferenceError(f"a few-shot episode needs at least 2 classes; the gallery has {classes}")
+    embeddings = gallery.embeddings.float()
+    mean = embeddings.mean(dim=0)
+    normalised = centre_and_normalise(embeddings, mean)
+    prototypes = torch.stack([normalised[[i for i, y in enumerate(labels) if y == c]].mean(dim=0) for c in classes])
+    return FewShotEpisode(classes, mean, prototypes, labels, embeddings, gallery.feature_maps)
 
 
 def classify(episode: FewShotEpisode, embeddings: torch.Tensor) -> Tuple[List[str], torch.Tensor]:
@@ -127,7 +151,15 @@ def explain_queries(embedding_model, episode: FewShotEpisode, queries: torch.Ten
             w = normalised_weights(c)
             label = episode.classes[win]
             members = episode.members(label)
-            query_map = prepare_maps(weighted_map(w, trace.maps[i].detach())[None], size)[0]
-            support = prepare_maps(torch.stack([weighted_map(w, episode.support_maps[j]) for j in members]), size)
-            out.append(FewShotExplanation(label, scores[i], c, float(linearised[i]), query_map, members, support))
+            raw_query = weighted_map(w, trace.maps[i].detach())[None]
+            raw_support = torch.stack([weighted_map(w, episode.support_maps[j].float()) for j in members])
+            query_map = prepare_maps(raw_query, size)[0]
+            support = prepare_maps(raw_support, size)
+            shots = episode.support_embeddings[members]
+            cosine = torch.nn.functional.cosine_similarity(trace.embedding[i].detach()[None].float(), shots.float())
+            out.append(FewShotExplanation(label, scores[i], c, float(linearised[i]), query_map, members, support,
+                                          embedding=trace.embedding[i].detach(),
+                                          query_map_layer=prepare_maps(raw_query, None)[0],
+                                          support_maps_layer=prepare_maps(raw_support, None),
+                                          support_similarities=cosine))
     return out

@@ -1,0 +1,120 @@
+"""Few-shot prototypes served by the embedding handler (issue 21, item 3): ``prototypes=true`` runs a
+SimpleShot episode whose support set is the archive's labelled gallery, in-process on the real
+EfficientNet-Lite0 features and real photographs (the TorchServe and KServe doors: tests/integration)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from camserve.engine import Gallery
+from camserve.serving.embedding import EmbeddingHandler
+from camserve.serving.images import decode_image
+from conftest import SAMPLES
+from handlerkit import handle, initialised
+
+CLASSES = {"tench": "n01440764_tench.JPEG", "bulbul": "n01560419_bulbul.JPEG", "chiton": "n01955084_chiton.JPEG"}
+
+
+def encoded(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def shots(name: str):
+    """Two shots of a photograph: itself and its mirror."""
+    photo = Image.open(SAMPLES / CLASSES[name]).convert("RGB")
+    return [encoded(photo), encoded(photo.transpose(Image.FLIP_LEFT_RIGHT))]
+
+
+def zoomed(name: str) -> bytes:
+    """A held-out view of the class: the photograph's centre 70 %."""
+    photo = Image.open(SAMPLES / CLASSES[name]).convert("RGB")
+    w, h = photo.size
+    return encoded(photo.crop((int(0.15 * w), int(0.15 * h), int(0.85 * w), int(0.85 * h))))
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A handler whose archive ships a 3-way 2-shot gallery built with its own model, one whose gallery
+    keeps no feature maps, and one without a gallery."""
+    workdir = tmp_path_factory.mktemp("prototypes")
+    plain, plain_context = initialised(EmbeddingHandler, workdir, {"handler": {}}, name="effnet_lite0_embed")
+    labels = [name for name in CLASSES for _ in range(2)]
+    pixels = [decode_image(b) for name in CLASSES for b in shots(name)]
+    images, _ = plain.profile.model_input(pixels, plain.device)
+    gallery = Gallery.build(plain.model, images, labels)
+    gallery.save(str(workdir / "gallery.npz"))
+    Gallery(gallery.embeddings, labels).save(str(workdir / "nomaps.npz"))
+    handler, context = initialised(EmbeddingHandler, workdir, {"handler": {"gallery_file": "gallery.npz"}},
+                                   name="effnet_lite0_embed")
+    nomaps = initialised(EmbeddingHandler, workdir, {"handler": {"gallery_file": "nomaps.npz"}},
+                         name="effnet_lite0_embed")
+    return {"handler": (handler, context), "plain": (plain, plain_context), "nomaps": nomaps, "labels": labels}
+
+
+def answers(pair, rows):
+    handler, context = pair
+    out = handle(handler, context, rows)
+    return [(context.get_response_status(i)[0], json.loads(a)) for i, a in enumerate(out)]
+
+
+def png_size(text):
+    return Image.open(io.BytesIO(base64.b64decode(text))).size
+
+
+def test_the_query_wins_its_own_class_and_each_shot_gets_its_map(served):
+    rows = [{"image": zoomed(name), "prototypes": "true", "topk": "2"} for name in CLASSES]
+    rows.append({"image": zoomed("tench"), "prototypes": "true", "format": "array", "embedding": "0"})
+    rows.append({"image": zoomed("bulbul"), "reference": shots("bulbul")[1]})  # a FAM pair in the same batch
+    got = answers(served["handler"], rows)
+    assert [status for status, _ in got] == [200] * 5
+    for (_, body), name in zip(got[:3], CLASSES):
+        prototype = body["prototype"]
+        assert prototype["label"] == name and prototype["shots"] == 2
+        assert set(prototype["scores"]) == set(CLASSES)
+        assert body["similarity"] == max(prototype["scores"].values()) == prototype["scores"][name]
+        assert (body["metric"], body["reference"], body["weights"], body["route"]) == (
+            "nearest_centroid", "prototype", "jacobian", "jacobian")
+        assert png_size(body["query_map"]) == (224, 224) and body["reference_map"] is None
+        matches = body["matches"]
+        assert [m["label"] for m in matches] == [name, name]
+        assert {m["index"] for m in matches} == {i for i, y in enumerate(served["labels"]) if y == name}
+        assert matches[0]["similarity"] >= matches[1]["similarity"] > 0.5
+        assert all(m["query_map"] is None and png_size(m["reference_map"]) == (224, 224) for m in matches)
+        assert len(body["embedding"]) == body["dim"] == 1280
+    _, array = got[3]
+    assert array["prototype"]["label"] == "tench" and "embedding" not in array
+    assert np.asarray(array["query_map"]).shape == (7, 7) and array["size"] == [7, 7]
+    assert len(array["matches"]) == 2                       # the archive's gallery_topk (3) capped by 2 shots
+    assert all(np.asarray(m["reference_map"]).shape == (7, 7) for m in array["matches"])
+    _, pair = got[4]
+    assert pair["reference"] == "image" and pair["similarity"] > 0.8 and "prototype" not in pair
+
+
+def test_bad_prototype_requests_are_400s_naming_the_cause_and_the_batch_goes_on(served):
+    rows = [{"image": zoomed("tench"), "prototypes": "true", "reference": shots("tench")[0]},
+            {"image": zoomed("tench"), "prototypes": "true", "layer": "stage2"},
+            {"image": zoomed("tench"), "prototypes": "true", "weights": "sfam"},
+            {"image": zoomed("tench"), "prototypes": "true", "gallery": "2"},
+            {"image": zoomed("tench"), "prototypes": "true", "explain": "gradcam_similarity"},
+            {"image": zoomed("tench"), "prototypes": "true", "topk": "50"},
+            {"image": zoomed("tench"), "prototypes": "maybe"},
+            {"image": zoomed("tench"), "prototypes": "true"}]
+    got = answers(served["handler"], rows)
+    assert [status for status, _ in got] == [400] * 7 + [200]
+    messages = [body["error"]["message"] for _, body in got[:7]]
+    for message, word in zip(messages, ("reference", "layer", "sfam", "gallery", "gradcam_similarity", "topk",
+                                        "prototypes")):
+        assert word in message, message
+    assert got[7][1]["prototype"]["label"] == "tench"
+    (status, body), = answers(served["plain"], [{"image": zoomed("tench"), "prototypes": "true"}])
+    assert status == 400 and "no gallery" in body["error"]["message"]
+    (status, body), = answers(served["nomaps"], [{"image": zoomed("tench"), "prototypes": "true"}])
+    assert status == 400 and "feature map" in body["error"]["message"]
