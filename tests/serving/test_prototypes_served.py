@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from camserve.cli.main import main
 from camserve.engine import Gallery
 from camserve.serving.embedding import EmbeddingHandler
-from camserve.serving.images import decode_image
 from conftest import SAMPLES
 from handlerkit import handle, initialised
 
@@ -42,16 +42,22 @@ def zoomed(name: str) -> bytes:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    """A handler whose archive ships a 3-way 2-shot gallery built with its own model, one whose gallery
-    keeps no feature maps, and one without a gallery."""
+    """A handler whose archive ships a 3-way 2-shot gallery built by `camserve gallery --shots 2` from
+    class sub-folders, one whose gallery keeps no feature maps, and one without a gallery."""
     workdir = tmp_path_factory.mktemp("prototypes")
-    plain, plain_context = initialised(EmbeddingHandler, workdir, {"handler": {}}, name="effnet_lite0_embed")
-    labels = [name for name in CLASSES for _ in range(2)]
-    pixels = [decode_image(b) for name in CLASSES for b in shots(name)]
-    images, _ = plain.profile.model_input(pixels, plain.device)
-    gallery = Gallery.build(plain.model, images, labels)
-    gallery.save(str(workdir / "gallery.npz"))
+    support = workdir / "support"          # one sub-folder per class, as `camserve gallery --shots` reads it
+    for name in CLASSES:
+        (support / name).mkdir(parents=True)
+        for i, data in enumerate(shots(name)):
+            (support / name / f"shot{i}.png").write_bytes(data)
+    (support / "tench" / "shot9.png").write_bytes(zoomed("tench"))   # beyond --shots 2: left out
+    (support / "notes.txt").write_text("not an image")
+    assert main(["gallery", str(support), str(workdir / "gallery.npz"), "--shots", "2"]) == 0
+    gallery = Gallery.load(str(workdir / "gallery.npz"))
+    labels = [name for name in sorted(CLASSES) for _ in range(2)]
+    assert gallery.labels == labels and gallery.feature_maps.shape[-2:] == (7, 7)
     Gallery(gallery.embeddings, labels).save(str(workdir / "nomaps.npz"))
+    plain, plain_context = initialised(EmbeddingHandler, workdir, {"handler": {}}, name="effnet_lite0_embed")
     handler, context = initialised(EmbeddingHandler, workdir, {"handler": {"gallery_file": "gallery.npz"}},
                                    name="effnet_lite0_embed")
     nomaps = initialised(EmbeddingHandler, workdir, {"handler": {"gallery_file": "nomaps.npz"}},
@@ -118,3 +124,10 @@ def test_bad_prototype_requests_are_400s_naming_the_cause_and_the_batch_goes_on(
     assert status == 400 and "no gallery" in body["error"]["message"]
     (status, body), = answers(served["nomaps"], [{"image": zoomed("tench"), "prototypes": "true"}])
     assert status == 400 and "feature map" in body["error"]["message"]
+
+
+def test_gallery_command_refuses_a_support_set_of_one_class(tmp_path):
+    (tmp_path / "only").mkdir()
+    (tmp_path / "only" / "a.png").write_bytes(shots("tench")[0])
+    with pytest.raises(SystemExit, match="at least 2 class sub-folders"):
+        main(["gallery", str(tmp_path), str(tmp_path / "g.npz"), "--shots", "1"])
