@@ -94,6 +94,25 @@ def test_fam_at_a_shallow_layer_and_gradcam_similarity(gallery_file, query_folde
     assert r["method"] == "gradcam_similarity" and r["options"] == {"similarity": "dot"}
 
 
+def test_fewshot_prototypes_classify_each_image_against_the_gallery(gallery_file, query_folder, tmp_path, samples):
+    """``--method prototypes``: the gallery's labels are the classes (one shot each here); every image's
+    ``topk`` ranks them by nearest-centroid score, its map is the query's against the winning prototype."""
+    out = tmp_path / "fewshot"
+    assert run(query_folder, "--out", out, "--gallery", gallery_file, "--method", "prototypes", "--target", "top3",
+               "--batch-size", "4") == 0
+    rows = {r["input"].rsplit("/", 1)[-1]: r for r in RecordStore(out / "records.jsonl").records}
+    gallery_labels = [samples[i]["name"] for i in range(0, len(samples), len(samples) // GALLERY_ITEMS)][:GALLERY_ITEMS]
+    done = [r for r in rows.values() if r["status"] == "done"]
+    assert len(done) == QUERIES and rows["zz_corrupt.jpg"]["status"] == "failed"
+    for r in done:
+        assert r["method"] == "prototypes" and len(r["topk"]) == 3 and len(r["heatmaps"]) == 1
+        assert r["targets"] == [r["topk"][0]["index"]] and r["target_names"] == [r["topk"][0]["label"]]
+        assert [m["label"] for m in r["topk"]] == [gallery_labels[m["index"]] for m in r["topk"]]
+        assert r["topk"][0]["score"] >= r["topk"][1]["score"] >= r["topk"][2]["score"]
+    # the gallery's first photograph is its class's only shot: it is classified as that class
+    assert rows[samples[0]["file"]]["target_names"] == [gallery_labels[0]]
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--task", "embed"], "give --gallery"),
     (["--gallery", "GALLERY", "--target", "3"], "--target must be topK"),
@@ -102,6 +121,7 @@ def test_fam_at_a_shallow_layer_and_gradcam_similarity(gallery_file, query_folde
     (["--gallery", "GALLERY", "--scores"], "--scores"),
     (["--gallery", "GALLERY", "--layer", "no.such.layer"], "no.such.layer"),
     (["--gallery", "GALLERY", "--target", "top9"], "9"),
+    (["--gallery", "GALLERY", "--method", "prototypes", "--layer", "stage2"], "drop --layer"),
 ])
 def test_refusals_name_the_problem(gallery_file, query_folder, tmp_path, extra, message):
     extra = [str(gallery_file) if x == "GALLERY" else x for x in extra]

@@ -13,6 +13,11 @@ matches; the run writes those maps exactly as a classifier run writes its per-ta
 - ``--method`` — ``fam`` (default) or ``gradcam_similarity``; ``--layer`` — a layer below the last map
   (module path or ``stageN``) for FAM's relevance route; ``--option key=value`` — the other
   :class:`~camserve.engine.FamSpec` fields (``similarity=dot``, ``route=jacobian`` …);
+- ``--method prototypes`` — few-shot classification instead of retrieval: the gallery is the support
+  set of a SimpleShot episode (its labels the classes, :func:`~camserve.engine.episode_from_gallery`),
+  each image's ``topk`` the K classes with the best nearest-centroid scores ``{index: class, label,
+  score}``, its one map the query's against the winning prototype (``targets`` = that class); no
+  ``--layer`` or ``--option`` (FAM with Jacobian weights at the last map);
 - the gallery file's sha256 is part of the model version, so the settings id (the resume key) changes
   with the gallery.
 
@@ -35,7 +40,7 @@ from typing import Any, Dict, List
 
 from camserve.cli.batch_steps import DEFAULT_MODEL, Item, LocalBackend, Result, run_device, spec_model_version
 from camserve.commands.model_args import load_for_cli, spec_from_args
-from camserve.engine import FamExplainer, FamSpec, Gallery
+from camserve.engine import FamExplainer, FamSpec, Gallery, InvalidReferenceError, episode_from_gallery, explain_queries
 from camserve.engine.errors import InvalidOptionError
 from camserve.engine.imaging.preprocess import crop_box
 from camserve.engine.models.loader import embedding_model_for
@@ -48,7 +53,7 @@ logger = logging.getLogger(__name__)
 
 #: FamSpec fields a batch run sets itself (the reference is the gallery; method and layer have flags)
 _FIXED_FIELDS = {"reference_image", "reference_embedding", "gallery_topk", "method", "layer"}
-EMBED_METHODS = ("fam", "gradcam_similarity")
+EMBED_METHODS = ("fam", "gradcam_similarity", "prototypes")
 
 
 def is_embedding_run(args: argparse.Namespace) -> bool:
@@ -74,6 +79,9 @@ def check_embedding_args(args: argparse.Namespace) -> None:
     if method not in EMBED_METHODS:
         raise SystemExit(f"camserve batch: --method {args.method!r} is not an embedding method; "
                          f"choose from {', '.join(EMBED_METHODS)}")
+    if method == "prototypes" and (args.layer or getattr(args, "option", None)):
+        raise SystemExit("camserve batch: --method prototypes explains each image against the gallery's class "
+                         "prototypes at the last map with Jacobian weights: drop --layer and --option")
 
 
 def run_method_and_layer(args: argparse.Namespace, backend) -> tuple:
@@ -124,6 +132,10 @@ class EmbeddingBackend:
         if not len(self.gallery):
             raise SystemExit(f"camserve batch: --gallery {args.gallery} has no items")
         self.fam = FamExplainer(self.model, self.gallery, self.profile.input_size, stages=self.profile.stages or None)
+        try:   # the few-shot episode of --method prototypes: read-only once built
+            self.episode, self.episode_problem = episode_from_gallery(self.gallery), None
+        except InvalidReferenceError as error:
+            self.episode, self.episode_problem = None, str(error)
         self._fast = None
         gallery_digest = hashlib.sha256(Path(args.gallery).read_bytes()).hexdigest()[:12]
         self.model_version = f"{spec_model_version(spec)}+gallery:{gallery_digest}"
@@ -153,6 +165,8 @@ class EmbeddingBackend:
 
         fam = self.explainer
         k = matches_wanted(settings.target)
+        if settings.method == "prototypes":
+            return self.run_prototypes(items, k)
         spec = FamSpec(gallery_topk=k, method=settings.method, layer=settings.layer or None,
                        **fam_options(settings.options))
         if spec.layer is not None:
@@ -173,6 +187,31 @@ class EmbeddingBackend:
             layer = explanation.layer or (self.model.feature_layer or "")
             results.append(Result(topk, [m.index for m in topk], torch.stack(maps),
                                   crop_box(item.hw, p.resize, p.crop), layer, seconds))
+        return results
+
+
+    def run_prototypes(self, items: List[Item], k: int) -> List[Any]:
+        """``--method prototypes``: per item the K best classes of the episode and the query's map against
+        the winning prototype (one forward and one backward for the batch)."""
+        if self.episode is None:
+            raise InvalidOptionError(f"--method prototypes: {self.episode_problem}")
+        classes = self.episode.classes
+        if k > len(classes):
+            raise InvalidOptionError(f"--target top{k}: the gallery has {len(classes)} classes")
+        p = self.profile
+        start = clock(self.device)
+        batch, _crops = p.model_input([it.image for it in items], self.device)
+        prep = clock(self.device) - start
+        explained = explain_queries(self.model, self.episode, batch)
+        total = clock(self.device) - start
+        results = []
+        for item, few in zip(items, explained):
+            order = few.scores.argsort(descending=True)[:k].tolist()
+            topk = [Prediction(i, classes[i], round(float(few.scores[i]), 6)) for i in order]
+            seconds = {"preprocess": prep / len(items), "explain_batch": total - prep, "batch_size": len(items),
+                       "per_image": total / len(items)}
+            results.append(Result(topk, [order[0]], few.query_map[None], crop_box(item.hw, p.resize, p.crop),
+                                  self.model.feature_layer or "", seconds, names=classes))
         return results
 
 

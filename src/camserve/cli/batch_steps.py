@@ -170,6 +170,7 @@ class Result:
     seconds: Dict[str, float]
     model_input: Any = None        # normalised (3, h, w) model input, for --scores (local only)
     scores: Optional[Dict[str, float]] = None
+    names: Optional[List[str]] = None   # what ``targets`` index, when not the backend's ``names``
 
 
 def run_device(args: argparse.Namespace):
@@ -530,7 +531,7 @@ def render_item(item: Item, result: Result, settings: Settings, sid: str, backen
     seconds["read_decode"] = item.read_seconds
     seconds["render"] = time.perf_counter() - start
     record = base_record(item, settings, sid, backend)
-    names = backend.names
+    names = result.names if result.names is not None else backend.names
     target_names = [names[t] if 0 <= t < len(names) else str(t) for t in result.targets]
     record.update(status="done", layer=result.layer, targets=result.targets, target_names=target_names,
                   topk=[p.to_json() for p in result.topk],
