@@ -304,6 +304,15 @@ def test_embedding_archive_fam_reference_and_gallery(embed):
     assert fewshot.status_code == 200, fewshot.text
     answer = fewshot.json()["predictions"][0]
     assert answer["prototype"]["label"] == "tench" and answer["matches"][0]["reference_map"]
+    # the FAM family's weights and maps at their own resolution, as v2 FP32 tensors
+    arrays = embed.post(f"/v2/models/{EMBED}/infer", json={
+        "inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [b64(photo(TENCH))]},
+                   {"name": "reference", "datatype": "BYTES", "shape": [1], "data": [b64(photo(PHOTOS[1]))]}],
+        "parameters": {"weights": "sfam", "format": "array", "embedding": False}})
+    assert arrays.status_code == 200, arrays.text
+    out = outputs(arrays.json())
+    assert out["weights"]["data"] == ["sfam"] and out["query_map_array"]["datatype"] == "FP32"
+    assert out["query_map_array"]["shape"][-2:] == [7, 7] and "query_map" not in out
 
 
 # -- the same answer as TorchServe ---------------------------------------------------------------
