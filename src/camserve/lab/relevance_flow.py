@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 from typing import Dict, List
@@ -37,9 +38,12 @@ from camserve.engine import ExplainSpec
 from camserve.engine.lrp.composites import get_composite
 from camserve.engine.lrp.starts import START_OPTION_CHOICES, RelevanceStartOptions, relevance_seed
 from camserve.engine.methods import REGISTRY, CamMethod
-from camserve.engine.models import EFFNET_LITE0, load_effnet_lite0
+from camserve.engine.models import EFFNET_LITE0, EFFNET_LITE1, EFFNET_LITE2, load_effnet_lite
 from camserve.engine.pipeline import Explainer
 from camserve.lab.image_folders import default_data_dir, load_images
+
+
+PROFILES = {"effnet-lite0": EFFNET_LITE0, "effnet-lite1": EFFNET_LITE1, "effnet-lite2": EFFNET_LITE2}
 
 
 def block_modules(model: nn.Module, blocks: List[int]) -> List[str]:
@@ -114,7 +118,9 @@ def flow(model: nn.Module, images: torch.Tensor, paths: List[str], composite: st
 
 
 def render(rows: List[Dict], meta: Dict) -> str:
-    lines = [f"# Relevance flow through EfficientNet-Lite0 ({meta['composite']}, canonizer {meta['canonizer']})", "",
+    name = {"effnet-lite0": "EfficientNet-Lite0", "effnet-lite1": "EfficientNet-Lite1",
+            "effnet-lite2": "EfficientNet-Lite2"}.get(meta.get("model", "effnet-lite0"), meta.get("model"))
+    lines = [f"# Relevance flow through {name} ({meta['composite']}, canonizer {meta['canonizer']})", "",
              f"Command: `{meta['command']}`; {meta['machine']}, torch threads {meta['threads']}, "
              f"{meta['images']} photographs, {meta['seconds']:.0f} s.", "",
              "ΣR_t / R_logit: the served Shallow-CAM backward's net relevance at each module output, relative to "
@@ -130,29 +136,31 @@ def render(rows: List[Dict], meta: Dict) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=8)
-    parser.add_argument("--blocks", default="11-15", help="MBConv blocks to open, e.g. 11-15 or 0,4,10")
+    parser.add_argument("--model", choices=tuple(PROFILES), default="effnet-lite0",
+                        help="the bundled EfficientNet-Lite (default effnet-lite0)")
+    parser.add_argument("--blocks", default="11-15", help="MBConv blocks to open, e.g. 11-15 or 0,4,10 ('all': every one)")
     parser.add_argument("--composite", default="epsilon_plus")
     parser.add_argument("--canonizer", default=None)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    model = load_effnet_lite(args.model.replace("effnet-", "efficientnet-"))
     blocks: List[int] = []
-    for part in args.blocks.split(","):
+    for part in args.blocks.split(",") if args.blocks != "all" else [f"0-{len(model._blocks) - 1}"]:
         low, _, high = part.partition("-")
         blocks += list(range(int(low), int(high or low) + 1))
-    model = load_effnet_lite0()
-    images, _rows = load_images(default_data_dir(), args.images, 2, EFFNET_LITE0, torch.device("cpu"))  # even rows
+    images, _rows = load_images(default_data_dir(), args.images, 2, PROFILES[args.model], torch.device("cpu"))  # even rows
     start = time.perf_counter()
     rows = flow(model, images, block_modules(model, blocks), args.composite, args.canonizer)
-    meta = {"composite": args.composite, "canonizer": args.canonizer, "images": int(images.shape[0]),
+    meta = {"model": args.model, "composite": args.composite, "canonizer": args.canonizer, "images": int(images.shape[0]),
             "threads": args.threads, "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
             "seconds": time.perf_counter() - start,
-            "command": "python -m camserve.lab.relevance_flow " + " ".join(argv or [])}
+            "command": "python -m camserve.lab.relevance_flow " + " ".join(sys.argv[1:] if argv is None else argv)}
     text = render(rows, meta)
     print(text)
     if args.out:
-        stem = f"relevance_flow_effnet-lite0_{args.composite}_{args.canonizer or 'none'}"
+        stem = f"relevance_flow_{args.model}_{args.composite}_{args.canonizer or 'none'}"
         (args.out / f"{stem}.md").write_text(text)
         (args.out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     return 0
