@@ -64,6 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="a few seconds: batch 1 and 2, few cases, 2 reps")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-case peak-memory subprocesses")
     parser.add_argument("--no-fam", action="store_true", help="skip the FAM pair cost")
+    parser.add_argument("--fam-only", action="store_true",
+                        help="only the FAM pair cost (the embedding cases); writes cost_fam.json/.md")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
@@ -332,7 +334,8 @@ def run(args: argparse.Namespace) -> int:
     started = time.time()
     local, explainer, head, shallow = bench_model(args, device)
     profile = local.profile
-    cases = classifier_cases(local.module, explainer, args.quick, args.ig_max_batch, head, shallow) if explainer else {}
+    cases = (classifier_cases(local.module, explainer, args.quick, args.ig_max_batch, head, shallow)
+             if explainer and not args.fam_only else {})
     rows = []
     for batch in batch_sizes if cases else []:
         x = load_batch(batch, profile, device, args.data)
@@ -379,10 +382,11 @@ def run(args: argparse.Namespace) -> int:
         "spec": local.spec.to_mapping(), "layers": {"head": head, "shallow": shallow}, "stages": local.stage_aliases,
     }
     if not cases:
-        meta["notes"] = ["an embed spec has no classifier: only the FAM cases ran"]
+        meta["notes"] = ["--fam-only: only the FAM cases ran" if args.fam_only
+                         else "an embed spec has no classifier: only the FAM cases ran"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = "cost_quick" if args.quick else "cost"
+    name = "cost_quick" if args.quick else "cost_fam" if args.fam_only else "cost"
     targets = case_targets(head, shallow)
     (out / f"{name}.json").write_text(json.dumps({"meta": meta, "timings": rows, "memory": memory}, indent=1))
     (out / f"{name}.md").write_text(markdown(meta, rows, memory, batch_sizes, targets))
@@ -396,10 +400,11 @@ def markdown(meta, rows, memory, batch_sizes, targets: Dict[str, float]) -> str:
              f"{meta['torch_threads']} threads), {meta['title']}: median {meta['clock']} time of {meta['reps']} interleaved "
              f"repetitions, ratio to plain `inference_mode` prediction of the same batch in the same run "
              f"(every case also returns the prediction). Load average at the end: "
-             f"{', '.join(f'{v:.1f}' for v in meta['load_average_at_end'])}.", "",
-             "| case | " + " | ".join(f"batch {b}: ratio (img/s)" for b in batch_sizes) + " | target (batch 8) | peak memory vs plain |",
-             "|---|" + "---:|" * len(batch_sizes) + "---|---:|"]
+             f"{', '.join(f'{v:.1f}' for v in meta['load_average_at_end'])}."]
     names = list(dict.fromkeys(r["case"] for r in rows if r["group"] == "classifier"))
+    if names:
+        lines += ["", "| case | " + " | ".join(f"batch {b}: ratio (img/s)" for b in batch_sizes)
+                  + " | target (batch 8) | peak memory vs plain |", "|---|" + "---:|" * len(batch_sizes) + "---|---:|"]
     for name in names:
         cells = []
         for b in batch_sizes:
