@@ -10,12 +10,16 @@ from camserve.lab import evaluate_depthwise
 from conftest import SHARED
 
 
-def test_depthwise_table_on_two_stages(tmp_path):
+def test_depthwise_table_on_two_stages_run_apart_and_merged(tmp_path):
     data = SHARED / "data" / "imagenet-samples"
-    assert evaluate_depthwise.main(["--models", "effnet_lite0", "--layers", "stage1,stage8", "--readings",
-                                    "layercam,fgcam", "--max-images", "16", "--report-images", "4", "--data",
-                                    str(data), "--threads", "2", "--quiet", "--out", str(tmp_path)]) == 0
+    for stage in ("stage8", "stage1"):      # two runs over disjoint stages, as on a shared machine
+        assert evaluate_depthwise.main(["--models", "effnet_lite0", "--layers", stage, "--readings",
+                                        "layercam,fgcam", "--max-images", "16", "--report-images", "4", "--data",
+                                        str(data), "--threads", "2", "--quiet", "--out", str(tmp_path / stage)]) == 0
+    assert evaluate_depthwise.main(["--merge", *(str(tmp_path / s / "depthwise_effnet_lite0.json")
+                                                 for s in ("stage8", "stage1")), "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "depthwise_effnet_lite0.json").read_text())
+    assert list(result["records"]) == ["_blocks.0", "_conv_head"]   # depth order, whatever the runs' order
     rows = {(r["stage"], r["reading"]): r for r in result["rows"]}
     assert set(rows) == {(s, m) for s in ("stage1", "stage8") for m in ("layercam", "fgcam")}
     assert rows["stage1", "fgcam"]["layer"] == "_blocks.0" and rows["stage8", "fgcam"]["layer"] == "_conv_head"
@@ -30,4 +34,4 @@ def test_depthwise_table_on_two_stages(tmp_path):
     assert evaluate_depthwise.main(["--render", str(tmp_path), "--out", str(tmp_path)]) == 0
     text = (tmp_path / "depthwise.md").read_text()
     assert "## effnet_lite0 (224×224)" in text and "| stage1 (`_blocks.0`) | `fgcam` |" in text
-    assert "the first 4 of the report half" in text
+    assert "the first 4 of the report half" in text and "../shared/data/imagenet-samples" in text

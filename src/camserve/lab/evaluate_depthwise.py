@@ -110,6 +110,22 @@ def run_model(source: str, args, device) -> dict:
             "rows": rows_for(records, aliases), "records": records}
 
 
+def merge(parts: List[dict]) -> dict:
+    """One model's result from runs over disjoint ``--layers`` (the same images): records joined in
+    depth order, wall and part seconds summed, every run's command kept."""
+    first = parts[0]
+    if any(p["meta"]["images"] != first["meta"]["images"] for p in parts):
+        raise SystemExit("evaluate_depthwise: the runs to merge measured different images")
+    order = first["meta"]["stage_paths"]
+    records = {layer: by_name for p in parts for layer, by_name in p["records"].items()}
+    records = {layer: records[layer] for layer in order if layer in records}
+    meta = dict(first["meta"], wall_seconds=round(sum(p["meta"]["wall_seconds"] for p in parts), 1),
+                command="; ".join(p["meta"]["command"] for p in parts))
+    meta["seconds"] = {k: round(sum(p["meta"]["seconds"].get(k, 0) for p in parts), 1) for k in first["meta"]["seconds"]}
+    aliases = stage_aliases(order)
+    return {"meta": meta, "rows": rows_for(records, aliases), "records": records}
+
+
 def fmt(row: dict, key: str) -> str:
     return (f"{row[f'd_{key}']:+.3f} ± {row[f'd_{key}_sem']:.3f} ({row[f'd_{key}_wins']}/{row['n']})"
             if row["reading"] != "layercam" else "–")
@@ -125,8 +141,9 @@ def render(results: List[dict]) -> str:
              "cds, oma > 0 wanted; **goal** = both Δ ≥ +0.01 and rho12 ≤ LayerCAM's.", ""]
     for result in results:
         meta = result["meta"]
+        split = meta["split"].replace(str(Path(__file__).resolve().parents[3].parent / "shared"), "../shared")
         lines += [f"## {meta['model']} ({meta['input_size'][0]}×{meta['input_size'][1]})", "",
-                  f"{meta['split']}; top-1 accuracy {meta['top1_accuracy']:.3f}; curve forward: "
+                  f"{split}; top-1 accuracy {meta['top1_accuracy']:.3f}; curve forward: "
                   f"{meta['curve_forward']}; {meta['machine']}; wall {meta['wall_seconds']} s "
                   f"(curves {meta['seconds'].get('curve_seconds', 0)} s, explanation passes "
                   f"{meta['seconds'].get('explain_seconds', 0)} s). "
@@ -160,10 +177,19 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--out", required=True)
     parser.add_argument("--render", default=None, help="folder of depthwise_<model>.json: write depthwise.md")
+    parser.add_argument("--merge", nargs="+", default=None,
+                        help="depthwise_<model>.json files of one model over disjoint --layers: write the joined "
+                             "one into --out")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.merge:
+        merged = merge([json.loads(Path(p).read_text()) for p in args.merge])
+        path = out / f"depthwise_{merged['meta']['model']}.json"
+        path.write_text(json.dumps(merged))
+        print(f"wrote {path} ({len(merged['records'])} stages)")
+        return 0
     if args.render:
         results = [json.loads(p.read_text()) for m in MODELS
                    for p in [Path(args.render) / f"depthwise_{m}.json"] if p.exists()]
