@@ -146,3 +146,19 @@ def test_ray_gives_the_local_runs_matches(gallery_file, query_folder, tmp_path, 
         assert a.get("targets") == b.get("targets") and a.get("target_names") == b.get("target_names")
         for x, y in zip(a.get("topk", []), b.get("topk", [])):
             assert abs(x["score"] - y["score"]) < 1e-4
+
+
+def test_ray_gives_the_local_runs_prototypes(gallery_file, query_folder, tmp_path, capsys, no_leftover_ray):  # noqa: F811
+    """``--method prototypes`` on a real local Ray cluster: the same classes, scores and targets as local."""
+    settings = ["--gallery", gallery_file, "--method", "prototypes", "--target", "top2", "--limit", "3"]
+    local, distributed = tmp_path / "local", tmp_path / "ray"
+    assert run(query_folder, "--out", local, *settings) == 0
+    assert run(query_folder, "--out", distributed, *settings, "--ray", "--workers", "1", "--cpus-per-worker",
+               str(torch.get_num_threads())) == 0
+    mine, theirs = ({r["key"]: r for r in records(out)} for out in (local, distributed))
+    assert mine.keys() == theirs.keys() and len(mine) == 3
+    for key, a in mine.items():
+        b = theirs[key]
+        assert b["backend"].startswith("ray:") and a["status"] == b["status"] == "done"
+        assert a["target_names"] == b["target_names"] and [m["label"] for m in a["topk"]] == [m["label"] for m in b["topk"]]
+        assert all(abs(x["score"] - y["score"]) < 1e-4 for x, y in zip(a["topk"], b["topk"]))
