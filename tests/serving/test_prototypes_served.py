@@ -77,7 +77,7 @@ def png_size(text):
 
 def test_the_query_wins_its_own_class_and_each_shot_gets_its_map(served):
     rows = [{"image": zoomed(name), "prototypes": "true", "topk": "2"} for name in CLASSES]
-    rows.append({"image": zoomed("tench"), "prototypes": "true", "format": "array", "embedding": "0"})
+    rows.append({"image": zoomed("tench"), "prototypes": "true", "format": "array", "embedding": "0", "overlay": "1"})
     rows.append({"image": zoomed("bulbul"), "reference": shots("bulbul")[1]})  # a FAM pair in the same batch
     got = answers(served["handler"], rows)
     assert [status for status, _ in got] == [200] * 5
@@ -97,6 +97,7 @@ def test_the_query_wins_its_own_class_and_each_shot_gets_its_map(served):
         assert len(body["embedding"]) == body["dim"] == 1280
     _, array = got[3]
     assert array["prototype"]["label"] == "tench" and "embedding" not in array
+    assert png_size(array["overlay"]) == (224, 224)        # the query's map over its crop
     assert np.asarray(array["query_map"]).shape == (7, 7) and array["size"] == [7, 7]
     assert len(array["matches"]) == 2                       # the archive's gallery_topk (3) capped by 2 shots
     assert all(np.asarray(m["reference_map"]).shape == (7, 7) for m in array["matches"])

@@ -364,7 +364,6 @@ class EmbeddingHandler(CamserveHandler):
                 answer.embedding = (torch.round(embedding.float() * scale) / scale).cpu().tolist()
             if item.shots:
                 answer.fam = self.prototype_answer(item, fam, shot_seconds, len(shot_rows))
-                query_map = fam.query_map
             elif fam is not None:
                 encode = self.map_encoder(item.format)
                 shown = fam.query_map_layer if item.format == "array" else fam.query_map
@@ -384,16 +383,16 @@ class EmbeddingHandler(CamserveHandler):
                         query_map=encode(m["query_map"], m["query_map_layer"]),
                         reference_map=encode(m["reference_map"], m["reference_map_layer"]),
                     ) for m in fam.matches]
-                query_map = fam.query_map
-            if answer.fam is not None:
+            if answer.fam is not None:   # a FAM pair or match list, or a few-shot episode: both have query_map
                 if self.summarising:
-                    pair = [query_map] + ([fam.reference_map] if getattr(fam, "reference_map", None) is not None
-                                          else [])
+                    pair = [fam.query_map] + ([fam.reference_map] if getattr(fam, "reference_map", None) is not None
+                                              else [])
                     answer.fam.summaries = summarise(torch.stack([m.float() for m in pair]))
                 if item.overlay:
-                    answer.fam.overlay = b64png(overlay(query_map[None], crops[row:row + 1], item.colormap,
+                    answer.fam.overlay = b64png(overlay(fam.query_map[None], crops[row:row + 1], item.colormap,
                                                         self.settings.overlay_alpha)[0])
-                seconds[answer.fam.method] = seconds.get(answer.fam.method, 0.0) + answer.fam.seconds
+                share = shot_seconds / len(shot_rows) if item.shots else fam.seconds
+                seconds[answer.fam.method] = seconds.get(answer.fam.method, 0.0) + share  # the rows' shares, summed
                 counts[answer.fam.method] += 1
             out[(item.request, item.position)] = answer
         record_explanations(self.context, seconds, counts)
