@@ -91,14 +91,18 @@ def build_episode(embedding_model, images: torch.Tensor, labels: Sequence[str], 
         trace = embedding_model.trace(images[start:start + batch_size], grad=False)
         embeddings.append(trace.embedding)
         maps.append(trace.maps)
-    embeddings = torch.cat(embeddings)
+    return _episode(labels, torch.cat(embeddings), torch.cat(maps), "got")
+
+
+def _episode(labels: List[str], embeddings: torch.Tensor, maps: torch.Tensor, where: str) -> FewShotEpisode:
+    """μ and the CL2N prototypes of labelled support embeddings (at least 2 classes)."""
     classes = list(dict.fromkeys(labels))
     if len(classes) < 2:
-        raise InvalidReferenceError(f"a few-shot episode needs at least 2 classes, got {classes}")
+        raise InvalidReferenceError(f"a few-shot episode needs at least 2 classes; {where} {classes}")
     mean = embeddings.mean(dim=0)
     normalised = centre_and_normalise(embeddings, mean)
     prototypes = torch.stack([normalised[[i for i, y in enumerate(labels) if y == c]].mean(dim=0) for c in classes])
-    return FewShotEpisode(classes, mean, prototypes, labels, embeddings, torch.cat(maps))
+    return FewShotEpisode(classes, mean, prototypes, labels, embeddings, maps)
 
 
 def episode_from_gallery(gallery) -> FewShotEpisode:
@@ -110,15 +114,7 @@ def episode_from_gallery(gallery) -> FewShotEpisode:
     if gallery.feature_maps is None:
         raise InvalidReferenceError("few-shot prototypes explain each shot with its feature map, but this gallery "
                                     "keeps none: rebuild it with feature maps")
-    labels = list(gallery.labels)
-    classes = list(dict.fromkeys(labels))
-    if len(classes) < 2:
-        raise InvalidReferenceError(f"a few-shot episode needs at least 2 classes; the gallery has {classes}")
-    embeddings = gallery.embeddings.float()
-    mean = embeddings.mean(dim=0)
-    normalised = centre_and_normalise(embeddings, mean)
-    prototypes = torch.stack([normalised[[i for i, y in enumerate(labels) if y == c]].mean(dim=0) for c in classes])
-    return FewShotEpisode(classes, mean, prototypes, labels, embeddings, gallery.feature_maps)
+    return _episode(list(gallery.labels), gallery.embeddings.float(), gallery.feature_maps, "the gallery has")
 
 
 def classify(episode: FewShotEpisode, embeddings: torch.Tensor) -> Tuple[List[str], torch.Tensor]:
