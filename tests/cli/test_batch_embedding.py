@@ -111,6 +111,16 @@ def test_fewshot_prototypes_classify_each_image_against_the_gallery(gallery_file
         assert r["topk"][0]["score"] >= r["topk"][1]["score"] >= r["topk"][2]["score"]
     # the gallery's first photograph is its class's only shot: it is classified as that class
     assert rows[samples[0]["file"]]["target_names"] == [gallery_labels[0]]
+    # --layer: the same classes and scores, the map against the winning prototype at that stage
+    deep = tmp_path / "fewshot-deep"
+    assert run(query_folder, "--out", deep, "--gallery", gallery_file, "--method", "prototypes", "--target", "top3",
+               "--layer", "stage3", "--limit", "2") == 0
+    deeper = [r for r in RecordStore(deep / "records.jsonl").records if r["status"] == "done"]
+    assert len(deeper) == 2
+    for r in deeper:
+        mine = rows[r["input"].rsplit("/", 1)[-1]]
+        assert r["layer"] == "_blocks.4" and r["topk"] == mine["topk"]
+        assert (deep / r["heatmaps"][0]).read_bytes() != (out / mine["heatmaps"][0]).read_bytes()
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -121,7 +131,8 @@ def test_fewshot_prototypes_classify_each_image_against_the_gallery(gallery_file
     (["--gallery", "GALLERY", "--scores"], "--scores"),
     (["--gallery", "GALLERY", "--layer", "no.such.layer"], "no.such.layer"),
     (["--gallery", "GALLERY", "--target", "top9"], "9"),
-    (["--gallery", "GALLERY", "--method", "prototypes", "--layer", "stage2"], "drop --layer"),
+    (["--gallery", "GALLERY", "--method", "prototypes", "--option", "similarity=dot"], "drop --option"),
+    (["--gallery", "GALLERY", "--method", "prototypes", "--layer", "stage99"], "stage99"),
 ])
 def test_refusals_name_the_problem(gallery_file, query_folder, tmp_path, extra, message):
     extra = [str(gallery_file) if x == "GALLERY" else x for x in extra]

@@ -9,7 +9,9 @@ import torch
 
 from conftest import SHARED
 from camserve.engine.errors import InvalidReferenceError
-from camserve.engine.methods.similarity.prototypes import build_episode, centre_and_normalise, classify, explain_queries
+from camserve.engine.methods.similarity.fam import FamExplainer
+from camserve.engine.methods.similarity.prototypes import (build_episode, centre_and_normalise, classify,
+                                                         explain_queries, prototype_spec)
 from camserve.engine.models.embedding import EmbeddingModel
 
 WEIGHTS = SHARED / "models" / "cifar-resnet" / "resnet56-4bfd9763.th"
@@ -75,3 +77,25 @@ def test_episode_errors(episode_data):
         build_episode(embedding, support[:5], support_labels[:5])
     with pytest.raises(InvalidReferenceError, match="labels"):
         build_episode(embedding, support, support_labels[:3])
+
+
+def test_prototype_maps_at_every_stage(episode_data):
+    """``prototype_spec``: at the last map FAM's Jacobian route against the winning prototype gives the
+    episode's own query map (the same weights up to a positive factor); below it, the relevance route
+    places the same explanation at each stage's resolution."""
+    embedding, support, support_labels, queries, _ = episode_data
+    episode = build_episode(embedding, support, support_labels)
+    batch = queries[::4]
+    items = explain_queries(embedding, episode, batch)
+    fam = FamExplainer(embedding, input_size=(32, 32))
+    last = fam.explain(batch, [prototype_spec(episode, item.label) for item in items])
+    for mine, theirs in zip(items, last.items):
+        assert torch.allclose(mine.query_map, theirs.query_map, atol=1e-5)
+        assert theirs.weights == "jacobian"
+    for stage, shape in (("stage1", (32, 32)), ("stage2", (16, 16))):
+        deep = fam.explain(batch, [prototype_spec(episode, item.label, stage) for item in items])
+        for item in deep.items:
+            assert item.route == "relevance" and item.layer_shape == shape and item.query_map.shape == (32, 32)
+            assert float(item.query_map.max() - item.query_map.min()) > 0.5
+    with pytest.raises(InvalidReferenceError, match="no prototype"):
+        prototype_spec(episode, "horse")

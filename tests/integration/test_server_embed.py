@@ -259,6 +259,10 @@ def test_fewshot_prototypes_over_the_archive_gallery(torchserve_server):
     assert out["reference"]["data"] == ["prototype"] and "match_query_map_array" not in out
     assert out["match_reference_map_array"]["shape"] == [1, 1, 7, 7]
     assert json.loads(out["prototype"]["data"][0])["label"] == "tench"
+    deep = post(torchserve_server, files={"image": zoomed_tench(), "prototypes": "true", "layer": "stage3"}).json()
+    assert (deep["route"], deep["layer"], deep["layer_shape"]) == ("relevance", "_blocks.4", [28, 28])
+    assert deep["prototype"] == body["prototype"] and png(deep["query_map"]).size == (224, 224)
+    assert deep["matches"][0]["reference_map"] is None  # the gallery keeps the shots' last maps only
     refused = post(torchserve_server, files={"image": zoomed_tench(), "prototypes": "true", "reference": photo(QUERY)})
     assert refused.status_code == 400 and "reference" in refused.json()["error"]["message"]
     assert post(torchserve_server, files={"image": photo(QUERY)}).status_code == 200

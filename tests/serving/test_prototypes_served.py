@@ -107,7 +107,7 @@ def test_the_query_wins_its_own_class_and_each_shot_gets_its_map(served):
 
 def test_bad_prototype_requests_are_400s_naming_the_cause_and_the_batch_goes_on(served):
     rows = [{"image": zoomed("tench"), "prototypes": "true", "reference": shots("tench")[0]},
-            {"image": zoomed("tench"), "prototypes": "true", "layer": "stage2"},
+            {"image": zoomed("tench"), "prototypes": "true", "layer": "stage99"},
             {"image": zoomed("tench"), "prototypes": "true", "weights": "sfam"},
             {"image": zoomed("tench"), "prototypes": "true", "gallery": "2"},
             {"image": zoomed("tench"), "prototypes": "true", "explain": "gradcam_similarity"},
@@ -117,7 +117,7 @@ def test_bad_prototype_requests_are_400s_naming_the_cause_and_the_batch_goes_on(
     got = answers(served["handler"], rows)
     assert [status for status, _ in got] == [400] * 7 + [200]
     messages = [body["error"]["message"] for _, body in got[:7]]
-    for message, word in zip(messages, ("reference", "layer", "sfam", "gallery", "gradcam_similarity", "topk",
+    for message, word in zip(messages, ("reference", "stage99", "sfam", "gallery", "gradcam_similarity", "topk",
                                         "prototypes")):
         assert word in message, message
     assert got[7][1]["prototype"]["label"] == "tench"
@@ -125,6 +125,35 @@ def test_bad_prototype_requests_are_400s_naming_the_cause_and_the_batch_goes_on(
     assert status == 400 and "no gallery" in body["error"]["message"]
     (status, body), = answers(served["nomaps"], [{"image": zoomed("tench"), "prototypes": "true"}])
     assert status == 400 and "feature map" in body["error"]["message"]
+
+
+def test_the_query_map_against_its_prototype_at_every_stage(served):
+    """``layer=`` with ``prototypes=true``: the winning class and scores do not depend on the layer; the
+    query's map is the relevance route's at each stage below the last map (no shot maps there: the
+    gallery keeps last feature maps only) and the Jacobian route's at the last map, named or not."""
+    stages = [f"stage{i}" for i in range(1, 9)]
+    rows = [{"image": zoomed("bulbul"), "prototypes": "true", "layer": stage, "format": "array"} for stage in stages]
+    rows.append({"image": zoomed("bulbul"), "prototypes": "true", "format": "array"})
+    got = answers(served["handler"], rows)
+    assert [status for status, _ in got] == [200] * 9
+    plain = got[-1][1]
+    shapes = []
+    for (_, body), stage in zip(got[:-1], stages):
+        assert body["prototype"] == plain["prototype"] and body["similarity"] == plain["similarity"]
+        shape = list(np.asarray(body["query_map"]).shape)
+        assert body["layer_shape"] == shape and body["size"] == shape[::-1]
+        assert float(np.ptp(body["query_map"])) > 0.5, stage
+        shapes.append(shape)
+        if stage == "stage8":
+            assert (body["route"], body["layer"]) == ("jacobian", "_conv_head")
+            assert body["query_map"] == plain["query_map"] and body["passes"] == {"forward": 1, "backward": 1}
+            assert all(m["reference_map"] is not None for m in body["matches"])
+        else:
+            assert (body["route"], body["method"]) == ("relevance", "fam-relevance")
+            assert body["passes"] == {"forward": 2, "backward": 1, "relevance": 1}
+            assert all(m["reference_map"] is None and m["label"] == "bulbul" for m in body["matches"])
+    assert shapes[0] == [112, 112] and shapes[-1] == [7, 7]
+    assert [s[0] for s in shapes] == sorted((s[0] for s in shapes), reverse=True)
 
 
 def test_gallery_command_refuses_a_support_set_of_one_class(tmp_path):

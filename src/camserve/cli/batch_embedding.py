@@ -16,8 +16,8 @@ matches; the run writes those maps exactly as a classifier run writes its per-ta
 - ``--method prototypes`` — few-shot classification instead of retrieval: the gallery is the support
   set of a SimpleShot episode (its labels the classes, :func:`~camserve.engine.episode_from_gallery`),
   each image's ``topk`` the K classes with the best nearest-centroid scores ``{index: class, label,
-  score}``, its one map the query's against the winning prototype (``targets`` = that class); no
-  ``--layer`` or ``--option`` (FAM with Jacobian weights at the last map);
+  score}``, its one map the query's against the winning prototype (``targets`` = that class; FAM with
+  Jacobian weights, at the last map or at ``--layer`` by the relevance route); no ``--option``;
 - the gallery file's sha256 is part of the model version, so the settings id (the resume key) changes
   with the gallery.
 
@@ -36,11 +36,12 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 from camserve.cli.batch_steps import DEFAULT_MODEL, Item, LocalBackend, Result, run_device, spec_model_version
 from camserve.commands.model_args import load_for_cli, spec_from_args
-from camserve.engine import FamExplainer, FamSpec, Gallery, InvalidReferenceError, episode_from_gallery, explain_queries
+from camserve.engine import (FamExplainer, FamSpec, Gallery, InvalidReferenceError, episode_from_gallery, explain_queries,
+                             prototype_spec)
 from camserve.engine.errors import InvalidOptionError
 from camserve.engine.imaging.preprocess import crop_box
 from camserve.engine.models.loader import embedding_model_for
@@ -79,9 +80,9 @@ def check_embedding_args(args: argparse.Namespace) -> None:
     if method not in EMBED_METHODS:
         raise SystemExit(f"camserve batch: --method {args.method!r} is not an embedding method; "
                          f"choose from {', '.join(EMBED_METHODS)}")
-    if method == "prototypes" and (args.layer or getattr(args, "option", None)):
+    if method == "prototypes" and getattr(args, "option", None):
         raise SystemExit("camserve batch: --method prototypes explains each image against the gallery's class "
-                         "prototypes at the last map with Jacobian weights: drop --layer and --option")
+                         "prototypes with Jacobian weights: drop --option")
 
 
 def run_method_and_layer(args: argparse.Namespace, backend) -> tuple:
@@ -163,10 +164,10 @@ class EmbeddingBackend:
         """Per item a :class:`~camserve.cli.batch_steps.Result` whose ``topk`` are the gallery matches."""
         import torch
 
-        fam = self.explainer
         k = matches_wanted(settings.target)
         if settings.method == "prototypes":
-            return self.run_prototypes(items, k)
+            return self.run_prototypes(items, k, settings.layer or None)
+        fam = self.explainer
         spec = FamSpec(gallery_topk=k, method=settings.method, layer=settings.layer or None,
                        **fam_options(settings.options))
         if spec.layer is not None:
@@ -190,28 +191,35 @@ class EmbeddingBackend:
         return results
 
 
-    def run_prototypes(self, items: List[Item], k: int) -> List[Any]:
+    def run_prototypes(self, items: List[Item], k: int, layer: Optional[str] = None) -> List[Any]:
         """``--method prototypes``: per item the K best classes of the episode and the query's map against
-        the winning prototype (one forward and one backward for the batch)."""
+        the winning prototype (one forward and one backward for the batch); with a ``layer`` below the
+        last map, that map there by the relevance route (one more forward, :func:`prototype_spec`)."""
         if self.episode is None:
             raise InvalidOptionError(f"--method prototypes: {self.episode_problem}")
         classes = self.episode.classes
         if k > len(classes):
             raise InvalidOptionError(f"--target top{k}: the gallery has {len(classes)} classes")
+        resolved = self.fam.resolve_layer(layer) if layer else None  # an unknown layer before any forward
         p = self.profile
         start = clock(self.device)
         batch, _crops = p.model_input([it.image for it in items], self.device)
         prep = clock(self.device) - start
         explained = explain_queries(self.model, self.episode, batch)
+        maps = [few.query_map for few in explained]
+        where = resolved.path if resolved is not None else (self.model.feature_layer or "")
+        if resolved is not None and not resolved.last:
+            deep = self.fam.explain(batch, [prototype_spec(self.episode, few.label, resolved.path) for few in explained])
+            maps = [item.query_map for item in deep.items]
         total = clock(self.device) - start
         results = []
-        for item, few in zip(items, explained):
+        for item, few, heatmap in zip(items, explained, maps):
             order = few.scores.argsort(descending=True)[:k].tolist()
             topk = [Prediction(i, classes[i], round(float(few.scores[i]), 6)) for i in order]
             seconds = {"preprocess": prep / len(items), "explain_batch": total - prep, "batch_size": len(items),
                        "per_image": total / len(items)}
-            results.append(Result(topk, [order[0]], few.query_map[None], crop_box(item.hw, p.resize, p.crop),
-                                  self.model.feature_layer or "", seconds, names=classes))
+            results.append(Result(topk, [order[0]], heatmap[None], crop_box(item.hw, p.resize, p.crop),
+                                  where, seconds, names=classes))
         return results
 
 

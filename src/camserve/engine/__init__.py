@@ -21,7 +21,8 @@ from camserve.engine.methods.captum.catalog import CaptumLimits
 from camserve.engine.methods.similarity.channel_weights import WEIGHTINGS as FAM_WEIGHTINGS
 from camserve.engine.methods.similarity.fam import SIMILARITIES, FamExplainer, FamResult, FamSpec
 from camserve.engine.methods.similarity.gallery import Gallery
-from camserve.engine.methods.similarity.prototypes import FewShotEpisode, episode_from_gallery, explain_queries
+from camserve.engine.methods.similarity.prototypes import (FewShotEpisode, episode_from_gallery, explain_queries,
+                                                         prototype_spec)
 from camserve.engine.pipeline import ExplainResult, ExplainSpec, Explainer, Explanation
 
 __all__ = ["CANONIZERS", "COMPOSITES", "FAM_WEIGHTINGS", "CaptumLimits", "Comparison", "ExplainResult", "ExplainSpec", "Explainer",
@@ -29,4 +30,5 @@ __all__ = ["CANONIZERS", "COMPOSITES", "FAM_WEIGHTINGS", "CaptumLimits", "Compar
            "InvalidInputError", "InvalidOptionError", "InvalidReferenceError", "InvalidTargetError",
            "NotAFeatureMapError", "REGISTRY", "SIMILARITIES", "UnknownLayerError", "UnknownMethodError",
            "UnsupportedModelError", "compare", "comparison_json", "episode_from_gallery", "explain_queries",
+           "prototype_spec",
            "get_composite"]

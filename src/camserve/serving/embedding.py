@@ -5,7 +5,8 @@ base64 JSON), ``reference_embedding`` (``D`` floats, JSON list or a JSON text fi
 ``gallery=k`` (the k best matches in the archive's gallery; ``gallery=true``: its ``gallery_topk``) or
 ``prototypes=true`` (a few-shot episode whose support set is the archive's labelled gallery:
 SimpleShot nearest centroid, the query's map against the winning prototype and the maps of that
-class's shots most similar to the query, ``topk`` of them, default the archive's ``gallery_topk``).
+class's shots most similar to the query, ``topk`` of them, default the archive's ``gallery_topk``;
+with ``layer=`` below the last map, the query's map there by the relevance route and no shot maps).
 The answer holds the embedding, and with a reference the similarity and the FAM pair (query map,
 reference map: base64 8-bit PNGs at the model input's size); with a gallery, the k matches each with
 their pair. Options:
@@ -15,7 +16,8 @@ vector, ``overlay=1`` (query map over the query crop), ``colormap``. Every optio
 
 One batch = one ``to_model_input`` (queries and reference images together) and one
 ``FamExplainer.explain`` (one forward over queries + reference images); the batch's few-shot rows
-get one more forward and backward of their own (:func:`camserve.engine.explain_queries`).
+get one more forward and backward of their own (:func:`camserve.engine.explain_queries`), and those
+with a layer below the last map one more ``FamExplainer.explain`` (:func:`camserve.engine.prototype_spec`).
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from camserve.engine import (FAM_WEIGHTINGS as WEIGHTINGS, REGISTRY, SIMILARITIES, FamExplainer, FamSpec, Gallery,
-                             InvalidReferenceError, episode_from_gallery, explain_queries, get_composite)
+                             InvalidReferenceError, episode_from_gallery, explain_queries, get_composite,
+                             prototype_spec)
 from camserve.engine.core.values import truth
 from camserve.engine.models import EFFNET_LITE0, ModelProfile, embedding_model_for, load_spec
 from camserve.engine.imaging.preprocess import crop_box
@@ -65,6 +68,7 @@ class EmbedItem:
     colormap: str
     format: str = "png"
     shots: int = 0                 # prototypes=true: how many of the winning class's shots to show (0: none)
+    prototype_layer: Optional[str] = None  # prototypes=true with a layer below the last map (module path)
 
 
 def parse_embedding(value: Any) -> List[float]:
@@ -170,12 +174,13 @@ def parse_embed_options(raw: Dict[str, Any], settings) -> EmbedOptions:
 
 def prototype_options(raw: Dict[str, Any], settings) -> EmbedOptions:
     """``prototypes=true``: the few-shot episode over the archive's gallery. ``topk`` counts the shots
-    shown (default the archive's ``gallery_topk``); the maps are FAM's with Jacobian weights at the
-    last map. Options that choose another reference, method, weighting or layer are a 400."""
-    clash = [k for k in ("gallery", "layer", "neighbours", "similarity") if raw.get(k) not in (None, "")]
+    shown (default the archive's ``gallery_topk``); the maps are FAM's with Jacobian weights, at the
+    last map or at ``layer`` (the relevance route). Options that choose another reference, method or
+    weighting are a 400."""
+    clash = [k for k in ("gallery", "neighbours", "similarity") if raw.get(k) not in (None, "")]
     if clash:
         raise InvalidRequestOptionError(f"prototypes=true explains the query against the gallery's class prototypes "
-                                        f"(nearest centroid) at the last map with Jacobian weights; drop {clash}")
+                                        f"(nearest centroid) with Jacobian weights; drop {clash}")
     options = parse_embed_options(raw, settings)
     if options.method != "fam":
         raise InvalidRequestOptionError(f"prototypes=true is explained by FAM; method {options.method!r} "
@@ -237,6 +242,7 @@ class EmbeddingHandler(CamserveHandler):
             reference = None
             spec = None
             shots = 0
+            prototype_layer = None
             if options.prototypes is not None:
                 if references:
                     raise InvalidRequestOptionError(f"prototypes=true explains the query against the gallery's "
@@ -246,6 +252,9 @@ class EmbeddingHandler(CamserveHandler):
                 high = min(s.max_gallery_topk, len(self.gallery))
                 shots = min(s.gallery_topk, high) if options.prototypes is True else options.prototypes
                 shots = parse_int("topk", shots, 1, high)
+                if options.layer is not None:
+                    resolved = self.fam.resolve_layer(options.layer)  # the engine's 400s, before any forward
+                    prototype_layer = resolved.path
             elif "reference" in item.payloads:
                 reference = decode_image(image_bytes(item.payloads["reference"], "reference"), s.max_pixels, "reference")
                 spec = options.spec()
@@ -258,7 +267,7 @@ class EmbeddingHandler(CamserveHandler):
                 k = min(s.gallery_topk, high) if options.gallery is True else options.gallery
                 k = parse_int("gallery", k, 1, high)
                 spec = options.spec(gallery_topk=k)
-            if options.layer is not None:
+            if options.layer is not None and not shots:
                 if spec is None:
                     raise InvalidRequestOptionError(f"layer={options.layer!r} places the FAM map, but this request "
                                                     f"asks for no explanation (no reference or gallery)")
@@ -270,7 +279,7 @@ class EmbeddingHandler(CamserveHandler):
                 raise InvalidRequestOptionError("weights and format shape a FAM explanation, but this request asks "
                                                 "for none (no reference or gallery)")
             items.append(EmbedItem(index, position, image, reference, spec, options.embedding, options.overlay,
-                                   options.colormap, options.format, shots))
+                                   options.colormap, options.format, shots, prototype_layer))
         return items
 
     def run_batch(self, requests: Sequence[Tuple[int, ParsedRequest]], context) -> Dict[int, Any]:
@@ -288,25 +297,35 @@ class EmbeddingHandler(CamserveHandler):
         relevance = any(fam is not None and fam.route == "relevance" for fam in result.items)
         return OPENVINO if getattr(self, "map_on_runtime", False) and not relevance else EAGER
 
-    def prototype_answer(self, item: EmbedItem, few, batch_seconds: float, rows: int) -> FamAnswer:
+    def prototype_answer(self, item: EmbedItem, few, deep, batch_seconds: float, rows: int) -> FamAnswer:
         """The few-shot answer of one query: the winning class (``prototype``), the query's map against
         its prototype and the ``item.shots`` shots of that class most similar to the query, each with
-        its own map (``reference_map``) under the same weights."""
+        its own map (``reference_map``) under the same weights. Below the last map (``deep``: the FAM
+        explanation of :func:`prototype_spec`) the query's map is the relevance route's, and the shots
+        carry no map (the gallery keeps their last feature maps only, as for gallery matches)."""
         encode = self.map_encoder(item.format)
-        shown = few.query_map_layer if item.format == "array" else few.query_map
+        source = deep if deep is not None else few
+        shown = source.query_map_layer if item.format == "array" else source.query_map
         order = few.support_similarities.argsort(descending=True)[:item.shots].tolist()
         scores = few.scores.float().cpu().tolist()
+        passes = {"forward": 1, "backward": 1}
+        if deep is not None:
+            passes = {"forward": 2, "backward": 1, "relevance": int(deep.passes.get("relevance", 1))}
+        layer_shape = (list(deep.layer_shape) if deep is not None
+                       else list(few.query_map_layer.shape[-2:]) if item.prototype_layer else None)
         return FamAnswer(
-            similarity=round(float(max(scores)), 6), metric="nearest_centroid", method="fam", route="jacobian",
-            reference="prototype", query_map=encode(few.query_map, few.query_map_layer), reference_map=None,
-            size=[int(shown.shape[-1]), int(shown.shape[-2])], passes={"forward": 1, "backward": 1},
+            similarity=round(float(max(scores)), 6), metric="nearest_centroid",
+            method=deep.method if deep is not None else "fam", route=deep.route if deep is not None else "jacobian",
+            reference="prototype", query_map=encode(source.query_map, source.query_map_layer), reference_map=None,
+            size=[int(shown.shape[-1]), int(shown.shape[-2])], passes=passes,
             seconds=round(batch_seconds / max(rows, 1), 4), batch_seconds=round(batch_seconds, 4),
-            weights="jacobian", format=item.format,
+            layer=item.prototype_layer, layer_shape=layer_shape, weights="jacobian", format=item.format,
             prototype={"label": few.label, "shots": len(few.support_indices),
                        "scores": {c: round(v, 6) for c, v in zip(self.episode.classes, scores)}},
             matches=[FamMatch(index=int(few.support_indices[k]), label=few.label,
                               similarity=round(float(few.support_similarities[k]), 6), query_map=None,
-                              reference_map=encode(few.support_maps[k], few.support_maps_layer[k]))
+                              reference_map=None if deep is not None
+                              else encode(few.support_maps[k], few.support_maps_layer[k]))
                      for k in order])
 
     def map_encoder(self, fmt: str):
@@ -345,12 +364,20 @@ class EmbeddingHandler(CamserveHandler):
             for k, r in enumerate(fam_rows):
                 explained[r] = (result.embeddings[k], result.items[k], runtime)
         shot_seconds = 0.0
+        deeper: Dict[int, Any] = {}   # few-shot rows below the last map: row → FAM of the winning prototype
         if shot_rows:
             started = time.perf_counter()
             few = explain_queries(self.model, self.episode, batch[shot_rows])
-            shot_seconds = time.perf_counter() - started
             for k, r in enumerate(shot_rows):
                 explained[r] = (few[k].embedding, few[k], EAGER)
+            deep = [(k, r) for k, r in enumerate(shot_rows) if items[r].prototype_layer is not None
+                    and not self.fam.resolve_layer(items[r].prototype_layer).last]
+            if deep:  # one more forward: the relevance route from the winning prototype to the layer
+                result = self.fam.explain(batch[[r for _, r in deep]],
+                                          [prototype_spec(self.episode, few[k].label, items[r].prototype_layer)
+                                           for k, r in deep])
+                deeper = {r: fam for (_, r), fam in zip(deep, result.items)}
+            shot_seconds = time.perf_counter() - started
         out: Dict[Tuple[int, int], EmbeddingAnswer] = {}
         seconds, counts = {}, Counter()
         for row, item in enumerate(items):
@@ -363,7 +390,7 @@ class EmbeddingHandler(CamserveHandler):
                 scale = 10 ** self.embedding_decimals
                 answer.embedding = (torch.round(embedding.float() * scale) / scale).cpu().tolist()
             if item.shots:
-                answer.fam = self.prototype_answer(item, fam, shot_seconds, len(shot_rows))
+                answer.fam = self.prototype_answer(item, fam, deeper.get(row), shot_seconds, len(shot_rows))
             elif fam is not None:
                 encode = self.map_encoder(item.format)
                 shown = fam.query_map_layer if item.format == "array" else fam.query_map

@@ -20,7 +20,13 @@ explains with the product weights. This module adds what an *episode* needs, aft
   A: a constant of the episode, the same for every pixel). A projection head or user model gets the
   same formula through autograd;
 * **each support image's map** of the winning class with the same weights ``w`` (the prototype's
-  weights for this query): ``ReLU(Σ_k w_k A^s_k)``, which parts of each shot the query matched.
+  weights for this query): ``ReLU(Σ_k w_k A^s_k)``, which parts of each shot the query matched;
+* **below the last map** (:func:`prototype_spec`): the same class-dependent score is linear in the
+  query's embedding, ``s̃ ∝ e·p`` with the norms held constant, so its Jacobian contributions
+  ``c_k = f_k p_k / ‖e − μ‖`` are FAM's Jacobian weights of the dot product with ``p`` up to one positive
+  factor: a ``FamSpec(reference_embedding=p, similarity="dot", weights="jacobian", layer=L)`` seeds
+  that relevance at the pooled feature and propagates it to ``L`` (the relevance route), and at the
+  last map gives the query map above exactly.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ import torch
 from camserve.engine.errors import InvalidReferenceError
 from camserve.engine.imaging.render import prepare_maps
 from camserve.engine.methods.similarity.channel_weights import jacobian_weights
-from camserve.engine.methods.similarity.fam import normalised_weights, weighted_map
+from camserve.engine.methods.similarity.fam import FamSpec, normalised_weights, weighted_map
 
 EPS = 1e-12
 
@@ -159,3 +165,14 @@ def explain_queries(embedding_model, episode: FewShotEpisode, queries: torch.Ten
                                           support_maps_layer=prepare_maps(raw_support, None),
                                           support_similarities=cosine))
     return out
+
+
+def prototype_spec(episode: FewShotEpisode, label: str, layer: Optional[str] = None) -> FamSpec:
+    """The FAM request that explains a query against the prototype of ``label`` at ``layer`` (a module
+    path or stage alias; ``None`` = the last map): the Jacobian weights of ``e·p`` (see the module
+    docstring), the map :func:`explain_queries` gives at the last map, anywhere the relevance route
+    reaches."""
+    if label not in episode.classes:
+        raise InvalidReferenceError(f"no prototype {label!r} in this episode; it has {episode.classes}")
+    prototype = episode.prototypes[episode.classes.index(label)]
+    return FamSpec(reference_embedding=prototype, similarity="dot", weights="jacobian", layer=layer)
