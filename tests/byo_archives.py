@@ -9,7 +9,10 @@
 * ``tv_resnet18_embed`` — ResNet-18 with ``fc = Identity`` (``--num-classes 0``): the embedding is
   the pooled ``layer4`` map, FAM's gradient-free route;
 * ``tv_resnet18_proj`` — ResNet-18 whose ``fc`` is a 128-d projection head (``--embedding output``):
-  FAM's Jacobian route.
+  FAM's Jacobian route;
+* ``cifar_resnet56_embed`` — the pretrained CIFAR-10 ResNet-56 as an embedding model (the pooled
+  ``layer3`` map), with a gallery of 2 shots per CIFAR-10 class built by ``camserve gallery --shots 2``
+  from ``../shared/data/cifar10-test`` (retrieval matches and few-shot prototypes).
 """
 
 from __future__ import annotations
@@ -27,9 +30,15 @@ SHARED = Path(os.environ.get("CAMSERVE_SHARED", REPO.parent / "shared"))
 CIFAR_CLASSES = "airplane automobile bird cat deer dog frog horse ship truck".split()
 TV_CLASSES = ["alpha", "bravo", "charlie", "delta", "echo"]
 RESNET20 = SHARED / "models" / "cifar-resnet" / "resnet20-12fca82f.th"
+RESNET56 = SHARED / "models" / "cifar-resnet" / "resnet56-4bfd9763.th"
+CIFAR_TEST = SHARED / "data" / "cifar10-test"
+#: the spec flags of the ResNet-56 embedding model (camserve archive / gallery / kserve)
+RESNET56_EMBED = ["--task", "embed", "--source", "eager", "--model-file", str(REPO / "examples/cifar_resnet/model.py"),
+                  "--class-name", "CifarResNet", "--kwargs", '{"depth": 56}', "--weights", str(RESNET56),
+                  "--preprocess", "crop=32", "--embedding", "pooled", "--feature-layer", "layer3"]
 BYO_MODELS = {name: f"{name}.mar" for name in
               ("tv_resnet18", "timm_vit", "cifar_resnet20", "tv_resnet18_embed", "tv_resnet18_proj",
-               "cifar_monitored")}
+               "cifar_monitored", "cifar_resnet56_embed")}
 #: the monitored archive's handler.monitor: every plain request monitored, the first 20 maps the
 #: reference, a drift score of the latest 20 every 5 maps
 MONITOR = {"fraction": 1.0, "reference_size": 20, "window": 20, "score_every": 5}
@@ -59,6 +68,20 @@ def save_random_weights(work: Path) -> None:
     (work / "cifar10.json").write_text(json.dumps({str(i): [f"c{i}", n] for i, n in enumerate(CIFAR_CLASSES)}))
 
 
+def build_resnet56_gallery(work: Path) -> Path:
+    """``work/resnet56/gallery.npz`` (2 shots of each CIFAR-10 class, the ResNet-56 embeddings and maps)
+    and ``work/resnet56/model-config.yaml`` naming it (``gallery_topk`` 2): what the archive ships and
+    what ``camserve kserve --model-config`` serves."""
+    folder = work / "resnet56"
+    folder.mkdir(parents=True, exist_ok=True)
+    done = camserve("gallery", str(CIFAR_TEST), str(folder / "gallery.npz"), "--shots", "2", *RESNET56_EMBED, cwd=work)
+    if done.returncode != 0:
+        raise RuntimeError(f"camserve gallery (ResNet-56) failed:\n{done.stdout}{done.stderr}")
+    (folder / "model-config.yaml").write_text(yaml.safe_dump({"handler": {"gallery_file": "gallery.npz",
+                                                                         "gallery_topk": 2}}))
+    return folder
+
+
 def build_byo_archives(store: Path, work: Path) -> Dict[str, str]:
     """Build the archives into ``store``; returns ``{model name: mar file}``."""
     work.mkdir(parents=True, exist_ok=True)
@@ -85,6 +108,9 @@ def build_byo_archives(store: Path, work: Path) -> Dict[str, str]:
     builds.append(["cifar_monitored", "--config", "monitored.yaml", "--source", "eager", "--model-file",
                    str(REPO / "examples/cifar_resnet/model.py"), "--class-name", "CifarResNet", "--kwargs",
                    '{"depth": 20}', "--weights", str(RESNET20), "--preprocess", "crop=32", "--labels", "cifar10.json"])
+    resnet56 = build_resnet56_gallery(work)
+    builds.append(["cifar_resnet56_embed", *RESNET56_EMBED, "--config", str(resnet56 / "model-config.yaml"),
+                   "--extra-file", str(resnet56 / "gallery.npz")])
     for args in builds:
         done = camserve("archive", *args, "--export-path", out, cwd=work)
         if done.returncode != 0:

@@ -9,6 +9,10 @@ reads the photo folder.
 ``camserve gallery SUPPORT_DIR OUT.npz --shots K``: a folder with one sub-folder per class (the
 folder's name is the label) — the support set of few-shot prototypes (``prototypes=true``): the first
 ``K`` images of each class by file name (``--shots 0``: all of them).
+
+Any embedding model: the model-spec flags of ``camserve archive --task embed`` (``--source``,
+``--model-file``, ``--feature-layer``, ``--preprocess`` …; default the bundled EfficientNet-Lite0) embed
+the photographs exactly as that archive's worker will, with its preprocessing.
 """
 
 from __future__ import annotations
@@ -18,10 +22,9 @@ import csv
 from pathlib import Path
 
 import torch
-from camserve.engine.models.embedding import load_effnet_lite0_embedding
+from camserve.commands.model_args import add_model_arguments, load_for_cli, spec_from_args
 from camserve.engine import Gallery
-from camserve.engine.models import EFFNET_LITE0 as p
-from camserve.engine.imaging.preprocess import to_model_input
+from camserve.engine.models import embedding_model_for
 from camserve.serving.images import decode_image
 
 
@@ -36,6 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shots", type=int, default=None,
                         help="class sub-folders: the first K images of each class (0 = all); the labels are the "
                              "folders' names")
+    add_model_arguments(parser, task_default="embed")
 
 
 def support_rows(folder: Path, shots: int) -> list:
@@ -62,9 +66,13 @@ def run(args: argparse.Namespace) -> int:
             rows = list(csv.DictReader(f, delimiter="\t"))
         step = max(1, len(rows) // args.count)
         chosen = rows[::step][:args.count]
+    spec, _config = spec_from_args(args, task_default="embed")
+    if spec.task != "embed":
+        raise SystemExit("camserve gallery: a gallery holds embeddings: give an embedding model (--task embed)")
+    loaded = load_for_cli(spec, torch.device("cpu"))
+    model, _route = embedding_model_for(loaded)
     images = [decode_image((args.photos / r["file"]).read_bytes()) for r in chosen]
-    batch, _ = to_model_input(images, p.resize, p.crop, p.mean, p.std, torch.device("cpu"))
-    model = load_effnet_lite0_embedding(normalize=True)
+    batch, _ = loaded.profile.model_input(images, torch.device("cpu"))
     gallery = Gallery.build(model, batch, [r["name"] for r in chosen])
     gallery.save(str(args.out))
     print(f"gallery of {len(gallery)} items ({', '.join(dict.fromkeys(gallery.labels))}) → {args.out}")
