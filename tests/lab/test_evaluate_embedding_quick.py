@@ -163,3 +163,21 @@ def test_fam_family_benchmark_end_to_end_on_cifar(tmp_path):
     render([str(tmp_path / "fam_family_raw.json")], Path(tmp_path))
     text = (tmp_path / "fam_family.md").read_text()
     assert "## pooled" in text and "captum.ig" in text and "| prototype |" in text
+
+
+def test_fam_family_sweeps_the_neighbour_count(tmp_path):
+    """``--weightings neighbour1,neighbour3 --layers last``: K is a weighting chosen on the choose half like
+    the others; each K's maps come from FamSpec(weights="neighbour", neighbours=K)."""
+    from camserve.lab.evaluate_fam_family import main as family, split_neighbours
+
+    assert split_neighbours("neighbour10") == ("neighbour", 10) and split_neighbours("sfam") == ("sfam", None)
+    assert family(["--models", "pooled", "--tasks", "flip", "--pool", "200", "--choose", "1", "--report", "1",
+                   "--steps", "4", "--ig-steps", "2", "--weightings", "neighbour1,neighbour3", "--layers", "last",
+                   "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "fam_family_raw.json").read_text())["results"]["pooled"]
+    assert result["best"] == {"neighbour1": "neighbour1@last", "neighbour3": "neighbour3@last"}
+    flip = result["report"]["flip"]["methods"]
+    assert {"neighbour1@last", "neighbour3@last", "product@last", "captum.ig"} <= set(flip)
+    assert flip["neighbour1@last"]["overall"] != flip["neighbour3@last"]["overall"]
+    with pytest.raises(SystemExit):
+        family(["--weightings", "nosuch", "--out", str(tmp_path / "x")])

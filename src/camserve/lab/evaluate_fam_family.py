@@ -24,8 +24,9 @@ Tasks (the reference embedding ``r`` each query is explained against; the score 
   episode's support as the labelled gallery; ``prototype`` is the episode's own Jacobian map.
 
 Methods: ``<weights>@<layer>`` for the weightings (pooled: product, sfam, neighbour; head: jacobian,
-neighbour) at ``last`` (FAM), ``stage1``, ``stage2`` (relevance route) — the layer of each weighting
-chosen on the choose half (mean overall over tasks); ``gradcam_similarity``; ``captum.ig`` (16
+neighbour; ``--weightings`` replaces them, ``neighbourK`` = neighbour weights averaged over K gallery
+items, default 5) at ``last`` (FAM), ``stage1``, ``stage2`` (relevance route; ``--layers`` narrows
+them) — the layer of each weighting chosen on the choose half (mean overall over tasks); ``gradcam_similarity``; ``captum.ig`` (16
 steps, zero baseline, on the same score); ``random@h`` (smooth random maps at resolution h).
 Faithfulness as :mod:`camserve.lab.evaluate_fam_layers`: deletion/insertion of the query (16 steps,
 seeded ties), ``overall = AUC(ins) − AUC(del)``; the top-20 % test vs a random map of the same
@@ -37,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import sys
 import time
 from pathlib import Path
@@ -225,7 +227,8 @@ def method_maps(method: str, fam: FamExplainer, model, task: dict, args) -> torc
     else:
         weights, layer = method.split("@")
         layer = None if layer == "last" else layer
-        specs = [FamSpec(reference_embedding=r.tolist(), weights=weights, layer=layer) for r in fam_refs]
+        weights, k = split_neighbours(weights)
+        specs = [FamSpec(reference_embedding=r.tolist(), weights=weights, layer=layer, neighbours=k) for r in fam_refs]
     maps = []
     saved = fam.gallery
     try:
@@ -241,6 +244,12 @@ def method_maps(method: str, fam: FamExplainer, model, task: dict, args) -> torc
     finally:
         fam.gallery = saved
     return torch.cat(maps)
+
+
+def split_neighbours(weights: str):
+    """``neighbourK`` → ``("neighbour", K)``; any other weighting → ``(weights, None)`` (its default)."""
+    found = re.fullmatch(r"neighbour(\d+)", weights)
+    return ("neighbour", int(found.group(1))) if found else (weights, None)
 
 
 def resolution(method: str, fam: FamExplainer) -> int:
@@ -299,7 +308,9 @@ def values(half: dict, kinds, method: str, key: str) -> List[float]:
     return [v for k in kinds for v in half[k]["methods"].get(method, {}).get(key, [])]
 
 
-def weightings(model_name: str) -> List[str]:
+def weightings(model_name: str, args=None) -> List[str]:
+    if getattr(args, "weightings", None):
+        return list(args.weightings)
     return ["product", "sfam", "neighbour"] if model_name == "pooled" else ["jacobian", "neighbour"]
 
 
@@ -308,17 +319,18 @@ def run_model(name: str, model: EmbeddingModel, data: Data, args, log) -> dict:
     fam = FamExplainer(model, gallery, input_size=(32, 32))
     log(f"[{name}] choose half ({len(data.choose)} queries/task)")
     choose_tasks = make_tasks(data, model, data.choose, args.tasks, args.seed)
-    candidates = [f"{w}@{layer}" for w in weightings(name) for layer in LAYERS]
+    layers = getattr(args, "layers", None) or LAYERS
+    candidates = [f"{w}@{layer}" for w in weightings(name, args) for layer in layers]
     choose = evaluate_half(model, fam, choose_tasks, candidates, args, log)
     best = {}
-    for w in weightings(name):
-        options = [f"{w}@{layer}" for layer in LAYERS]
+    for w in weightings(name, args):
+        options = [f"{w}@{layer}" for layer in layers]
         best[w] = max(options, key=lambda m: mean_and_sem(values(choose, list(choose), m, "overall"))[0])
     log(f"[{name}] best layers on the choose half: {best}")
     log(f"[{name}] report half ({len(data.report)} queries/task)")
     report_tasks = make_tasks(data, model, data.report, args.tasks, args.seed + 1)
     chosen = list(best.values())
-    fam_default = f"{weightings(name)[0]}@last"
+    fam_default = f"{weightings(name)[0]}@last"   # FAM as served by default (product / jacobian at the last map)
     resolutions = sorted({resolution(m, fam) for m in chosen} | {8, 32})
     methods = list(dict.fromkeys(chosen + [fam_default, "prototype", "gradcam_similarity", "captum.ig"]
                                  + [f"random@{h}" for h in resolutions]))
@@ -342,8 +354,16 @@ def main(argv=None) -> int:
     parser.add_argument("--head-epochs", type=int, default=30)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--weightings", default="", help="comma-separated weightings instead of the model's "
+                        "(e.g. neighbour1,neighbour3,neighbour5,neighbour10: a sweep of K)")
+    parser.add_argument("--layers", default="", help=f"comma-separated candidate layers (default {','.join(LAYERS)})")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
+    args.weightings = [w for w in args.weightings.split(",") if w]
+    args.layers = [x for x in args.layers.split(",") if x]
+    for w in args.weightings:
+        if split_neighbours(w)[0] not in ("product", "sfam", "neighbour", "jacobian"):
+            parser.error(f"--weightings: unknown weighting {w!r}")
     args.models = [m for m in args.models.split(",") if m]
     args.tasks = [t for t in args.tasks.split(",") if t]
     torch.set_num_threads(args.threads)
