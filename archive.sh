@@ -10,7 +10,7 @@ STORE=${CAMSERVE_MODEL_STORE:-model_store}
 mkdir -p "$STORE"
 
 weights=$("$PY" -c 'from camserve.engine.models import effnet_lite0_weights_path as p; print(p())')
-inputs_hash=$( { ls "${CAMSERVE_GALLERY_PHOTOS:-../shared/data/imagenet-samples}/LABELS.tsv" 2>/dev/null; sha256sum "$weights" configs/*.yaml handlers/*_handler.py archive.sh;
+inputs_hash=$( { ls "${CAMSERVE_GALLERY_PHOTOS:-../shared/data/imagenet-samples}/LABELS.tsv" 2>/dev/null; sha256sum "$weights" configs/*.yaml benchmarks/results/calibration_effnet_lite0_200.json handlers/*_handler.py archive.sh;
                  find src/camserve -name '*.py' -o -name '*.tsv' -o -name '*.pt' | sort | xargs sha256sum; } \
                | sha256sum | cut -d' ' -f1)
 stamp="$STORE/.camserve-archives"
@@ -35,7 +35,8 @@ fi
 
 # camserve archive: loads and checks the model as a worker would, writes model-config.yaml (the
 # configs/ file: TorchServe's batching keys + handler defaults) and runs torch-model-archiver with
-# the camserve package, the entry file for the task and the weights
+# the camserve package, the entry file for the task and the weights. The classifier's config names
+# its calibration card (handler.calibration): the card travels in the archive as calibration.json.
 "$PY" -m camserve.cli.main archive effnet_lite0 --config configs/effnet_lite0.yaml --weights "$weights" \
   --export-path "$STORE"
 "$PY" -m camserve.cli.main archive effnet_lite0_embed --task embed --config configs/effnet_lite0_embed.yaml \

@@ -65,7 +65,7 @@ else:  # no shared photographs: a generated image (a bright disc on a dark backg
     buffer = io.BytesIO(); canvas.save(buffer, format="JPEG"); image, source = buffer.getvalue(), "a generated image"
 start = time.time()
 response = requests.post(f"{inference}/predictions/effnet_lite0", headers={"Authorization": f"Bearer {keys['inference']}"},
-                         files={"data": image, "explain": "shallowcam", "overlay": "1"}, timeout=300)
+                         files={"data": image, "explain": "1", "overlay": "1"}, timeout=300)  # the calibrated default
 response.raise_for_status()
 body = response.json()
 e = body["explanation"]
@@ -76,6 +76,10 @@ for p in body["predictions"][:3]:
 print(f"  explanation: {e['method']} at {e['layer']} (layer {e['layer_shape'][0]}x{e['layer_shape'][1]}), target {e['target']} "
       f"({e['labels'][0]}), heatmap PNG {len(e['heatmap']) * 3 // 4} bytes at {e['size'][0]}x{e['size'][1]}, "
       f"crop box {e['crop_box']}, passes {e['passes']}")
+cal = e.get("calibration")
+if cal:
+    print(f"  calibrated (the archive's card, report half of {cal['n']} photographs): overall {cal['overall']:.3f}, "
+          f"vs LayerCAM {cal['vs_layercam']:+.3f} ± {cal['sem']:.3f}")
 print(f"\nInference key: {keys['inference']}  (logs/key_file.json)")
 print(f"Try: curl -H \"Authorization: Bearer {keys['inference']}\" -F data=@{photo if os.path.exists(photo) else 'photo.jpg'} "
       f"-F explain=gradcam {inference}/predictions/effnet_lite0")

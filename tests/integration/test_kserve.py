@@ -25,6 +25,7 @@ import yaml
 
 from byo_archives import CIFAR_CLASSES, RESNET20
 from conftest import decode_png, photo_bytes as photo
+from embedkit import TASKS, check_stages, instances
 from serverkit import REPO, VENV_BIN, KServe, free_port
 
 pytestmark = pytest.mark.server
@@ -129,7 +130,8 @@ def test_v1_and_v2_plain_and_explained(effnet, samples):
     explained = effnet.post(f"/v1/models/{MODEL}:explain", json=v1(photo(TENCH)))
     assert explained.status_code == 200, explained.text
     e = explained.json()["explanations"][0]["explanation"]
-    assert e["method"] == "shallowcam" and e["layer"] == "_blocks.4"  # the model-config's defaults
+    assert e["method"] == "layercam" and e["layer"] == "_blocks.0"  # the model-config's (calibrated) defaults
+    assert set(e["calibration"]) == {"overall", "vs_layercam", "sem", "n"}  # its card, read beside the config
     assert decode_png(e["heatmap"]).size == (224, 224)
 
     by_option = effnet.post(f"/v1/models/{MODEL}:predict", json=v1(photo(TENCH), explain="gradcam", topk=2))
@@ -151,7 +153,7 @@ def test_v1_and_v2_plain_and_explained(effnet, samples):
     assert decode_png(out["heatmap_color"]["data"][0]).mode == "RGB"
 
     v2_explain = effnet.post(f"/v2/models/{MODEL}/explain", json=v2([photo(TENCH)]))
-    assert outputs(v2_explain.json())["method"]["data"] == ["shallowcam"]
+    assert outputs(v2_explain.json())["method"]["data"] == ["layercam"]
 
     raw = effnet.post(f"/v1/models/{MODEL}:predict", data=photo(TENCH), headers={"Content-Type": "image/jpeg"})
     assert raw.status_code == 200 and raw.json()["predictions"][0]["label"] == label
@@ -178,7 +180,7 @@ def test_concurrent_mixed_options_share_batched_forwards(effnet):
         (f"/v1/models/{MODEL}:predict", v1(photo(PHOTOS[1]), explain="gradcam", topk=3),
          lambda a: a["predictions"][0]["explanation"]["method"] == "gradcam" and len(a["predictions"][0]["predictions"]) == 3),
         (f"/v1/models/{MODEL}:explain", v1(photo(PHOTOS[2])),
-         lambda a: a["explanations"][0]["explanation"]["method"] == "shallowcam"),
+         lambda a: a["explanations"][0]["explanation"]["method"] == "layercam"),
         (f"/v1/models/{MODEL}:predict", v1(photo(PHOTOS[3]), explain="gradcam++", format="array"),
          lambda a: a["predictions"][0]["explanation"]["format"] == "array"
          and len(a["predictions"][0]["explanation"]["array"]) == 7),
@@ -278,7 +280,7 @@ def test_embedding_archive_fam_reference_and_gallery(embed):
                       json={"instances": [{"image": b64(photo(TENCH)), "reference": b64(photo(PHOTOS[1]))}]})
     assert pair.status_code == 200, pair.text
     answer = pair.json()["predictions"][0]
-    assert answer["method"] == "fam" and answer["reference"] == "image" and answer["dim"] == 1280
+    assert answer["method"] == "fam-relevance" and answer["reference"] == "image" and answer["dim"] == 1280
     assert decode_png(answer["query_map"]).size == decode_png(answer["reference_map"]).size == (224, 224)
     gallery = embed.post(f"/v2/models/{EMBED}/infer", json={**v2([photo(TENCH)]),
                                                             "parameters": {"gallery": True, "embedding": False}})
@@ -304,6 +306,11 @@ def test_embedding_archive_fam_reference_and_gallery(embed):
     assert fewshot.status_code == 200, fewshot.text
     answer = fewshot.json()["predictions"][0]
     assert answer["prototype"]["label"] == "tench" and answer["matches"][0]["reference_map"]
+    # pairs, gallery matches and prototypes at every stage (the relevance route below the last map)
+    for task in TASKS:
+        stages = embed.post(f"/v1/models/{EMBED}:predict", json={"instances": instances(EMBED, task)})
+        assert stages.status_code == 200, stages.text[:500]
+        check_stages(EMBED, task, stages.json()["predictions"])
     # the FAM family's weights and maps at their own resolution, as v2 FP32 tensors
     arrays = embed.post(f"/v2/models/{EMBED}/infer", json={
         "inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [b64(photo(TENCH))]},
@@ -312,7 +319,7 @@ def test_embedding_archive_fam_reference_and_gallery(embed):
     assert arrays.status_code == 200, arrays.text
     out = outputs(arrays.json())
     assert out["weights"]["data"] == ["sfam"] and out["query_map_array"]["datatype"] == "FP32"
-    assert out["query_map_array"]["shape"][-2:] == [7, 7] and "query_map" not in out
+    assert out["query_map_array"]["shape"][-2:] == [56, 56] and "query_map" not in out  # the pair default: stage2
 
 
 # -- the same answer as TorchServe ---------------------------------------------------------------

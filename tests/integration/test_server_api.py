@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import threading
 import zlib
 import struct
@@ -17,6 +18,7 @@ import requests
 from PIL import Image
 
 from conftest import decode_png as png, label_of, photo_bytes as photo
+from serverkit import REPO
 
 pytestmark = pytest.mark.server
 MODEL = "effnet_lite0"
@@ -24,8 +26,6 @@ MODEL = "effnet_lite0"
 CLEAR = ["n01560419_bulbul.JPEG", "n01582220_magpie.JPEG", "n01665541_leatherback_turtle.JPEG",
          "n01795545_black_grouse.JPEG", "n01833805_hummingbird.JPEG", "n01914609_sea_anemone.JPEG",
          "n01955084_chiton.JPEG", "n01828970_bee_eater.JPEG"]
-
-
 
 
 def post(server, path, **kwargs):
@@ -107,8 +107,13 @@ def test_json_headers_and_explanations_route(torchserve_server):
     assert by_header.json()["explanation"]["target"] == 34
     default = post(torchserve_server, f"/explanations/{MODEL}", data=photo(CLEAR[2]))
     assert default.status_code == 200, default.text
-    assert default.json()["explanation"]["method"] == "shallowcam"
-    assert default.json()["explanation"]["layer"] == "_blocks.4"
+    # the archive's calibrated default (configs/effnet_lite0.yaml's card), with its calibrated score
+    explanation = default.json()["explanation"]
+    assert (explanation["method"], explanation["layer"]) == ("layercam", "_blocks.0")
+    card = json.loads((REPO / "benchmarks" / "results" / "calibration_effnet_lite0_200.json").read_text())
+    score = next(s for s in card["scores"] if (s["method"], s["layer"]) == ("layercam", "_blocks.0"))
+    assert explanation["calibration"] == {k: score[k] for k in ("overall", "vs_layercam", "sem", "n")}
+    assert "calibration" not in by_header.json()["explanation"]  # CAM at _conv_head: not a calibrated reading
 
 
 def test_kserve_v1_and_v2(torchserve_server, samples):
@@ -149,7 +154,7 @@ def test_kserve_v1_and_v2(torchserve_server, samples):
                      "parameters": {"format": "array", "layer": "_blocks.10"}})
     assert v2x.status_code == 200, v2x.text
     out = {o["name"]: o for o in v2x.json()["outputs"]}
-    assert out["method"]["data"] == ["shallowcam"]  # the explain route's default method
+    assert out["method"]["data"] == ["layercam"]  # the explain route's default method (calibrated)
     array = out["heatmap_array"]
     assert (array["datatype"], array["shape"]) == ("FP32", [1, 1, 14, 14]) and len(array["data"]) == 14 * 14
     assert 0.0 <= min(array["data"]) and max(array["data"]) <= 1.0 and "heatmap" not in out
@@ -159,7 +164,6 @@ def test_kserve_v1_and_v2(torchserve_server, samples):
                         "parameters": {"json_output": True, "explain": "cam"}})
     output = legacy.json()["outputs"][0]
     assert output["name"] == "predictions" and output["datatype"] == "BYTES" and output["shape"] == [1]
-    import json
     assert json.loads(output["data"][0])["explanation"]["method"] == "cam"
     # requested outputs only (OIP "outputs"), options as X-Camserve-* headers
     some = post(torchserve_server, f"/v2/models/{MODEL}/infer", headers={"X-Camserve-Topk": "3"},
@@ -173,7 +177,7 @@ OPTION_SETS = [
     ({"explain": "gradcam"}, ("gradcam", "_conv_head")),
     ({"explain": "gradcam", "layer": "_blocks.10", "target": "5"}, ("gradcam", "_blocks.10")),
     ({"explain": "shallowcam", "layer": "_blocks.2", "temperature": "2"}, ("shallowcam", "_blocks.2")),
-    ({"explain": "layercam", "format": "array"}, ("layercam", "_conv_head")),
+    ({"explain": "layercam", "format": "array"}, ("layercam", "_blocks.0")),
     ({"explain": "cam", "target": "top2"}, ("cam", "_conv_head")),
     ({"explain": "gradcampp", "layer": "_blocks.14", "overlay": "1"}, ("gradcampp", "_blocks.14")),
     ({"topk": "2"}, None),
@@ -219,7 +223,7 @@ def test_batch_of_eight_different_option_sets(torchserve_server, samples):
         if opts.get("target") == "top2":
             assert len(explanation["targets"]) == 2 and len(explanation["heatmaps"]) == 2
         if opts.get("format") == "array":
-            assert np.asarray(explanation["array"]).shape == (7, 7)
+            assert np.asarray(explanation["array"]).shape == (112, 112)  # LayerCAM at its calibrated _blocks.0
         else:
             assert png(explanation["heatmap"]).size == (224, 224)
         assert ("overlay" in explanation) == (opts.get("overlay") == "1")

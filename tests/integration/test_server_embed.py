@@ -47,13 +47,19 @@ def test_embedding_only(torchserve_server):
 def test_reference_image_gives_similarity_and_fam_pair(torchserve_server):
     near = post(torchserve_server, files={"image": photo(QUERY), "reference": photo(SAME_KIND)}).json()
     far = post(torchserve_server, json={"image": b64(QUERY), "reference": b64(OTHER)}).json()
-    assert near["method"] == "fam" and near["reference"] == "image"
+    assert near["method"] == "fam-relevance" and near["reference"] == "image"  # the pair default: stage2
     assert near["similarity"] > far["similarity"]  # two birds are closer than a bird and a chiton
     for key in ("query_map", "reference_map"):
         image = png(near[key])
         assert image.size == (224, 224) and image.mode == "L"
         assert np.asarray(image).std() > 5
-    assert near["passes"] == {"forward": 1, "backward": 0}  # pooled FAM: no backward at all
+    # the archive's pair default (handler.task_layers.pair): the relevance route at stage 2, no backward
+    assert (near["layer"], near["route"], near["layer_shape"]) == ("_blocks.2", "relevance", [56, 56])
+    assert near["passes"] == {"forward": 1, "backward": 0, "relevance": 1}
+    last = post(torchserve_server, files={"image": photo(QUERY), "reference": photo(SAME_KIND),
+                                          "layer": (None, "_conv_head")}).json()
+    assert last["route"] == "pooled" and last["passes"] == {"forward": 1, "backward": 0}  # pooled FAM: no backward
+    assert last["similarity"] == near["similarity"]
 
 
 def test_reference_embedding_matches_reference_image(torchserve_server):
@@ -163,7 +169,9 @@ def test_fam_at_a_shallow_layer(torchserve_server):
     assert (body["route"], body["method"], body["layer"], body["layer_shape"]) == (
         "relevance", "fam-relevance", "_blocks.2", [56, 56])
     assert body["passes"] == {"forward": 1, "backward": 0, "relevance": 1} and body["runtime"] == "eager"
-    last = post(torchserve_server, files={"image": photo(QUERY), "reference": photo(SAME_KIND)}).json()
+    last = post(torchserve_server, files={"image": photo(QUERY), "reference": photo(SAME_KIND),
+                                          "layer": (None, "stage8")}).json()
+    assert last["layer"] == "_conv_head" and last["route"] == "pooled"
     assert abs(body["similarity"] - last["similarity"]) < 1e-5  # the same similarity, explained deeper down
     for key in ("query_map", "reference_map"):
         image = np.asarray(png(body[key]))
@@ -184,8 +192,9 @@ def test_fam_at_a_shallow_layer(torchserve_server):
 def test_fam_family_weights_and_array_maps(torchserve_server):
     """``weights=`` picks the FAM family's channel weights (answered as ``weights``; neighbour weights name
     the gallery items they averaged), ``format=array`` answers the maps at the map's own resolution (7×7
-    at the last map, 56×56 at stage2), over multipart and v2; bad combinations are 400s naming the cause."""
-    pair = {"image": photo(QUERY), "reference": photo(SAME_KIND)}
+    at the last map, 56×56 at stage2, the archive's pair default), over multipart and v2; bad combinations
+    are 400s naming the cause."""
+    pair = {"image": photo(QUERY), "reference": photo(SAME_KIND), "layer": (None, "_conv_head")}
     default = post(torchserve_server, files=pair).json()
     assert default["weights"] == "product" and default["format"] == "png"
     for weights in ("sfam", "jacobian", "product"):
@@ -211,14 +220,17 @@ def test_fam_family_weights_and_array_maps(torchserve_server):
     assert np.corrcoef(cells.ravel(), query.ravel())[0, 1] > 0.95
     shallow = post(torchserve_server, files={**pair, "format": "array", "layer": (None, "stage2")}).json()
     assert shallow["size"] == [56, 56] and np.asarray(shallow["query_map"]).shape == (56, 56)
+    unnamed = post(torchserve_server, files={"image": photo(QUERY), "reference": photo(SAME_KIND),
+                                             "format": "array"}).json()
+    assert unnamed["query_map"] == shallow["query_map"]  # the pair default is stage2
     gallery = post(torchserve_server, files={"image": photo(QUERY), "gallery": "2", "format": "array"}).json()
     assert all(np.asarray(m["query_map"]).shape == (7, 7) for m in gallery["matches"])
     tensors = v2(torchserve_server, [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [b64(QUERY)]},
                                      {"name": "reference", "datatype": "BYTES", "shape": [1],
                                       "data": [b64(SAME_KIND)]}], {"format": "array", "weights": "sfam"})
     assert tensors.status_code == 200, tensors.text
-    out = {o["name"]: o for o in tensors.json()["outputs"]}
-    assert out["query_map_array"]["shape"] == [1, 7, 7] and out["query_map_array"]["datatype"] == "FP32"
+    out = {o["name"]: o for o in tensors.json()["outputs"]}   # no layer named: the pair default, stage2
+    assert out["query_map_array"]["shape"] == [1, 56, 56] and out["query_map_array"]["datatype"] == "FP32"
     assert out["weights"]["data"] == ["sfam"] and "query_map" not in out
 
     for files, word in (({**pair, "weights": "cosine"}, "cosine"),

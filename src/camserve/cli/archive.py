@@ -70,7 +70,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--extra-file", action="append", default=[], help="another file for the archive (repeatable)")
     parser.add_argument("--calibrate", default=None, metavar="DIR",
                         help="a camserve calibrate --out folder: its calibration.json travels in the archive and sets "
-                             "default_method / method_layers / method_options (flags given here win)")
+                             "default_method / method_layers / method_options (flags given here win); a --config's "
+                             "handler.calibration (relative to the config's folder) does the same")
     parser.add_argument("--export-path", default="model_store", help="folder for the .mar (default: model_store)")
     parser.add_argument("--version", default="1.0", help="model version (default: 1.0)")
     parser.add_argument("--no-check", action="store_true", help="do not load the model before archiving")
@@ -146,6 +147,16 @@ def apply_calibration(section: Dict[str, Any], card: Dict[str, Any], spec) -> Di
     return section
 
 
+def config_card(config: Any, base: Dict[str, Any]) -> Any:
+    """The card a ``--config`` names as ``handler.calibration`` (a path relative to the config's folder, as
+    the KServe predictor reads it from ``--model-config``), so that it travels in the archive as with
+    ``--calibrate``; ``None`` when the config names none."""
+    name = (base.get("handler") or {}).get("calibration")
+    if not config or not name:
+        return None
+    return read_card(Path(config).resolve().parent / str(name), "handler.calibration of --config:")
+
+
 def check_servable(spec, section: Dict[str, Any]) -> str:
     """Load the model as a worker would and check the defaults; returns a one-line summary."""
     try:  # the worker's reading of the section (method names lower-cased), used for the checks below too
@@ -156,8 +167,14 @@ def check_servable(spec, section: Dict[str, Any]) -> str:
     loaded = load_spec(spec, os.getcwd())
     if spec.task == "embed":
         model, route = embedding_model_for(loaded)
-        fam = FamExplainer(model, None, loaded.profile.input_size)
-        return f"embed: D = {fam.dim}, feature map {fam.channels} channels, FAM route {route}"
+        fam = FamExplainer(model, None, loaded.profile.input_size, stages=loaded.profile.stages or None)
+        for task, layer in settings.task_layers.items():
+            try:
+                fam.resolve_layer(layer)
+            except Exception as error:  # noqa: BLE001 - the engine's reason, as the worker would log it
+                raise SystemExit(f"handler.task_layers.{task}: {error}") from None
+        layers = "".join(f", {task} at {layer}" for task, layer in settings.task_layers.items())
+        return f"embed: D = {fam.dim}, feature map {fam.channels} channels, FAM route {route}{layers}"
     try:
         explainer = build_explainer(loaded.module, loaded.profile, settings)
     except ValueError as error:  # e.g. handler.captum caps
@@ -227,7 +244,7 @@ def run(args: argparse.Namespace) -> int:
                        (spec.path, "--hf-dir"), *[(f, "--extra-file") for f in args.extra_file]):
         if path and not os.path.exists(path):
             raise SystemExit(f"{what} {path!r} not found")
-    card = read_card(Path(args.calibrate)) if getattr(args, "calibrate", None) else None
+    card = read_card(Path(args.calibrate)) if getattr(args, "calibrate", None) else config_card(args.config, base)
     if card is not None:
         base["handler"] = apply_calibration(dict(base.get("handler") or {}), card, spec)
     base["handler"] = handler_section(args, spec, base)

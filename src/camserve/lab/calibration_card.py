@@ -85,17 +85,20 @@ def write_card(out: Path, card: dict, crops: torch.Tensor, examples: Dict[str, t
     return out / CARD_JSON
 
 
-def read_card(path: Path) -> dict:
-    """A ``calibration.json`` (a file, or a folder holding one); a missing or foreign file exits with why."""
+def read_card(path: Path, what: str = "--calibrate") -> dict:
+    """A ``calibration.json`` (a file, or a folder holding one); a missing or foreign file exits with why
+    (``what`` names where the path came from)."""
     path = Path(path)
     if path.is_dir():
+        if not (path / CARD_JSON).is_file():
+            raise SystemExit(f"{what} {path}: no {CARD_JSON} there (run camserve calibrate --out DIR first)")
         path = path / CARD_JSON
     if not path.is_file():
-        raise SystemExit(f"--calibrate {path}: no {CARD_JSON} there (run camserve calibrate --out DIR first)")
+        raise SystemExit(f"{what} {path}: no such file (a camserve calibrate card, {CARD_JSON})")
     try:
         card = json.loads(path.read_text())
     except ValueError as error:
-        raise SystemExit(f"--calibrate {path}: not JSON ({error})") from None
+        raise SystemExit(f"{what} {path}: not JSON ({error})") from None
     if not isinstance(card, dict) or card.get("format") != FORMAT:
-        raise SystemExit(f"--calibrate {path}: not a camserve calibration (format {FORMAT!r})")
+        raise SystemExit(f"{what} {path}: not a camserve calibration (format {FORMAT!r})")
     return card

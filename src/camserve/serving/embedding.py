@@ -32,7 +32,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from camserve.engine import (FAM_WEIGHTINGS as WEIGHTINGS, REGISTRY, SIMILARITIES, FamExplainer, FamSpec, Gallery,
-                             InvalidReferenceError, episode_from_gallery, explain_queries, get_composite,
+                             ExplanationInputError, InvalidReferenceError, episode_from_gallery, explain_queries, get_composite,
                              prototype_spec)
 from camserve.engine.core.values import truth
 from camserve.engine.models import EFFNET_LITE0, ModelProfile, embedding_model_for, load_spec
@@ -219,6 +219,11 @@ class EmbeddingHandler(CamserveHandler):
         composite = get_composite(self.settings.composite) if self.settings.composite else None
         self.fam = FamExplainer(self.model, self.gallery, self.profile.input_size, composite=composite,
                                 canonizer=self.settings.canonizer, stages=self.profile.stages or None)
+        for task, layer in self.settings.task_layers.items():   # a layer the route cannot reach stops the load
+            try:
+                self.fam.resolve_layer(layer)
+            except ExplanationInputError as error:
+                raise ValueError(f"handler.task_layers.{task}: {error}") from None
         self.episode, self.episode_problem = None, "this archive has no gallery (the support set of prototypes=true)"
         if self.gallery is not None:   # read-only after load: every request's episode is the same
             try:
@@ -239,6 +244,10 @@ class EmbeddingHandler(CamserveHandler):
             if options.method is None and (references or options.gallery is not None):
                 raise InvalidRequestOptionError("explain=0 asks for no explanation, but the request has a "
                                                 "reference or gallery (each is explained): drop one of them")
+            task = ("prototypes" if options.prototypes is not None else "pair" if references
+                    else "gallery" if options.gallery is not None else None)
+            if options.layer is None and task is not None and options.method == "fam":
+                options.layer = s.task_layers.get(task)   # the archive's measured best layer for the task
             reference = None
             spec = None
             shots = 0

@@ -14,6 +14,7 @@ Example::
       max_instances: 16               # images in one KServe request
       colormap: jet                   # for overlay=1 when the request names none
       gallery_topk: 3                 # embedder: matches for gallery=true (gallery=k asks for k)
+      task_layers: {pair: _blocks.2, gallery: _blocks.2}   # embedder: FAM's layer per task when a request names none
       max_response_bytes: 33554432    # an answer larger than this is a 413 (TorchServe's max_response_size)
       overlay_alpha: 0.5
       array_decimals: 3               # format=array rounding
@@ -39,6 +40,10 @@ from camserve.engine.methods import CLASSIC, REGISTRY, get_method
 from camserve.engine.runtime import RUNTIME_ENV, RuntimeSettings
 
 
+#: the FAM tasks of the embedding handler: a reference image or embedding, gallery matches, prototypes
+FAM_TASKS = ("pair", "gallery", "prototypes")
+
+
 @dataclass
 class HandlerSettings:
     default_method: str = "shallowcam"
@@ -62,6 +67,8 @@ class HandlerSettings:
     gallery_topk: int = 3
     max_gallery_topk: int = 10
     similarity: str = "cosine"
+    #: per FAM task (pair, gallery, prototypes), the layer a request that names none gets (absent: the last map)
+    task_layers: Dict[str, str] = field(default_factory=dict)
     # the model spec (engine/models/spec.py); absent: the bundled EfficientNet-Lite0
     model: Dict[str, Any] = field(default_factory=dict)
     extra: Dict[str, Any] = field(default_factory=dict)
@@ -92,6 +99,10 @@ class HandlerSettings:
                 raise ValueError(f"handler.composite: {error}") from None
         if self.canonizer is not None and self.canonizer not in CANONIZERS:
             raise ValueError(f"handler.canonizer {self.canonizer!r} is not one of {sorted(CANONIZERS)}")
+        if not isinstance(self.task_layers, Mapping) or set(self.task_layers) - set(FAM_TASKS) \
+                or not all(isinstance(v, str) and v.strip() for v in self.task_layers.values()):
+            raise ValueError(f"handler.task_layers must map FAM tasks {list(FAM_TASKS)} to layer names, "
+                             f"got {self.task_layers!r}")
         if not isinstance(self.model, Mapping):
             raise ValueError(f"handler.model must be a mapping (the model spec), got {self.model!r}")
         self.method_options = check_method_options(self.method_options)
