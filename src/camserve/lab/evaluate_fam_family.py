@@ -441,8 +441,10 @@ def table(rows: List[dict]) -> List[str]:
     return lines
 
 
-def render(paths: List[str], out: Path, preface: str = "") -> None:
-    lines = ["# The FAM family on pair, retrieval and few-shot tasks (CIFAR-10 ResNet-56)", ""]
+def render(paths: List[str], out: Path, preface: str = "", stem: str = "fam_family",
+           title: str = "The FAM family on pair, retrieval and few-shot tasks (CIFAR-10 ResNet-56)") -> None:
+    """``out/<stem>.md`` (the tables) and ``out/<stem>.json`` (summaries and every record) of raw runs."""
+    lines = [f"# {title}", ""]
     if preface:
         lines += [preface.strip(), ""]
     combined = {}
@@ -478,5 +480,5 @@ def render(paths: List[str], out: Path, preface: str = "") -> None:
                 ks = kinds if scope == "all" else [scope]
                 lines += [f"**Report half, {scope}** (mean ± SEM; paired differences as mean ± SEM (better in k/n)):", ""]
                 lines += table(summary_rows(result, ks)) + [""]
-    (out / "fam_family.md").write_text("\n".join(lines))
-    (out / "fam_family.json").write_text(json.dumps(combined, indent=1))
+    (out / f"{stem}.md").write_text("\n".join(lines))
+    (out / f"{stem}.json").write_text(json.dumps(combined, indent=1))
