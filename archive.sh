@@ -35,10 +35,10 @@ fi
 
 # camserve archive: loads and checks the model as a worker would, writes model-config.yaml (the
 # configs/ file: TorchServe's batching keys + handler defaults) and runs torch-model-archiver with
-# the camserve package, the entry file for the task and the weights. The classifier's config names
-# its calibration card (handler.calibration): the card travels in the archive as calibration.json.
+# the camserve package, the entry file for the task and the weights. The classifier's calibration card
+# travels in the archive as calibration.json (--calibrate) and sets the defaults the config repeats.
 "$PY" -m camserve.cli.main archive effnet_lite0 --config configs/effnet_lite0.yaml --weights "$weights" \
-  --export-path "$STORE"
+  --calibrate benchmarks/results/calibration_effnet_lite0_200.json --export-path "$STORE"
 "$PY" -m camserve.cli.main archive effnet_lite0_embed --task embed --config configs/effnet_lite0_embed.yaml \
   --weights "$weights" "${gallery[@]}" --export-path "$STORE"
 echo "$inputs_hash" > "$stamp"

@@ -143,27 +143,35 @@ def test_layers_names_what_is_wrong_with_a_spec_without_a_traceback(work):
 
 
 def test_the_bundled_config_serves_its_calibration_and_ships_the_card(tmp_path):
-    """configs/effnet_lite0.yaml names its calibration card: its defaults are the card's ``served``
-    section, and ``camserve archive --config`` puts the card in the .mar (as ``--calibrate`` would)."""
+    """configs/effnet_lite0.yaml's defaults are its calibration card's ``served`` section; archive.sh's
+    ``--calibrate`` puts the card in the .mar; a ``--config`` naming a card (``handler.calibration``,
+    relative to the config's folder) does the same, and a missing one stops the archive with its path."""
     config = yaml.safe_load((REPO / "configs" / "effnet_lite0.yaml").read_text())["handler"]
-    card_path = REPO / "configs" / config["calibration"]
+    card_path = REPO / "benchmarks" / "results" / "calibration_effnet_lite0_200.json"
     card = json.loads(card_path.read_text())
     served = card["served"]
-    assert config["default_method"] == served["default_method"]
+    assert config["default_method"] == served["default_method"] and "calibration" not in config
     assert {m: config["method_layers"][m] for m in served["method_layers"]} == served["method_layers"]
     assert not served["method_options"] and "method_options" not in config
+    assert f"--calibrate {card_path.relative_to(REPO)}" in (REPO / "archive.sh").read_text()
     from camserve.engine.models import effnet_lite0_weights_path
-    done = camserve("archive", "lite0cal", "--config", REPO / "configs" / "effnet_lite0.yaml",
-                    "--weights", effnet_lite0_weights_path(), "--no-check", "--export-path", "store", cwd=tmp_path)
-    assert done.returncode == 0, done.stderr
-    with zipfile.ZipFile(tmp_path / "store" / "lite0cal.mar") as mar:
-        assert json.loads(mar.read("calibration.json")) == card
-        handler = yaml.safe_load(mar.read("model-config.yaml"))["handler"]
-    assert handler["calibration"] == "calibration.json" and handler["default_method"] == "layercam"
-    assert handler["method_layers"] == {"layercam": "_blocks.0", "gradcam": "_conv_head", "shallowcam": "_blocks.4"}
-    # a config naming a card that is not there stops the archive with the path
+    weights = effnet_lite0_weights_path()
+    named = tmp_path / "named"
+    named.mkdir()
+    (named / "card.json").write_text(card_path.read_text())
+    (named / "model-config.yaml").write_text(yaml.safe_dump({"handler": {**config, "calibration": "card.json"}}))
+    for name, flags in (("bycalibrate", ["--config", REPO / "configs" / "effnet_lite0.yaml", "--calibrate", card_path]),
+                        ("byconfig", ["--config", named / "model-config.yaml"])):
+        done = camserve("archive", name, *flags, "--weights", weights, "--no-check", "--export-path", "store",
+                        cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        with zipfile.ZipFile(tmp_path / "store" / f"{name}.mar") as mar:
+            assert json.loads(mar.read("calibration.json")) == card
+            handler = yaml.safe_load(mar.read("model-config.yaml"))["handler"]
+        assert handler["calibration"] == "calibration.json" and handler["default_method"] == "layercam"
+        assert handler["method_layers"] == {"layercam": "_blocks.0", "gradcam": "_conv_head", "shallowcam": "_blocks.4"}
     broken = tmp_path / "broken.yaml"
     broken.write_text(yaml.safe_dump({"handler": {"calibration": "nowhere.json"}}))
-    done = camserve("archive", "nocard", "--config", broken, "--weights", effnet_lite0_weights_path(), "--no-check",
+    done = camserve("archive", "nocard", "--config", broken, "--weights", weights, "--no-check",
                     "--export-path", "store", cwd=tmp_path)
     assert done.returncode != 0 and "nowhere.json" in done.stderr and "handler.calibration" in done.stderr

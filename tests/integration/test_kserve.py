@@ -17,6 +17,7 @@ import re
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Dict, List
 
 import pytest
@@ -45,6 +46,16 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
+def effnet_config(work) -> Path:
+    """configs/effnet_lite0.yaml naming its calibration card (``handler.calibration``, an absolute path
+    here), as archive.sh's ``--calibrate`` ships it in the .mar: both doors answer with its scores."""
+    config = yaml.safe_load((REPO / "configs" / "effnet_lite0.yaml").read_text())
+    config["handler"]["calibration"] = str(REPO / "benchmarks" / "results" / "calibration_effnet_lite0_200.json")
+    path = work / "effnet_lite0.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
     """Both predictors, started together (their model loads overlap), stopped at the end."""
@@ -53,7 +64,7 @@ def servers(tmp_path_factory):
     if not (REPO / "model_store" / f"{EMBED}.mar").exists():
         subprocess.run([str(REPO / "archive.sh")], check=True, cwd=REPO, capture_output=True)
     started = [
-        KServe(MODEL, ["--model-config", "configs/effnet_lite0.yaml", "--max-batch-delay-ms", str(DELAY_MS),
+        KServe(MODEL, ["--model-config", str(effnet_config(work)), "--max-batch-delay-ms", str(DELAY_MS),
                        "--max-request-mb", "4"], work),
         KServe(BYO, ["--source", "eager", "--model-file", "examples/cifar_resnet/model.py", "--class-name",
                      "CifarResNet", "--kwargs", '{"depth": 20}', "--weights", str(RESNET20), "--preprocess",

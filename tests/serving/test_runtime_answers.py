@@ -19,7 +19,7 @@ PHOTOS = ["n01560419_bulbul.JPEG", "n01582220_magpie.JPEG", "n01665541_leatherba
 ROWS = [{"data": photo_bytes(PHOTOS[0])},
         {"data": photo_bytes(PHOTOS[1]), "explain": "gradcam"},
         {"data": photo_bytes(PHOTOS[2]), "explain": "shallowcam", "layer": "stage2"},
-        {"data": photo_bytes(PHOTOS[0]), "explain": "layercam", "target": "top2"}]
+        {"data": photo_bytes(PHOTOS[0]), "explain": "layercam", "layer": "_conv_head", "target": "top2"}]
 
 
 def heatmaps(explanation) -> list:
