@@ -51,6 +51,7 @@ from torch import nn
 from camserve.engine.evaluation.metrics import (deletion_insertion, endpoint_scores, gaussian_blur, mean_and_sem,
                                                 paired)
 from camserve.engine.methods.captum.attribute import attribute
+from camserve.engine.methods.similarity.channel_weights import WEIGHTINGS
 from camserve.engine.methods.similarity.fam import FamExplainer, FamSpec
 from camserve.engine.methods.similarity.gallery import Gallery
 from camserve.engine.methods.similarity.prototypes import FewShotEpisode, centre_and_normalise, explain_queries
@@ -330,7 +331,7 @@ def run_model(name: str, model: EmbeddingModel, data: Data, args, log) -> dict:
     log(f"[{name}] report half ({len(data.report)} queries/task)")
     report_tasks = make_tasks(data, model, data.report, args.tasks, args.seed + 1)
     chosen = list(best.values())
-    fam_default = f"{weightings(name)[0]}@last"   # FAM as served by default (product / jacobian at the last map)
+    fam_default = f"{weightings(name)[0]}@last"   # FAM at the last map with the model's first weighting
     resolutions = sorted({resolution(m, fam) for m in chosen} | {8, 32})
     methods = list(dict.fromkeys(chosen + [fam_default, "prototype", "gradcam_similarity", "captum.ig"]
                                  + [f"random@{h}" for h in resolutions]))
@@ -362,7 +363,7 @@ def main(argv=None) -> int:
     args.weightings = [w for w in args.weightings.split(",") if w]
     args.layers = [x for x in args.layers.split(",") if x]
     for w in args.weightings:
-        if split_neighbours(w)[0] not in ("product", "sfam", "neighbour", "jacobian"):
+        if split_neighbours(w)[0] not in WEIGHTINGS:
             parser.error(f"--weightings: unknown weighting {w!r}")
     args.models = [m for m in args.models.split(",") if m]
     args.tasks = [t for t in args.tasks.split(",") if t]
