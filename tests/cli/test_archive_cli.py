@@ -175,3 +175,11 @@ def test_the_bundled_config_serves_its_calibration_and_ships_the_card(tmp_path):
     done = camserve("archive", "nocard", "--config", broken, "--weights", weights, "--no-check",
                     "--export-path", "store", cwd=tmp_path)
     assert done.returncode != 0 and "nowhere.json" in done.stderr and "handler.calibration" in done.stderr
+
+
+def test_an_embedding_task_layer_the_route_cannot_reach_is_refused(tmp_path):
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"handler": {"task_layers": {"pair": "stage99"}}}))
+    done = camserve("archive", "badlayer", "--task", "embed", "--config", "config.yaml", "--export-path", "store",
+                    cwd=tmp_path)
+    assert done.returncode != 0 and "handler.task_layers.pair" in done.stderr and "stage99" in done.stderr
+    assert not (tmp_path / "store" / "badlayer.mar").exists()

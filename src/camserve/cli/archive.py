@@ -35,7 +35,7 @@ from camserve.commands.model_args import add_model_arguments, spec_from_args
 from camserve.lab.calibration_card import CARD_JSON, read_card
 from camserve.engine.pipeline import ExplainSpec
 from camserve.engine.models import embedding_model_for, load_spec, profile_with_layers
-from camserve.engine import CANONIZERS, FamExplainer
+from camserve.engine import CANONIZERS, ExplanationInputError, FamExplainer
 from camserve.serving.classifier import build_explainer
 from camserve.serving.monitor import MonitorSettings
 from camserve.serving.settings import HandlerSettings
@@ -171,7 +171,7 @@ def check_servable(spec, section: Dict[str, Any]) -> str:
         for task, layer in settings.task_layers.items():
             try:
                 fam.resolve_layer(layer)
-            except Exception as error:  # noqa: BLE001 - the engine's reason, as the worker would log it
+            except ExplanationInputError as error:  # the engine's reason, as the worker would log it
                 raise SystemExit(f"handler.task_layers.{task}: {error}") from None
         layers = "".join(f", {task} at {layer}" for task, layer in settings.task_layers.items())
         return f"embed: D = {fam.dim}, feature map {fam.channels} channels, FAM route {route}{layers}"
