@@ -68,7 +68,7 @@ class EmbedItem:
     colormap: str
     format: str = "png"
     shots: int = 0                 # prototypes=true: how many of the winning class's shots to show (0: none)
-    prototype_layer: Optional[str] = None  # prototypes=true with a layer below the last map (module path)
+    prototype_layer: Optional[str] = None  # prototypes=true with a layer (its module path; the last map's too)
 
 
 def parse_embedding(value: Any) -> List[float]:

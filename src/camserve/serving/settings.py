@@ -14,7 +14,7 @@ Example::
       max_instances: 16               # images in one KServe request
       colormap: jet                   # for overlay=1 when the request names none
       gallery_topk: 3                 # embedder: matches for gallery=true (gallery=k asks for k)
-      task_layers: {pair: _blocks.2, gallery: _blocks.2}   # embedder: FAM's layer per task when a request names none
+      task_layers: {pair: _blocks.2}  # embedder: FAM's layer per task (pair|gallery|prototypes) when a request names none
       max_response_bytes: 33554432    # an answer larger than this is a 413 (TorchServe's max_response_size)
       overlay_alpha: 0.5
       array_decimals: 3               # format=array rounding
