@@ -185,8 +185,12 @@ def test_fam_family_benchmark_on_a_registry_backbone(tmp_path):
 
     class Args:
         pool, choose, report = 10, 1, 1
-    data = Data(Args(), "efficientnet-lite0")
+    data = Data(Args(), "efficientnet-lite0", "imagenet")
     assert data.size == (224, 224) and not data.episodes_possible()
+    Args.pool = 200  # lite0-cifar: CIFAR-10 upsampled to Lite0's crop, where episodes exist
+    upsampled = Data(Args(), "efficientnet-lite0", "cifar")
+    assert upsampled.size == (224, 224) and upsampled.episodes_possible()
+    assert -1.0 <= float(upsampled.images.min()) and float(upsampled.images.max()) <= 1.0  # Lite's (x − 0.5) / 0.5
     zoomed = transformed_copies("zoom", data.images[:1], 0, data.mean, data.std)
     expected = torch.nn.functional.interpolate(data.images[:1, :, 28:196, 28:196], size=(224, 224), mode="bilinear",
                                                align_corners=False)

