@@ -66,14 +66,13 @@ from camserve.engine.methods.similarity.channel_weights import WEIGHTINGS
 from camserve.engine.methods.similarity.fam import FamExplainer, FamSpec
 from camserve.engine.methods.similarity.gallery import Gallery
 from camserve.engine.methods.similarity.prototypes import FewShotEpisode, centre_and_normalise, explain_queries
-from camserve.engine.imaging.preprocess import to_model_input
 from camserve.engine.models.bundled import EFFNET_LITES, load_effnet_lite
 from camserve.engine.models.embedding import EmbeddingModel
 from camserve.lab.evaluate_embedding import DifferentiableEmbedding
 from camserve.lab.evaluate_faithfulness import image_set, load_batch, load_cifar_resnet, shared_dir
 from camserve.lab.evaluate_fam_layers import smooth_random, spread, top_deletion_scores
 from camserve.lab.evaluation_report import machine_summary
-from camserve.lab.image_folders import default_data_dir, image_rows, read_photos
+from camserve.lab.image_folders import default_data_dir, load_images
 from camserve.lab.train_contrastive_head import MEAN, STD, HeadConfig, colour_jitter, train_head
 
 TASKS = ("flip", "zoom", "crop", "jitter", "neighbour", "retrieval", "fewshot")
@@ -183,29 +182,28 @@ class Data:
             self.mean, self.std, self.blur = MEAN, STD, (9, 2.0)
             self.description = (f"{len(items)} CIFAR-10 test JPEGs (image_set seed 0, sorted) from "
                                 "../shared/data/cifar10-test")
-            if lite is not None:  # upsampled (bilinear) to the model's crop, renormalised for it
-                profile = EFFNET_LITES[lite][0]
-                mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (profile.mean, profile.std))
-                pixels = F.interpolate(self.images * STD + MEAN, size=(profile.crop, profile.crop), mode="bilinear",
-                                       align_corners=False).clamp(0, 1)
-                self.images = (pixels - mean) / std
-                self.mean, self.std, self.blur = mean, std, (11, 5.0)
-                self.description += f", upsampled to {profile.crop}×{profile.crop} ({lite})"
+        if lite is None:
+            self._split(args)
+            return
+        profile = EFFNET_LITES[lite][0]
+        mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (profile.mean, profile.std))
+        if images == "cifar":  # upsampled (bilinear) to the model's crop, renormalised for it
+            pixels = F.interpolate(self.images * STD + MEAN, size=(profile.crop, profile.crop), mode="bilinear",
+                                   align_corners=False).clamp(0, 1)
+            self.images = (pixels - mean) / std
+            self.description += f", upsampled to {profile.crop}×{profile.crop} ({lite})"
         else:
-            profile = EFFNET_LITES[lite][0]
-            folder = default_data_dir()
-            rows = image_rows(folder)[:args.pool]
+            self.images, rows = load_images(default_data_dir(), args.pool, 1, profile, torch.device("cpu"))
             self.files = [r["file"] for r in rows]
             self.labels = [int(r["class_index"]) for r in rows]
-            self.images = torch.cat([to_model_input(read_photos(folder, rows[s:s + 50]), profile.resize, profile.crop,
-                                                    profile.mean, profile.std, torch.device("cpu"))[0]
-                                     for s in range(0, len(rows), 50)])
-            self.mean = torch.tensor(profile.mean).view(1, 3, 1, 1)
-            self.std = torch.tensor(profile.std).view(1, 3, 1, 1)
-            self.blur = (11, 5.0)
             self.description = (f"the {len(rows)} ImageNet sample photographs of ../shared/data/imagenet-samples "
                                 f"(sorted; one per class), resized to {profile.resize} and centre-cropped to "
                                 f"{profile.crop} ({lite})")
+        self.mean, self.std, self.blur = mean, std, (11, 5.0)
+        self._split(args)
+
+    def _split(self, args) -> None:
+        """The halves (even / odd positions, queries at a fixed stride) and the labelled gallery."""
         self.size = tuple(self.images.shape[-2:])
         indices = list(range(len(self.files)))
         self.choose = spread(indices[0::2], args.choose)
