@@ -462,15 +462,11 @@ def main(argv=None) -> int:
     unknown = [m for m in args.models if m not in CIFAR_MODELS and m not in LITE_MODELS]
     if unknown:
         parser.error(f"--models: unknown {unknown}; choose from {list(CIFAR_MODELS) + list(LITE_MODELS)}")
-    datasets: Dict[tuple, Data] = {}
-    for name in args.models:
-        key = LITE_MODELS.get(name, (None, "cifar"))
-        if key not in datasets:
-            datasets[key] = Data(args, *key)
+    keys = {name: LITE_MODELS.get(name, (None, "cifar")) for name in args.models}  # (lite, image set)
+    datasets = {key: Data(args, *key) for key in dict.fromkeys(keys.values())}
     models = build_models(args, log)
-    results = {name: run_model(name, model, datasets[LITE_MODELS.get(name, (None, "cifar"))], args, log)
-               for name, model in models.items()}
-    data = datasets[LITE_MODELS.get(args.models[0], (None, "cifar"))]
+    results = {name: run_model(name, model, datasets[keys[name]], args, log) for name, model in models.items()}
+    data = datasets[keys[args.models[0]]]
     meta = {"data": "; ".join(d.description for d in datasets.values()), "choose_indices": data.choose, "report_indices": data.report,
             "gallery_size": len(data.gallery_idx), "tasks": args.tasks, "steps": args.steps, "ig_steps": args.ig_steps,
             "head": getattr(args, "head_stats", None), "machine": machine_summary(),
