@@ -334,9 +334,10 @@ def last_map_side(model: EmbeddingModel, size) -> int:
         return int(model.trace(torch.zeros(1, 3, *size)).maps.shape[-1])
 
 
-def evaluate_half(model, fam, tasks: Dict[str, dict], methods: List[str], args, log, data: "Data") -> dict:
+def evaluate_half(model, fam, tasks: Dict[str, dict], methods: List[str], args, log, data: "Data",
+                  last: int) -> dict:
+    """Every method's curves on every task of one half; ``last`` is the side of the model's last map."""
     out = {}
-    last = last_map_side(model, data.size)
     for kind, task in tasks.items():
         queries = task["queries"]
         n = queries.shape[0]
@@ -394,6 +395,7 @@ def weightings(model_name: str, args=None) -> List[str]:
 def run_model(name: str, model: EmbeddingModel, data: Data, args, log) -> dict:
     gallery = Gallery.build(model, data.images[data.gallery_idx], [str(data.labels[i]) for i in data.gallery_idx])
     fam = FamExplainer(model, gallery, input_size=data.size)
+    last = last_map_side(model, data.size)
     tasks = list(args.tasks)
     if "fewshot" in tasks and not data.episodes_possible():
         tasks.remove("fewshot")
@@ -402,7 +404,7 @@ def run_model(name: str, model: EmbeddingModel, data: Data, args, log) -> dict:
     choose_tasks = make_tasks(data, model, data.choose, tasks, args.seed)
     layers = getattr(args, "layers", None) or LAYERS
     candidates = [f"{w}@{layer}" for w in weightings(name, args) for layer in layers]
-    choose = evaluate_half(model, fam, choose_tasks, candidates, args, log, data)
+    choose = evaluate_half(model, fam, choose_tasks, candidates, args, log, data, last)
     best = {}
     for w in weightings(name, args):
         options = [f"{w}@{layer}" for layer in layers]
@@ -412,11 +414,10 @@ def run_model(name: str, model: EmbeddingModel, data: Data, args, log) -> dict:
     report_tasks = make_tasks(data, model, data.report, tasks, args.seed + 1)
     chosen = list(best.values())
     fam_default = f"{weightings(name)[0]}@last"   # FAM at the last map with the model's first weighting
-    last = last_map_side(model, data.size)
     resolutions = sorted({resolution(m, fam, last, data.size[0]) for m in chosen} | {last, data.size[0]})
     methods = list(dict.fromkeys(chosen + [fam_default, "prototype", "gradcam_similarity", "captum.ig"]
                                  + [f"random@{h}" for h in resolutions]))
-    report = evaluate_half(model, fam, report_tasks, methods, args, log, data)
+    report = evaluate_half(model, fam, report_tasks, methods, args, log, data, last)
     return {"best": best, "fam_default": fam_default, "choose": choose, "report": report, "methods": methods,
             "data": data.description}
 
